@@ -1,0 +1,5 @@
+import sys
+
+from medgen.cli import main
+
+sys.exit(main())
