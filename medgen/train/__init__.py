@@ -1,0 +1,1 @@
+"""Training loops (accelerate) for both stages; shared machinery in `medgen.train.common`."""

@@ -1,0 +1,447 @@
+"""Training machinery shared by every medgen training loop (autoencoder, diffusion).
+
+Nothing here knows what is being trained. A loop built on it looks like::
+
+    cfg = load_run_config(args.config, args.out, args.resume, args.overrides, DEFAULTS)
+    run_dir = prepare_run_dir(args.out, cfg, resume=args.resume)
+    accelerator = build_accelerator(cfg.train, run_dir)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    ckpt = CheckpointManager(run_dir, keep_last=cfg.train.keep_last)
+    start = ckpt.resume(accelerator, args.resume)["step"] if args.resume else 0
+    metrics = MetricsLogger(run_dir, accelerator, truncate_after=start)
+    for step, batch in enumerate(infinite_batches(loader, sampler, start, accum), start + 1):
+        loss = ...
+        check_finite(loss, step, "reconstruction loss", accelerator)  # before backward
+        ...
+        if step % every == 0:
+            ckpt.save(accelerator, step, {"anything": "json"})
+    save_inference_model(accelerator.unwrap_model(model), run_dir / "model", model_config)
+
+The run directory layout is the one in ARCHITECTURE.md: `config.yaml`, `model/`,
+`checkpoints/step_N/`, `metrics.jsonl`, `samples/`, `split.json`.
+
+Checkpoints (`checkpoints/step_N/`) hold `accelerator.save_state` output (model weights as
+safetensors; optimizer/scaler/RNG states as accelerate writes them) plus `extra.json`. They are
+for resuming *your own* run; the distributable artifact is `model/` (safetensors + JSON only).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+from medgen.config import load_config, save_config, to_dict
+from medgen.errors import ConfigError, RunError, TrainingError, WeightsError
+from medgen.io import atomic_dir, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "config.json"
+EXTRA_STATE = "extra.json"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+# ----------------------------------------------------------------------------- accelerator
+
+
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    """`cfg.key` for a DictConfig, dict or None, with a default for missing/null values."""
+    if cfg is None:
+        return default
+    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def _wandb_mode() -> str:
+    """`online` only when the user is logged in (env key or ~/.netrc entry); else `offline`."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        if "api.wandb.ai" in netrc.read_text():
+            return "online"
+    except OSError:
+        pass
+    return "offline"
+
+
+def build_accelerator(train_cfg: Any, run_dir: str | os.PathLike | None = None, project: str = "medgen"):
+    """An `accelerate.Accelerator` configured from the `train:` config section.
+
+    Keys: `mixed_precision` (no|fp16|bf16), `gradient_accumulation_steps`, `tracker`
+    (none|wandb), `seed`, `cpu` (force CPU). With `tracker: wandb` the run logs to wandb, in
+    offline mode unless a login is present (WANDB_API_KEY or ~/.netrc), into `run_dir/wandb`.
+    Seeds python/numpy/torch via `accelerate.utils.set_seed(seed)`.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    mp = str(cfg_get(train_cfg, "mixed_precision", "no"))
+    if mp not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"train.mixed_precision={mp!r}: use no, fp16 or bf16")
+    tracker = str(cfg_get(train_cfg, "tracker", "none"))
+    if tracker not in ("none", "wandb"):
+        raise ConfigError(f"train.tracker={tracker!r}: use none or wandb")
+    accum = int(cfg_get(train_cfg, "gradient_accumulation_steps", 1))
+    if accum < 1:
+        raise ConfigError(f"train.gradient_accumulation_steps={accum} must be >= 1")
+    # A second Accelerator in the same process (a notebook, a test, a resumed call) may ask for
+    # another precision; reset the per-run state but keep the distributed process group.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    project_cfg = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)) if run_dir else None
+    accelerator = Accelerator(
+        mixed_precision=mp,
+        gradient_accumulation_steps=accum,
+        log_with="wandb" if tracker == "wandb" else None,
+        project_config=project_cfg,
+        cpu=bool(cfg_get(train_cfg, "cpu", False)),
+        step_scheduler_with_optimizer=False,
+    )
+    set_seed(int(cfg_get(train_cfg, "seed", 0)))
+    if tracker == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("train.tracker=wandb needs the wandb package: pip install wandb") from None
+        accelerator.project_name = project
+    return accelerator
+
+
+def init_tracker(accelerator, cfg: Any, run_dir: str | os.PathLike, project: str = "medgen") -> None:
+    """Start the configured tracker (no-op without one). wandb runs offline without a login."""
+    if not accelerator.log_with:
+        return
+    mode = _wandb_mode()
+    accelerator.init_trackers(
+        project,
+        config=to_dict(cfg),
+        init_kwargs={"wandb": {"dir": str(run_dir), "mode": mode, "name": Path(run_dir).name}},
+    )
+    if accelerator.is_main_process:
+        log.info("wandb tracking in %s mode", mode)
+
+
+# ----------------------------------------------------------------------------- run dir / config
+
+
+def load_run_config(config: str | None, out: str | os.PathLike, resume: str | None,
+                    overrides: Sequence[str] = (), defaults: dict | None = None):
+    """Resolve the config of a new or resumed run.
+
+    New run: `defaults <- config <- overrides`. Resume without `--config`: the run's own
+    `config.yaml` plus overrides (e.g. `train.max_steps=20000` to extend a run).
+    """
+    saved = Path(out) / "config.yaml"
+    if config is None:
+        if resume and saved.is_file():
+            return load_config(saved, overrides, defaults)
+        raise ConfigError("--config is required (or --resume an existing run that has config.yaml)")
+    return load_config(config, overrides, defaults)
+
+
+def prepare_run_dir(out: str | os.PathLike, cfg: Any, resume: str | None = None, is_main: bool = True) -> Path:
+    """Create the run directory and save the resolved `config.yaml`.
+
+    A new run refuses a non-empty `out` (so a typo never mixes two runs); pass `resume` to
+    continue one. Only the main process writes.
+    """
+    out = Path(out)
+    if resume is None and out.exists() and any(out.iterdir()):
+        raise RunError(f"run directory {out} already holds files; use --resume latest to continue it "
+                       f"or choose a new --out")
+    if resume not in (None, "latest") and not Path(resume).exists():
+        raise RunError(f"--resume {resume}: no such checkpoint folder")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    return out
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class CheckpointManager:
+    """Atomic `checkpoints/step_N/` folders written by `accelerator.save_state`, keep-last-N.
+
+    A checkpoint is first written to `checkpoints/.step_N.tmp/` by every process, then the
+    main process adds `extra.json` and renames the folder. A crash mid-save leaves only a temp
+    folder (ignored and cleaned on the next save), never a half-written `step_N`.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3):
+        self.dir = Path(run_dir) / CHECKPOINT_DIR
+        self.keep_last = max(1, int(keep_last))
+
+    def list(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        found = []
+        for p in self.dir.iterdir():
+            m = _STEP_RE.match(p.name)
+            if m and p.is_dir() and (p / EXTRA_STATE).is_file():
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        items = self.list()
+        return items[-1][1] if items else None
+
+    def save(self, accelerator, step: int, extra: dict | None = None) -> Path:
+        """Write the full training state at `step`; call on every process."""
+        final = self.dir / f"step_{step}"
+        tmp = self.dir / f".step_{step}.tmp"
+        if accelerator.is_main_process:
+            for stale in self.dir.glob(".step_*.tmp") if self.dir.is_dir() else []:
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        try:
+            accelerator.save_state(str(tmp), safe_serialization=True)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                state = {"step": int(step), "time": time.time(), **(extra or {})}
+                atomic_write_json(tmp / EXTRA_STATE, state)
+                if final.exists():  # re-saving the same step (e.g. final save == periodic save)
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                self._prune()
+        except BaseException:
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        accelerator.wait_for_everyone()
+        return final
+
+    def _prune(self) -> None:
+        for _, path in self.list()[: -self.keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def resolve(self, which: str | os.PathLike) -> Path | None:
+        if str(which) == "latest":
+            return self.latest()
+        path = Path(which)
+        if not (path / EXTRA_STATE).is_file():
+            raise RunError(f"{path} is not a complete medgen checkpoint (no {EXTRA_STATE})")
+        return path
+
+    def resume(self, accelerator, which: str | os.PathLike = "latest") -> dict:
+        """Load the state saved by `save` (models/optimizers prepared in the same order).
+
+        Returns the extra dict (`step`, ...). `latest` with no checkpoint yet returns
+        `{"step": 0}` so a preemptible job can always pass `--resume latest`.
+        """
+        path = self.resolve(which)
+        if path is None:
+            log.info("no checkpoint in %s yet; starting from step 0", self.dir)
+            return {"step": 0}
+        try:
+            accelerator.load_state(str(path))
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise TrainingError(f"could not resume from {path}: {e}. Was it written by a run with "
+                                f"the same model config and number of optimizers?") from None
+        extra = json.loads((path / EXTRA_STATE).read_text())
+        log.info("resumed from %s (step %d)", path, extra["step"])
+        return extra
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.detach().float().item() if v.numel() == 1 else v.detach().float().tolist()
+    if hasattr(v, "item") and callable(v.item):  # numpy scalar
+        return v.item()
+    return v
+
+
+class MetricsLogger:
+    """Appends `{"step": N, ...}` lines to `run_dir/metrics.jsonl` and forwards to the tracker.
+
+    Main process only. On resume pass `truncate_after=start_step` so lines logged after the
+    checkpoint (by the interrupted run) are dropped and the file reads as one clean run.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, accelerator=None, truncate_after: int | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.accelerator = accelerator
+        self.is_main = accelerator is None or accelerator.is_main_process
+        if self.is_main and truncate_after is not None and self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= truncate_after]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.is_main:
+            return
+        row = {"step": int(step), **{k: _scalar(v) for k, v in values.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.accelerator is not None and self.accelerator.log_with:
+            self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
+def progress_bar(accelerator, total: int, initial: int = 0, desc: str = "train"):
+    """tqdm bar (steps, it/s, postfix for losses) on the main process only."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, unit="step",
+                disable=not accelerator.is_main_process)
+
+
+# ----------------------------------------------------------------------------- NaN guard
+
+
+def check_finite(loss: torch.Tensor, step: int, what: str = "loss", accelerator=None) -> None:
+    """Raise `TrainingError` if `loss` is NaN/Inf (on any process when `accelerator` is given).
+
+    Call before `backward()` so no update is applied and no checkpoint is written after the
+    bad step: the last good checkpoint stays the newest one on disk.
+    """
+    bad = ~torch.isfinite(loss.detach()).all()
+    if accelerator is not None and accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad.float().reshape(1), reduction="sum") > 0
+    if bool(bad):
+        value = loss.detach().float().flatten()[:4].tolist()
+        raise TrainingError(
+            f"{what} is not finite ({value}) at step {step}; training stopped. The last good "
+            f"checkpoint is kept; lower train.lr, use train.mixed_precision=bf16 instead of fp16, "
+            f"or check the data, then --resume latest.")
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+class EpochSampler(Sampler[int]):
+    """Index order for epoch `e` is a permutation seeded by `seed + e` (or identity).
+
+    Resume needs the same order as the uninterrupted run, which a stateless per-epoch seed
+    gives for free; accelerate shards the batches of this sampler across processes.
+    """
+
+    def __init__(self, n: int, shuffle: bool = True, seed: int = 0):
+        self.n, self.shuffle, self.seed, self.epoch = int(n), shuffle, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def make_loader(dataset, batch_size: int, sampler: Sampler, num_workers: int = 0, drop_last: bool = True, seed: int = 0):
+    """A DataLoader with a private generator, so creating iterators never touches the global RNG."""
+    from torch.utils.data import DataLoader
+
+    if drop_last and len(dataset) < batch_size:
+        raise ConfigError(f"train.batch_size={batch_size} is larger than the training set ({len(dataset)} items); "
+                          f"lower train.batch_size or add data")
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=int(num_workers),
+                      drop_last=drop_last, generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+
+
+def infinite_batches(accelerator, loader, sampler: EpochSampler, start_batch: int = 0) -> Iterator[Any]:
+    """Batches forever from a prepared `loader`, starting at global batch index `start_batch`.
+
+    `start_batch` counts micro-batches (optimizer steps x gradient accumulation). The first
+    epoch after a resume skips the batches already seen, without loading them.
+    """
+    per_epoch = len(loader)
+    if per_epoch == 0:
+        raise ConfigError("the training loader is empty: fewer items than batch_size x processes")
+    epoch, skip = divmod(int(start_batch), per_epoch)
+    while True:
+        current = accelerator.skip_first_batches(loader, skip) if skip else loader
+        # accelerate's loaders call `sampler.set_epoch(loader.iteration)` when iterated, so the
+        # epoch goes through the loader (a fresh skip-loader would otherwise restart at 0).
+        if hasattr(current, "set_epoch"):
+            current.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        yield from current
+        epoch, skip = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------- inference model
+
+
+def save_inference_model(model: torch.nn.Module, out_dir: str | os.PathLike, config: dict, overwrite: bool = True) -> Path:
+    """Write `model.safetensors` + `config.json` into `out_dir` atomically.
+
+    `config` must hold what rebuilds the network without training code; by convention
+    `{"target": "medgen.models.x.Class", "params": {...constructor kwargs...}, ...}` so that
+    `load_inference_model` can rebuild it. Shared tensors are de-duplicated by safetensors.
+    """
+    from safetensors.torch import save_model
+
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        save_model(model, str(tmp / MODEL_WEIGHTS))
+        atomic_write_json(tmp / MODEL_CONFIG, config)
+    return Path(out_dir)
+
+
+def load_model_config(model_dir: str | os.PathLike) -> dict:
+    path = Path(model_dir) / MODEL_CONFIG
+    if not path.is_file():
+        raise RunError(f"{path} not found: {model_dir} is not a medgen model folder (expected "
+                       f"{MODEL_CONFIG} + {MODEL_WEIGHTS}, written at the end of training)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_inference_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild `config["target"](**config["params"])`, load the safetensors weights, eval mode.
+
+    Only classes inside the `medgen.` package are importable this way.
+    """
+    import importlib
+
+    from safetensors.torch import load_model
+
+    cfg = load_model_config(model_dir)
+    target = cfg.get("target", "")
+    if not target.startswith("medgen.") or "." not in target:
+        raise RunError(f"{Path(model_dir) / MODEL_CONFIG}: target {target!r} is not a medgen class")
+    module, _, name = target.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    model = cls(**cfg.get("params", {}))
+    weights = Path(model_dir) / MODEL_WEIGHTS
+    if not weights.is_file():
+        raise WeightsError(f"{weights} not found; the model folder is incomplete")
+    try:
+        load_model(model, str(weights), strict=True, device=str(device))
+    except (RuntimeError, OSError) as e:
+        raise WeightsError(f"{weights} does not match {target} from {MODEL_CONFIG}: {e}") from None
+    return model.to(device).eval()
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
