@@ -1,0 +1,37 @@
+# medgen: the two commands of the README are `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: install demo demo-quick test test-all test-slow bench clean
+
+install: $(STAMP)
+
+# Re-installs only when pyproject.toml changes (the stamp name carries its checksum).
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: install
+	$(PY) -m medgen demo --out runs/demo
+
+demo-quick: install
+	$(PY) -m medgen demo --quick --out runs/demo-quick
+
+test: install
+	$(PY) -m pytest -q -m "not slow" --durations=15
+
+test-slow: install
+	$(PY) -m pytest -q -m slow --durations=15
+
+test-all: install
+	$(PY) -m pytest -q --durations=25
+
+bench: install
+	for b in eval/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,32 @@
+"""Medical data layer: readers, preprocessing, datasets, splits, the built-in cohort."""
+
+from medgen.data.dataset import (
+    MedicalDataset,
+    Sample,
+    check_samples,
+    datasets_from_config,
+    load_images,
+    load_split,
+    make_splits,
+    save_split,
+    scan_dataset,
+)
+from medgen.data.preprocess import DataConfig, preprocess
+from medgen.data.readers import Loaded, load, read_image
+
+__all__ = [
+    "DataConfig",
+    "Loaded",
+    "MedicalDataset",
+    "Sample",
+    "check_samples",
+    "datasets_from_config",
+    "load",
+    "load_images",
+    "load_split",
+    "make_splits",
+    "preprocess",
+    "read_image",
+    "save_split",
+    "scan_dataset",
+]
