@@ -1,0 +1,1 @@
+"""Networks only (no training code): autoencoders, quantizer, discriminators, UNet."""
