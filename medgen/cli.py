@@ -18,6 +18,8 @@ from medgen.errors import MedgenError
 COMMAND_MODULES = (
     "medgen.demo",
     "medgen.data.commands",
+    "medgen.train.commands",
+    "medgen.train.encode",
 )
 
 

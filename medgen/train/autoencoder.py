@@ -1,0 +1,433 @@
+"""`medgen train autoencoder`: stage 1 of latent diffusion (VQ-GAN or KL-VAE), trained with accelerate.
+
+Generator loss (Esser et al. 2021, VQGAN; Rombach et al. 2022, LDM):
+
+    L_G = w_rec * |x - x^|_1 + w_perc * LPIPS(x, x^) + L_latent
+          + [step > disc_start] * (w_adv * lambda * L_hinge_G + w_fm * L_featmatch)
+
+with L_latent = beta-commitment (VQ; codebook by EMA) or w_kl * KL (KL-VAE) and lambda the
+adaptive weight. Discriminator: hinge loss on a 3D PatchGAN (whole volume) and/or a 2D PatchGAN
+(images, or random slices of volumes) as in Medical Diffusion (Khader et al. 2023).
+
+The run directory follows ARCHITECTURE.md; `model/` rebuilds with `load_autoencoder`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medgen.config import to_dict
+from medgen.errors import ConfigError
+from medgen.models.autoencoder import Autoencoder
+from medgen.models.discriminator import GANDiscriminator
+from medgen.train.common import (
+    CheckpointManager,
+    EpochSampler,
+    MetricsLogger,
+    build_accelerator,
+    cfg_get,
+    check_finite,
+    infinite_batches,
+    init_tracker,
+    load_run_config,
+    make_loader,
+    prepare_run_dir,
+    progress_bar,
+    save_inference_model,
+)
+from medgen.train.losses import (
+    adaptive_gan_weight,
+    feature_matching_loss,
+    hinge_d_loss,
+    hinge_g_loss,
+    reconstruction_loss,
+)
+
+log = logging.getLogger(__name__)
+
+# Every key a config may set, with its default. Documented here, where it is declared.
+DEFAULTS: dict[str, Any] = {
+    "data": {"path": None, "spatial_dims": None, "channels": None, "shape": None},
+    "model": {
+        "latent": "vq",  # vq (VQ-GAN) | kl (KL-VAE)
+        "latent_channels": 4,  # channels of z; VQ: code dimension
+        "channels": [64, 128, 256],  # width per level; len-1 downsampling stages
+        "downsample": 4,  # total factor, int or one per axis, e.g. [4, 4, 1]
+        "num_res_blocks": 1,
+        "attention": False,  # self-attention at the lowest resolution
+        "num_codes": 1024,
+        "commitment": 0.25,  # beta (van den Oord et al. 2017)
+        "ema_decay": 0.99,
+        "dead_threshold": 0.01,  # EMA uses/step below which a code is restarted from the batch
+        "norm_groups": 32,
+        "gradient_checkpointing": False,
+    },
+    "discriminator": {
+        "enabled": True,
+        "volume": True,  # 3D PatchGAN on whole volumes (3D data)
+        "slices": True,  # 2D PatchGAN on random slices (3D) / on the images (2D)
+        "slices_per_volume": 1,
+        "channels": 64,
+        "num_layers": 3,
+        "norm": "group",  # group | instance (both DDP-safe; no BatchNorm)
+    },
+    "loss": {
+        "reconstruction": "l1",  # l1 | l2
+        "reconstruction_weight": 1.0,
+        "perceptual": "none",  # none | vgg16 | resnet18 | resnet50 (weights from a local file)
+        "perceptual_weights": None,  # path; default $MEDGEN_WEIGHTS_DIR/<backbone>.safetensors
+        "perceptual_weight": 1.0,
+        "perceptual_slices": 2,  # 3D: random slices per axis scored by the 2D backbone
+        "latent_weight": 1.0,  # multiplies the VQ commitment loss
+        "kl_weight": 1.0e-6,
+        "adversarial_weight": 0.5,
+        "adaptive_weight": True,  # lambda of Esser et al. 2021
+        "feature_matching_weight": 0.0,
+        "disc_start": 10000,  # generator step after which the GAN terms switch on
+    },
+    "train": {
+        "max_steps": 100000,
+        "batch_size": 4,
+        "lr": 1.0e-4,
+        "disc_lr": None,  # default: lr
+        "betas": [0.5, 0.9],
+        "weight_decay": 0.0,
+        "max_grad_norm": None,
+        "mixed_precision": "no",  # no | fp16 | bf16
+        "gradient_accumulation_steps": 1,
+        "tracker": "none",  # none | wandb
+        "seed": 0,
+        "cpu": False,
+        "num_workers": 0,
+        "log_every": 10,
+        "checkpoint_every": 1000,
+        "keep_last": 3,
+        "val_every": 1000,
+        "val_batches": 16,  # at most this many validation batches per evaluation
+        "preview_every": 1000,
+        "channels_last": True,  # NDHWC/NHWC memory format: faster cuDNN kernels on GPU
+    },
+}
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def build_autoencoder(model_cfg: Any, spatial_dims: int, in_channels: int) -> Autoencoder:
+    m = dict(to_dict(model_cfg))
+    downsample = m.get("downsample", 4)
+    try:
+        return Autoencoder(
+            spatial_dims=spatial_dims, in_channels=in_channels, latent_channels=int(m["latent_channels"]),
+            channels=list(m["channels"]), downsample=downsample if isinstance(downsample, int) else list(downsample),
+            num_res_blocks=int(m["num_res_blocks"]), attention=bool(m["attention"]), latent=m["latent"],
+            num_codes=int(m["num_codes"]), commitment=float(m["commitment"]), ema_decay=float(m["ema_decay"]),
+            dead_threshold=float(m["dead_threshold"]), norm_groups=int(m["norm_groups"]),
+            gradient_checkpointing=bool(m["gradient_checkpointing"]))
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def build_discriminator(disc_cfg: Any, spatial_dims: int, in_channels: int) -> GANDiscriminator | None:
+    d = dict(to_dict(disc_cfg))
+    if not d.get("enabled", True):
+        return None
+    try:
+        return GANDiscriminator(spatial_dims, in_channels, int(d["channels"]), int(d["num_layers"]), d["norm"],
+                                volume=bool(d["volume"]), slices=bool(d["slices"]),
+                                slices_per_volume=int(d["slices_per_volume"]))
+    except ValueError as e:
+        raise ConfigError(f"discriminator: {e}") from None
+
+
+def build_perceptual(loss_cfg: Any, spatial_dims: int):
+    name = str(cfg_get(loss_cfg, "perceptual", "none"))
+    if name == "none" or float(cfg_get(loss_cfg, "perceptual_weight", 1.0)) == 0:
+        return None
+    from medgen.models.perceptual import PerceptualLoss
+
+    return PerceptualLoss(name, cfg_get(loss_cfg, "perceptual_weights", None), spatial_dims,
+                          int(cfg_get(loss_cfg, "perceptual_slices", 2)))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def msssim_settings(spatial_shape) -> tuple[int, list[float]]:
+    """Kernel size and scale weights for MS-SSIM that fit the image (Wang et al. 2003).
+
+    MONAI needs size // 2^(scales-1) > kernel - 1 on every axis: kernel 7 gives 5 scales at
+    128^3, 4 at 64^3, 3 at 32^3; the standard 5 weights are truncated and renormalised.
+    """
+    weights = [0.0448, 0.2856, 0.3001, 0.2363, 0.1333]
+    m = min(spatial_shape)
+    kernel = 7 if m >= 16 else 3
+    scales = 1
+    while scales < 5 and m // 2 ** scales > kernel - 1:
+        scales += 1
+    w = weights[:scales]
+    return kernel, [x / sum(w) for x in w]
+
+
+class ReconstructionMetrics:
+    """PSNR, SSIM, MS-SSIM (monai) on images mapped from [-1, 1] to [0, 1]; per-sample values."""
+
+    def __init__(self, spatial_dims: int, spatial_shape):
+        from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
+
+        kernel, weights = msssim_settings(spatial_shape)
+        self.psnr = PSNRMetric(max_val=1.0, reduction="none")
+        self.ssim = SSIMMetric(spatial_dims, data_range=1.0, win_size=kernel, reduction="none")
+        self.msssim = (MultiScaleSSIMMetric(spatial_dims, data_range=1.0, kernel_size=kernel, weights=weights,
+                                            reduction="none") if len(weights) > 1 else None)
+
+    def __call__(self, recon: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        a = ((recon.float() + 1) / 2).clamp(0, 1)
+        b = ((target.float() + 1) / 2).clamp(0, 1)
+        out = {"psnr": self.psnr(a, b).view(-1), "ssim": self.ssim(a, b).view(-1)}
+        if self.msssim is not None:
+            out["ms_ssim"] = self.msssim(a, b).view(-1)
+        return out
+
+
+@torch.no_grad()
+def validate(accelerator, model, loader, metrics: ReconstructionMetrics, max_batches: int) -> dict[str, float]:
+    """Deterministic reconstructions (KL: posterior mean) of the val split on all processes."""
+    model.eval()
+    values: dict[str, list[torch.Tensor]] = {}
+    perplexities = []
+    for i, batch in enumerate(loader):
+        if i >= max_batches:
+            break
+        x = batch["image"]
+        with accelerator.autocast():
+            recon, aux = model(x, sample_posterior=False)
+        for k, v in metrics(recon, x).items():
+            values.setdefault(k, []).append(accelerator.gather_for_metrics(v))
+        if "perplexity" in aux:
+            perplexities.append(aux["perplexity"])
+    model.train()
+    out = {f"val/{k}": torch.cat(v).float().mean().item() for k, v in values.items()}
+    if perplexities:
+        out["val/perplexity"] = torch.stack(perplexities).mean().item()
+    return out
+
+
+# ----------------------------------------------------------------------------- previews
+
+
+def _to_uint8_grid(rows: list[torch.Tensor]) -> np.ndarray:
+    """rows of (N, C, H, W) in [-1, 1] -> (rows*H, N*W[, 3]) uint8."""
+    grid = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2)  # (C, R*H, N*W)
+    img = ((grid.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
+    return img[0].numpy() if img.shape[0] == 1 else img[:3].permute(1, 2, 0).numpy()
+
+
+def mid_slices(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, D, H, W) -> (N, C, S, S): the three orthogonal mid slices side by side, resized to one size."""
+    import torch.nn.functional as F
+
+    d, h, w = x.shape[2:]
+    planes = [x[:, :, d // 2], x[:, :, :, h // 2], x[:, :, :, :, w // 2]]
+    size = max(d, h, w)
+    planes = [F.interpolate(p.float(), size=(size, size), mode="nearest") for p in planes]
+    return torch.cat(planes, dim=-1)
+
+
+def write_preview(path: Path, real: torch.Tensor, recon: torch.Tensor, n: int = 4) -> None:
+    """PNG: top row inputs, bottom row reconstructions (3D: mid slices along each axis)."""
+    from PIL import Image
+
+    from medgen.io import atomic_write_bytes
+
+    real, recon = real[:n].detach().float().cpu(), recon[:n].detach().float().cpu()
+    if real.ndim == 5:
+        real, recon = mid_slices(real), mid_slices(recon)
+    buf = io.BytesIO()
+    Image.fromarray(_to_uint8_grid([real, recon])).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _loader_datasets(cfg, run_dir, accelerator):
+    from medgen.data import datasets_from_config
+
+    with accelerator.main_process_first():  # the main process writes split.json first
+        return datasets_from_config(cfg.data, run_dir)
+
+
+def train_autoencoder(cfg, out: str | Path, resume: str | None = None) -> Path:
+    """Train per `cfg` (see DEFAULTS) into run directory `out`; returns the run directory."""
+    tcfg, lcfg = cfg.train, cfg.loss
+    if cfg_get(cfg.data, "path") is None:
+        raise ConfigError("data.path is not set; pass data.path=DIR (a dataset folder or manifest.csv)")
+    from accelerate.state import PartialState
+
+    run_dir = prepare_run_dir(out, cfg, resume, is_main=PartialState().is_main_process)
+    accelerator = build_accelerator(tcfg, run_dir)
+    splits = _loader_datasets(cfg, run_dir, accelerator)
+    train_ds, val_ds = splits["train"], splits["val"]
+    if len(train_ds) == 0:
+        raise ConfigError(f"the training split of {cfg.data.path} is empty")
+    probe = train_ds[0]["image"]  # (C, *S)
+    in_channels, spatial_dims, shape = probe.shape[0], probe.ndim - 1, tuple(probe.shape[1:])
+
+    model = build_autoencoder(cfg.model, spatial_dims, in_channels)
+    if any(s % f for s, f in zip(shape, model.downsample_factors)):
+        raise ConfigError(f"image shape {list(shape)} is not divisible by model.downsample "
+                          f"{list(model.downsample_factors)}; set data.shape to a multiple")
+    disc = build_discriminator(cfg.discriminator, spatial_dims, in_channels)
+    perceptual = build_perceptual(lcfg, spatial_dims)
+    lr = float(tcfg.lr)
+    betas = tuple(float(b) for b in tcfg.betas)
+    opt_g = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, weight_decay=float(tcfg.weight_decay))
+    opt_d = (torch.optim.Adam(disc.parameters(), lr=float(cfg_get(tcfg, "disc_lr", lr)), betas=betas)
+             if disc is not None else None)
+
+    seed = int(tcfg.seed)
+    batch_size = int(tcfg.batch_size)
+    sampler = EpochSampler(len(train_ds), shuffle=True, seed=seed)
+    train_loader = make_loader(train_ds, batch_size, sampler, int(tcfg.num_workers), drop_last=True, seed=seed)
+    val_loader = (make_loader(val_ds, batch_size, EpochSampler(len(val_ds), shuffle=False), int(tcfg.num_workers),
+                              drop_last=False) if len(val_ds) else None)
+    if accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        if bool(tcfg.channels_last):
+            fmt = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+            model.to(memory_format=fmt)
+            if disc is not None:
+                disc.to(memory_format=fmt)
+
+    objects = [model, opt_g] + ([disc, opt_d] if disc is not None else [])
+    prepared = accelerator.prepare(*objects, train_loader)
+    model, opt_g = prepared[0], prepared[1]
+    if disc is not None:
+        disc, opt_d = prepared[2], prepared[3]
+    train_loader = prepared[-1]
+    if val_loader is not None:
+        val_loader = accelerator.prepare(val_loader)
+    if perceptual is not None:
+        perceptual.to(accelerator.device)
+    raw_model = accelerator.unwrap_model(model)
+    raw_disc = accelerator.unwrap_model(disc) if disc is not None else None
+
+    ckpt = CheckpointManager(run_dir, keep_last=int(tcfg.keep_last))
+    start = int(ckpt.resume(accelerator, resume)["step"]) if resume else 0
+    metrics_log = MetricsLogger(run_dir, accelerator, truncate_after=start if resume else None)
+    init_tracker(accelerator, cfg, run_dir)
+    val_metrics = ReconstructionMetrics(spatial_dims, shape)
+
+    accum = int(cfg_get(tcfg, "gradient_accumulation_steps", 1))
+    batches = infinite_batches(accelerator, train_loader, sampler, start * accum)
+    max_steps = int(tcfg.max_steps)
+    disc_start = int(lcfg.disc_start)
+    is_vq = raw_model.latent == "vq"
+    latent_w = float(lcfg.latent_weight) if is_vq else float(lcfg.kl_weight)
+    w_rec, w_perc = float(lcfg.reconstruction_weight), float(lcfg.perceptual_weight)
+    w_adv, w_fm = float(lcfg.adversarial_weight), float(lcfg.feature_matching_weight)
+    max_norm = cfg_get(tcfg, "max_grad_norm", None)
+    samples_dir = run_dir / "samples"
+    bar = progress_bar(accelerator, max_steps, start, desc="autoencoder")
+    tic = time.perf_counter()
+
+    step = start
+    while step < max_steps:
+        step += 1
+        gan_on = disc is not None and step > disc_start
+        logs: dict[str, torch.Tensor] = {}
+        for _ in range(accum):
+            batch = next(batches)
+            x = batch["image"]
+            if bool(tcfg.channels_last) and x.is_cuda:
+                x = x.contiguous(memory_format=torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
+            # ---- generator
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    recon, aux = model(x)
+                    rec = reconstruction_loss(recon, x, str(lcfg.reconstruction))
+                    nll = w_rec * rec
+                    if perceptual is not None:
+                        perc = perceptual(recon, x)
+                        nll = nll + w_perc * perc
+                        logs["loss/perceptual"] = perc.detach()
+                    g_loss = nll + latent_w * aux["latent_loss"]
+                    if gan_on:
+                        # Plain (unwrapped, frozen) discriminator: its DDP wrapper sees only the D step.
+                        raw_disc.requires_grad_(False)
+                        slice_idx = raw_disc.draw_slices(x)
+                        fake_feats = raw_disc(recon, slice_idx)
+                        adv = sum(hinge_g_loss(f[-1]) for f in fake_feats.values())
+                        lam = (adaptive_gan_weight(nll, adv, raw_model.last_layer)
+                               if bool(lcfg.adaptive_weight) else torch.ones((), device=x.device))
+                        g_loss = g_loss + w_adv * lam * adv
+                        if w_fm > 0:
+                            with torch.no_grad():
+                                real_feats = raw_disc(x, slice_idx)
+                            fm = sum(feature_matching_loss(fake_feats[k], real_feats[k]) for k in fake_feats)
+                            g_loss = g_loss + w_fm * fm
+                            logs["loss/feature_matching"] = fm.detach()
+                        raw_disc.requires_grad_(True)
+                        logs["loss/g_adv"], logs["gan_weight"] = adv.detach(), lam
+                check_finite(g_loss, step, "generator loss", accelerator)
+                accelerator.backward(g_loss)
+                if max_norm and accelerator.sync_gradients:
+                    logs["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), float(max_norm))
+                opt_g.step()
+                opt_g.zero_grad(set_to_none=True)
+            # ---- discriminator
+            if gan_on:
+                with accelerator.accumulate(disc):
+                    with accelerator.autocast():
+                        real_out = disc(x, slice_idx)
+                        fake_out = disc(recon.detach(), slice_idx)
+                        d_loss = w_adv * sum(hinge_d_loss(real_out[k][-1], fake_out[k][-1]) for k in real_out)
+                    check_finite(d_loss, step, "discriminator loss", accelerator)
+                    accelerator.backward(d_loss)
+                    opt_d.step()
+                    opt_d.zero_grad(set_to_none=True)
+                logs["loss/d"] = d_loss.detach()
+            logs.update({"loss/total": g_loss.detach(), "loss/reconstruction": rec.detach(),
+                         "loss/latent": aux["latent_loss"].detach()})
+            for k in ("perplexity", "usage", "restarted"):
+                if k in aux:
+                    logs[f"codebook/{k}"] = aux[k]
+
+        if step % int(tcfg.log_every) == 0 or step == max_steps or step == start + 1:
+            elapsed = time.perf_counter() - tic
+            row = {k: v for k, v in logs.items()}
+            row["steps_per_s"] = (step - start) / max(elapsed, 1e-9)
+            metrics_log.log(step, row)
+            bar.set_postfix(loss=f"{logs['loss/total'].item():.4f}", rec=f"{logs['loss/reconstruction'].item():.4f}")
+        bar.update(1)
+        if val_loader is not None and (step % int(tcfg.val_every) == 0 or step == max_steps):
+            metrics_log.log(step, validate(accelerator, model, val_loader, val_metrics, int(tcfg.val_batches)))
+        if accelerator.is_main_process and (step % int(tcfg.preview_every) == 0 or step == max_steps):
+            write_preview(samples_dir / f"recon_step_{step}.png", x, recon)
+        if step % int(tcfg.checkpoint_every) == 0 or step == max_steps:
+            ckpt.save(accelerator, step, {"max_steps": max_steps})
+    bar.close()
+    if accelerator.is_main_process:
+        config = raw_model.config()
+        config.update({"data": to_dict(cfg.data), "step": step,
+                       "kind": "vqgan" if is_vq else "kl-vae"})
+        save_inference_model(raw_model, run_dir / "model", config)
+        log.info("autoencoder saved to %s", run_dir / "model")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir
+
+
+def train_from_args(args: argparse.Namespace) -> int:
+    cfg = load_run_config(args.config, args.out, args.resume, args.overrides, DEFAULTS)
+    train_autoencoder(cfg, args.out, args.resume)
+    return 0

@@ -1,0 +1,145 @@
+"""`medgen encode`: latents of a dataset through a trained autoencoder, cached for stage 2.
+
+CACHE/latents.safetensors: key `latents`, (N, C, *S') float32, unscaled (VQ: quantized code
+vectors; KL: posterior means, never a noisy draw).
+CACHE/latents.json: `scale_factor` = 1 / std(latents) so that scaled latents have unit variance
+(Rombach et al. 2022, sec. 4.3 / appendix G), plus labels, subject_ids, paths, the autoencoder's
+sha256, spatial_dims and the data config used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from medgen.errors import DataError, RunError
+from medgen.io import atomic_dir, atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+LATENTS_FILE = "latents.safetensors"
+META_FILE = "latents.json"
+
+
+def _autoencoder_and_data_cfg(autoencoder: Any, device):
+    """Model, the data config it was trained with (if known), and a sha256 identifying its weights."""
+    import torch
+
+    from medgen.models.autoencoder import load_autoencoder
+
+    if isinstance(autoencoder, torch.nn.Module):
+        from safetensors.torch import save
+
+        state = {k: v.detach().cpu().contiguous() for k, v in autoencoder.state_dict().items()}
+        return autoencoder.to(device).eval(), None, hashlib.sha256(save(state)).hexdigest()
+    path = Path(autoencoder)
+    model = load_autoencoder(path, device)
+    model_dir = path / "model" if (path / "model" / "config.json").is_file() else path
+    data_cfg = json.loads((model_dir / "config.json").read_text()).get("data")
+    return model, data_cfg, sha256_file(model_dir / "model.safetensors")
+
+
+def encode_dataset(autoencoder: Any, data_path: str | os.PathLike, out_dir: str | os.PathLike,
+                   data_cfg: Any = None, batch_size: int = 8, device: Any = None, overwrite: bool = False) -> Path:
+    """Encode every image of `data_path` (folder or manifest.csv) and write the latent cache.
+
+    `autoencoder`: a run directory, a model folder or an `Autoencoder`. `data_cfg` defaults to
+    the `data:` section the autoencoder was trained with (same spacing, crop and intensity
+    mapping), with `path` replaced by `data_path`.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from torch.utils.data import DataLoader
+
+    from medgen.data import MedicalDataset, scan_dataset
+    from medgen.data.preprocess import DataConfig
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, trained_cfg, ae_sha = _autoencoder_and_data_cfg(autoencoder, device)
+    cfg = DataConfig.from_any(data_cfg if data_cfg is not None else trained_cfg)
+    cfg = dataclasses.replace(cfg, path=str(data_path))
+    samples = scan_dataset(data_path)
+    if not samples:
+        raise DataError(f"{data_path}: no images to encode")
+    dataset = MedicalDataset(samples, cfg)
+    loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False, num_workers=int(cfg.num_workers))
+    latents, labels, subjects, paths = [], [], [], []
+    for batch in loader:
+        x = batch["image"].to(device)  # (B, C, *S)
+        if x.shape[1] != model.in_channels or x.ndim - 2 != model.spatial_dims:
+            raise DataError(f"{batch['path'][0]}: image of shape {tuple(x.shape[1:])} does not fit the autoencoder "
+                            f"({model.in_channels} channels, {model.spatial_dims}D)")
+        try:
+            model.check_shape(x)
+        except ValueError as e:
+            raise DataError(f"{batch['path'][0]}: {e}; set data.shape to a multiple") from None
+        with torch.no_grad():
+            latents.append(model.encode(x).float().cpu())  # (B, C, *S')
+        labels += batch["label"].tolist()
+        subjects += list(batch["subject_id"])
+        paths += list(batch["path"])
+    z = torch.cat(latents)
+    std = z.std().item()
+    if not std > 0:
+        raise RunError(f"latents of {data_path} have zero variance; is the autoencoder trained?")
+    meta = {
+        "scale_factor": 1.0 / std,
+        "latent_mean": z.mean().item(),
+        "latent_std": std,
+        "shape": list(z.shape),
+        "labels": labels,
+        "subject_ids": subjects,
+        "paths": paths,
+        "autoencoder": None if isinstance(autoencoder, torch.nn.Module) else str(autoencoder),
+        "autoencoder_sha256": ae_sha,
+        "spatial_dims": model.spatial_dims,
+        "latent_kind": model.latent,
+        "data": dataclasses.asdict(cfg),
+    }
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        save_file({"latents": z.contiguous()}, str(tmp / LATENTS_FILE))
+        atomic_write_json(tmp / META_FILE, meta)
+    log.info("encoded %d images to %s, latents %s, scale_factor %.4f", len(z), out_dir, list(z.shape[1:]), 1 / std)
+    return Path(out_dir)
+
+
+def load_latent_cache(cache_dir: str | os.PathLike):
+    """(latents (N, C, *S') float32 unscaled, meta dict) from a `medgen encode` folder."""
+    from safetensors.torch import load_file
+
+    cache_dir = Path(cache_dir)
+    if not (cache_dir / LATENTS_FILE).is_file() or not (cache_dir / META_FILE).is_file():
+        raise RunError(f"{cache_dir} is not a latent cache (expected {LATENTS_FILE} and {META_FILE}; "
+                       f"create it with `medgen encode --autoencoder RUN --data DIR --out {cache_dir}`)")
+    try:
+        latents = load_file(str(cache_dir / LATENTS_FILE))["latents"]
+        meta = json.loads((cache_dir / META_FILE).read_text())
+    except (KeyError, ValueError, OSError) as e:
+        raise RunError(f"{cache_dir}: unreadable latent cache ({e})") from None
+    return latents, meta
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("encode", help="encode a dataset to latents with a trained autoencoder",
+                              description="Write CACHE/latents.safetensors + latents.json (scale factor 1/std) for latent diffusion.")
+    p.add_argument("--autoencoder", required=True, help="autoencoder run directory (or its model/ folder)")
+    p.add_argument("--data", required=True, help="dataset folder or manifest.csv")
+    p.add_argument("--out", required=True, help="cache folder to create")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
+    p.set_defaults(func=_encode_cmd)
+
+
+def _encode_cmd(args: argparse.Namespace) -> int:
+    out = encode_dataset(args.autoencoder, args.data, args.out, batch_size=args.batch_size, device=args.device,
+                         overwrite=args.overwrite)
+    _, meta = load_latent_cache(out)
+    print(f"{meta['shape'][0]} latents of shape {meta['shape'][1:]} in {out} (scale_factor {meta['scale_factor']:.4f})")
+    return 0
