@@ -12,6 +12,18 @@ _EXPORTS = {
     "pairwise_topk": "medgen.metrics.knn",
     "pairwise_blocks": "medgen.metrics.knn",
     "kth_neighbour_radius": "medgen.metrics.knn",
+    "frechet_distance": "medgen.metrics.fid",
+    "frechet_distance_from_statistics": "medgen.metrics.fid",
+    "gaussian_statistics": "medgen.metrics.fid",
+    "kernel_inception_distance": "medgen.metrics.kid",
+    "precision_recall": "medgen.metrics.prdc",
+    "density_coverage": "medgen.metrics.prdc",
+    "prdc": "medgen.metrics.prdc",
+    "msssim_diversity": "medgen.metrics.msssim",
+    "bootstrap_two_sample": "medgen.metrics.bootstrap",
+    "bootstrap_mean": "medgen.metrics.bootstrap",
+    "get_extractor": "medgen.metrics.features",
+    "evaluate": "medgen.metrics.report",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,233 @@
+"""Metric math against closed forms and reference implementations (clean-fid, torchmetrics,
+Naeem et al.'s `prdc` code re-typed with sklearn)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medgen.errors import DataError
+from medgen.metrics.bootstrap import bootstrap_mean, bootstrap_two_sample
+from medgen.metrics.fid import frechet_distance, frechet_distance_from_statistics, gaussian_statistics, trace_sqrt_product
+from medgen.metrics.kid import kernel_inception_distance, mmd2_unbiased
+from medgen.metrics.msssim import msssim_diversity, msssim_settings, random_pairs
+from medgen.metrics.prdc import density_coverage, precision_recall, prdc, prdc_indicators
+
+
+def _exact_gaussian_sample(n, mu, cov, seed):
+    """n rows whose sample mean and unbiased covariance are exactly mu and cov."""
+    z = np.random.default_rng(seed).normal(size=(n, len(mu)))
+    z -= z.mean(0)
+    z = z @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False))).T  # whiten: cov(z) = I
+    return z @ np.linalg.cholesky(cov).T + mu
+
+
+def _random_cov(d, seed):
+    a = np.random.default_rng(seed).normal(size=(d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+# ----------------------------------------------------------------------------- FID
+def test_fid_of_set_with_itself_is_zero():
+    x = np.random.default_rng(0).normal(size=(300, 64)) * 5 + 2
+    assert abs(frechet_distance(x, x)) < 1e-9 * np.trace(np.cov(x, rowvar=False))
+
+
+def test_fid_closed_form_two_gaussians():
+    """Diagonal covariances: d^2 = |mu1-mu2|^2 + sum (sqrt a_i - sqrt b_i)^2; rotated by a
+    common orthogonal Q (commuting, non-diagonal) the value is unchanged."""
+    d = 16
+    rng = np.random.default_rng(1)
+    a, b = rng.uniform(0.5, 4, d), rng.uniform(0.5, 4, d)
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    x = _exact_gaussian_sample(400, mu1 @ q.T, q @ np.diag(a) @ q.T, 2)
+    y = _exact_gaussian_sample(500, mu2 @ q.T, q @ np.diag(b) @ q.T, 3)
+    assert frechet_distance(x, y) == pytest.approx(want, rel=1e-10)
+
+
+def test_fid_non_commuting_closed_form_2d():
+    """2x2: Tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)) for M with non-negative eigenvalues."""
+    s1 = np.array([[2.0, 0.3], [0.3, 1.0]])
+    s2 = np.array([[1.0, -0.4], [-0.4, 3.0]])
+    m = s1 @ s2
+    tr_sqrt = np.sqrt(np.trace(m) + 2 * np.sqrt(np.linalg.det(m)))
+    want = 1.0 + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    got = frechet_distance_from_statistics(np.zeros(2), s1, np.array([1.0, 0.0]), s2)
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_fid_equals_cleanfid_and_torchmetrics():
+    from cleanfid.fid import frechet_distance as cleanfid_fd
+    from torchmetrics.image.fid import _compute_fid
+
+    rng = np.random.default_rng(4)
+    mix = rng.normal(size=(64, 64))
+    x = rng.normal(size=(600, 64)) @ mix
+    y = (rng.normal(size=(500, 64)) * 1.3 + 0.2) @ mix
+    ours = frechet_distance(x, y)
+    mu1, s1 = np.mean(x, 0), np.cov(x, rowvar=False)
+    mu2, s2 = np.mean(y, 0), np.cov(y, rowvar=False)
+    ref = cleanfid_fd(mu1, s1, mu2, s2)
+    tm = float(_compute_fid(*(torch.from_numpy(a) for a in (mu1, s1, mu2, s2))))
+    assert ours == pytest.approx(ref, rel=1e-9)
+    assert ours == pytest.approx(tm, rel=1e-9)
+
+
+def test_fid_singular_covariance_route():
+    """Fewer samples than dimensions: Cholesky fails, general eigvals(S1 S2) route used."""
+    from cleanfid.fid import frechet_distance as cleanfid_fd
+
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(20, 40)), rng.normal(size=(30, 40)) + 0.5
+    mu1, s1 = gaussian_statistics(x)
+    mu2, s2 = gaussian_statistics(y)
+    assert int(torch.linalg.cholesky_ex(s1)[1]) != 0
+    ref = cleanfid_fd(mu1.numpy(), s1.numpy(), mu2.numpy(), s2.numpy())
+    assert frechet_distance(x, y) == pytest.approx(ref, rel=1e-6)
+    # and both routes agree on a PD pair
+    s1, s2 = torch.from_numpy(_random_cov(8, 6)), torch.from_numpy(_random_cov(8, 7))
+    general = torch.linalg.eigvals(s1 @ s2).sqrt().real.sum()
+    assert float(trace_sqrt_product(s1, s2)) == pytest.approx(float(general), rel=1e-12)
+
+
+def test_fid_bad_inputs():
+    with pytest.raises(DataError, match="at least 2 samples"):
+        frechet_distance(np.zeros((1, 4)), np.zeros((5, 4)))
+    with pytest.raises(DataError, match="dimensions differ"):
+        frechet_distance(np.ones((5, 4)), np.ones((5, 3)))
+
+
+# ----------------------------------------------------------------------------- KID
+def test_kid_matches_definition_cleanfid_and_torchmetrics():
+    from cleanfid.fid import kernel_distance
+    from torchmetrics.image.kid import poly_mmd
+
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(40, 6)), rng.normal(size=(40, 6)) + 0.3
+    k = lambda a, b: (a @ b / 6 + 1) ** 3  # noqa: E731
+    m = 40
+    brute = sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    brute -= 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m**2
+    ours = float(mmd2_unbiased(torch.from_numpy(x), torch.from_numpy(y)))
+    assert ours == pytest.approx(brute, rel=1e-10)
+    # one subset of all rows: subset order does not change MMD, so the seeds don't matter
+    assert kernel_inception_distance(x, y, num_subsets=1)["kid"] == pytest.approx(kernel_distance(x, y, 1, 1000), rel=1e-10)
+    assert ours == pytest.approx(float(poly_mmd(torch.from_numpy(x), torch.from_numpy(y))), rel=1e-10)
+
+
+def test_kid_point_masses_closed_form_and_unbiased_zero():
+    """All x = a, all y = b: MMD^2_u = k(a,a) + k(b,b) - 2 k(a,b) exactly."""
+    a, b = np.array([1.0, 2.0, -1.0]), np.array([0.5, -1.0, 2.0])
+    k = lambda u, v: (u @ v / 3 + 1) ** 3  # noqa: E731
+    out = kernel_inception_distance(np.tile(a, (10, 1)), np.tile(b, (12, 1)), num_subsets=3)
+    assert out["kid"] == pytest.approx(k(a, a) + k(b, b) - 2 * k(a, b), rel=1e-12)
+    assert out["subset_size"] == 10
+    # same distribution: the unbiased estimator averages to ~0 (within 4 standard errors)
+    rng = np.random.default_rng(8)
+    out = kernel_inception_distance(rng.normal(size=(400, 16)), rng.normal(size=(400, 16)), num_subsets=50, subset_size=100)
+    assert abs(out["kid"]) < 4 * out["kid_std"] / np.sqrt(50)
+
+
+# ----------------------------------------------------------------------------- PRDC
+def _naeem_reference(real, fake, k):
+    """compute_prdc from github.com/clovaai/generative-evaluation-prdc (sklearn distances)."""
+    from sklearn.metrics import pairwise_distances
+
+    def kth(x):
+        return np.partition(pairwise_distances(x, x), k, axis=-1)[:, k]
+
+    rr, fr = kth(real), kth(fake)
+    d = pairwise_distances(real, fake)
+    return {
+        "precision": (d < rr[:, None]).any(0).mean(),
+        "recall": (d < fr[None, :]).any(1).mean(),
+        "density": (1.0 / k) * (d < rr[:, None]).sum(0).mean(),
+        "coverage": (d.min(1) < rr).mean(),
+    }
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_prdc_matches_reference_code(k):
+    rng = np.random.default_rng(k)
+    real, fake = rng.normal(size=(300, 20)), rng.normal(size=(250, 20)) * 1.2 + 0.1
+    want = _naeem_reference(real, fake, k)
+    got = prdc(real, fake, k_pr=k, k_dc=k, chunk_size=37)
+    for name in want:
+        assert got[name] == pytest.approx(want[name], abs=1e-12), name
+    assert precision_recall(real, fake, k) == {n: got[n] for n in ("precision", "recall")}
+    assert density_coverage(real, fake, k) == {n: got[n] for n in ("density", "coverage")}
+
+
+def test_prdc_published_gaussian_reference():
+    """Naeem et al.'s README example: N(0, I) real and fake, 10k x 10k, D=1000, k=5 for all
+    four metrics -> precision 0.4772, recall 0.4705, density 1.0555, coverage 0.9735, from one
+    unseeded draw. Tolerance: the metrics vary from draw to draw; over 6 seeds we measured
+    (mean +- std) precision 0.474 +- 0.014, recall 0.483 +- 0.008, density 0.970 +- 0.055,
+    coverage 0.964 +- 0.006 (the published draw is within 1.6 std of these). We allow ~4 std
+    around the published values: 0.05, 0.035, 0.22, 0.025. A radius that counts the zero
+    self-distance (NND_{k-1}) would move expected coverage from 1 - 2^-5 = 0.969 to
+    1 - 2^-4 = 0.938 (Naeem et al. 2020, Sec. 4), outside the tolerance.
+    """
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(10_000, 1000)).astype(np.float32)
+    fake = rng.normal(size=(10_000, 1000)).astype(np.float32)
+    got = prdc(real, fake, k_pr=5, k_dc=5, dtype=torch.float32)
+    assert got["precision"] == pytest.approx(0.4772, abs=0.05)
+    assert got["recall"] == pytest.approx(0.4705, abs=0.035)
+    assert got["density"] == pytest.approx(1.0555, abs=0.22)
+    assert got["coverage"] == pytest.approx(0.9735, abs=0.025)
+
+
+def test_prdc_bad_inputs():
+    x = np.random.default_rng(0).normal(size=(5, 3))
+    with pytest.raises(DataError, match="k\\+1=6"):
+        precision_recall(x, x, k=5)
+    with pytest.raises(DataError, match="k\\+1=4"):
+        precision_recall(np.ones((10, 3)), x[:3], k=3)
+    with pytest.raises(DataError, match="dimensions differ"):
+        density_coverage(np.ones((10, 3)), np.ones((10, 4)), k=3)
+
+
+# ----------------------------------------------------------------------------- bootstrap
+def test_bootstrap_intervals():
+    terms = torch.from_numpy((np.random.default_rng(0).random(2000) < 0.3).astype(np.float64))
+    ci = bootstrap_mean(terms, n_boot=400)
+    half = 1.96 * np.sqrt(0.3 * 0.7 / 2000)  # normal approximation of a proportion's CI
+    assert ci["low"] < float(terms.mean()) < ci["high"]
+    assert (ci["high"] - ci["low"]) / 2 == pytest.approx(half, rel=0.2)
+    x = torch.randn(200, 4, dtype=torch.float64)
+    ci = bootstrap_two_sample(lambda a, b: float(a.mean() - b.mean()), x, x + 1.0, n_boot=100)
+    assert ci["low"] < -1.0 < ci["high"] and ci["n_boot"] == 100
+
+
+# ----------------------------------------------------------------------------- MS-SSIM
+def test_msssim_settings_fit_sizes():
+    assert msssim_settings((256, 256))["kernel_size"] == 11
+    assert len(msssim_settings((128, 128, 128))["weights"]) == 5
+    assert len(msssim_settings((64, 64, 64))["weights"]) == 4
+    assert len(msssim_settings((32, 32))["weights"]) == 3
+    for shape in [(64, 64, 64), (32, 32), (16, 16, 16)]:
+        assert sum(msssim_settings(shape)["weights"]) == pytest.approx(1.0)
+    with pytest.raises(DataError):
+        msssim_settings((4, 4))
+
+
+def test_msssim_identical_is_one_and_noise_is_low():
+    img = torch.rand(1, 1, 32, 32) * 2 - 1
+    same = msssim_diversity(img.repeat(4, 1, 1, 1), n_pairs=6)
+    assert same["msssim"] == pytest.approx(1.0, abs=1e-5)
+    noise = msssim_diversity(torch.rand(6, 1, 32, 32) * 2 - 1, n_pairs=10)
+    assert noise["msssim"] < 0.2
+    assert random_pairs(5, 100).shape == (10, 2)
+
+
+def test_msssim_3d_64():
+    g = torch.Generator().manual_seed(0)
+    vols = (torch.rand(3, 1, 64, 64, 64, generator=g) * 2 - 1).clamp(-1, 1)
+    vols[1] = vols[0]
+    out = msssim_diversity(vols, n_pairs=3)
+    assert out["per_pair"][0] == pytest.approx(1.0, abs=1e-5)  # pair (0, 1) is identical
+    assert len(out["settings"]["weights"]) == 4
