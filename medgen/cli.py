@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "medgen.data.commands",
     "medgen.train.commands",
     "medgen.train.encode",
+    "medgen.privacy.commands",
 )
 
 

@@ -1,0 +1,179 @@
+"""`medgen audit ...` and the demo's audit stage.
+
+Two forms share one subcommand:
+
+    medgen audit --train DIR --holdout DIR --synthetic DIR --out AUDIT_DIR [--detector ssl|pixel|FEATURES|DETECTOR_DIR] ...
+    medgen audit train-detector --train DIR --out DETECTOR_DIR [--steps N] ...
+
+The flat form is the parent parser's own options; `train-detector` is an optional nested
+subcommand (argparse subparsers with required=False), so each form gets its own --help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from medgen.errors import ConfigError, RunError
+
+log = logging.getLogger(__name__)
+
+
+def _data_cfg(config: Path | None):
+    if config is None:
+        return None
+    from medgen.config import load_config, select
+
+    return select(load_config(config), "data")
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("SSL detector training")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 300 epochs, clamped to 300..3000 steps)")
+    g.add_argument("--batch-size", type=int, default=128, help="images per step; the other images of the batch are the negatives")
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--temperature", type=float, default=0.07, help="NT-Xent temperature (Dar et al. 2024: 0.07)")
+    g.add_argument("--image-size", type=int, default=None, help="longest side the images are area-resized to (default 64 in 2D, 32 in 3D)")
+    g.add_argument("--embed-dim", type=int, default=None, help="embedding size (default 128 in 2D, 32 in 3D)")
+
+
+def _training_options(args: argparse.Namespace) -> dict:
+    opts = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "temperature": args.temperature, "image_size": args.image_size, "embed_dim": args.embed_dim, "seed": args.seed}
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "audit",
+        help="memorization audit: flag synthetic samples that copy training images",
+        description="Flag synthetic samples that copy training images (Dar et al. 2024): embed with a copy detector, "
+        "calibrate tau on train->held-out similarities, flag synthetic samples whose best training similarity exceeds tau. "
+        "Use `medgen audit train-detector --help` to train the SSL detector separately.",
+    )
+    p.add_argument("--train", type=Path, help="training images the model saw (folder or manifest.csv)")
+    p.add_argument("--holdout", type=Path, help="held-out images of patients NOT used for training (calibrates tau)")
+    p.add_argument("--synthetic", type=Path, help="synthetic images to audit (folder or manifest.csv)")
+    p.add_argument("--out", type=Path, help="audit folder to write (report.json, report.md, pairs.csv, figures)")
+    p.add_argument("--detector", default="ssl", help="ssl (train on --train now; default), pixel, a folder from `medgen audit train-detector`, or a feature extractor of the evaluation registry (name or TorchScript path)")
+    p.add_argument("--similarity", choices=("pearson", "cosine"), default="pearson")
+    p.add_argument("--percentile", type=float, default=95.0, help="tau = this percentile of train->held-out best similarities (default 95)")
+    p.add_argument("--max-copy-rate", type=float, default=0.0, help="largest fraction of flagged synthetic samples that still passes (default 0; 0.01 = 1%%)")
+    p.add_argument("--filter-out", type=Path, default=None, help="write copies of the synthetic files NOT flagged to this folder (inputs are never moved)")
+    p.add_argument("--top-k", type=int, default=8, help="pairs shown in top_pairs.png")
+    p.add_argument("--config", type=Path, default=None, help="YAML whose data: section preprocesses all three sets (e.g. data.shape)")
+    p.add_argument("--weights", default=None, help="weights file for a registry feature extractor")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --filter-out folder")
+    _add_training_options(p)
+    p.set_defaults(func=lambda a: _audit(a, p))
+
+    actions = p.add_subparsers(dest="audit_action", metavar="[train-detector]")
+    t = actions.add_parser("train-detector", help="train the SSL copy detector on a training set and save it (safetensors + config.json)")
+    t.add_argument("--train", type=Path, required=True, help="training images (folder or manifest.csv)")
+    t.add_argument("--out", type=Path, required=True, help="detector folder to write; pass it to `medgen audit --detector`")
+    t.add_argument("--config", type=Path, default=None, help="YAML whose data: section preprocesses the images")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--overwrite", action="store_true")
+    _add_training_options(t)
+    t.set_defaults(func=_train_detector)
+
+
+def _audit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from medgen.privacy.audit import run_audit
+
+    missing = [f"--{k}" for k in ("train", "holdout", "synthetic", "out") if getattr(args, k) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)} (or use `medgen audit train-detector`)")
+    options = _training_options(args) if args.detector == "ssl" else {"image_size": args.image_size, "weights": args.weights}
+    report = run_audit(
+        args.train, args.holdout, args.synthetic, args.out,
+        detector=args.detector, similarity=args.similarity, percentile=args.percentile, max_copy_rate=args.max_copy_rate,
+        filter_out=args.filter_out, overwrite=args.overwrite, data_cfg=_data_cfg(args.config), detector_options=options,
+        top_k=args.top_k, device=None if args.device == "auto" else args.device, seed=args.seed,
+    )
+    print(f"verdict: {report['verdict']}  copies: {report['n_copies']}/{report['n_synthetic']} ({report['n_copies_pct']:.2f}%)  "
+          f"memorized training images: {report['n_mem_pct']:.2f}%  tau: {report['threshold']:.4f}")
+    print(f"report: {args.out / 'report.md'}")
+    for w in report["warnings"]:
+        print(f"warning: {w}")
+    return 0 if report["verdict"] == "pass" else 1
+
+
+def _train_detector(args: argparse.Namespace) -> int:
+    from medgen.data import load_images
+    from medgen.io import atomic_dir
+    from medgen.privacy.detector import train_detector
+
+    if args.out.exists() and not args.overwrite:
+        raise RunError(f"{args.out} already exists; pass --overwrite to replace it")
+    images, _ = load_images(args.train, _data_cfg(args.config))
+    detector = train_detector(images, device=None if args.device == "auto" else args.device, **_training_options(args))
+    detector.train_info["train"] = str(args.train)
+    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+        detector.save(tmp)
+    info = detector.train_info
+    print(f"trained copy detector on {info['n_images']} images: NT-Xent {info['initial_loss']:.3f} -> {info['final_loss']:.3f} "
+          f"in {info['steps']} steps ({info['images_per_second']:.0f} images/s) -> {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def _demo_split(ctx) -> tuple[list, list]:
+    """Training and calibration samples of the cohort: the split a run of the demo wrote
+    (split.json; held-out and validation subjects were both unseen by the model), else a
+    seeded subject split made here."""
+    from medgen.data import load_split, make_splits, scan_dataset
+
+    samples = scan_dataset(ctx.cohort)
+    split = None
+    for key in ("diffusion_run", "autoencoder_run"):
+        run = ctx.state.get(key)
+        if run is not None and (Path(run) / "split.json").is_file():
+            split = load_split(Path(run) / "split.json")
+            break
+    if split is None:
+        split = make_splits(samples, val=0.0, holdout=0.5, seed=0)
+    train_ids = set(split.get("train", []))
+    unseen = set(split.get("holdout", [])) | set(split.get("val", []))
+    return [s for s in samples if s.subject_id in train_ids], [s for s in samples if s.subject_id in unseen]
+
+
+def _planted_set(train, holdout, out: Path) -> Path:
+    """A stand-in synthetic set when no samples exist: held-out images (genuine non-copies) plus
+    exact and lightly transformed copies of training images."""
+    from medgen.data import load_images
+    from medgen.privacy.planting import plant_copies, write_images
+
+    x_t, _ = load_images(train)
+    x_h, _ = load_images(holdout)
+    images, kinds, _ = plant_copies(x_t, x_h, k=max(1, min(len(x_t) // 4, 8)), seed=0)
+    write_images(images, out, [f"{i:03d}_{kind.replace(':', '_')}" for i, kind in enumerate(kinds)])
+    return out
+
+
+def demo_stage(ctx) -> None:
+    """Audit the demo's synthetic samples (ctx.state["samples"]) against its training split."""
+    from medgen.privacy.audit import run_audit
+
+    if ctx.cohort is None:
+        raise RunError("the audit stage needs the cohort stage first")
+    train, holdout = _demo_split(ctx)
+    samples = ctx.state.get("samples")
+    if samples is None:
+        samples = _planted_set(train, holdout, ctx.out / "audit_planted")
+        print(f"  no synthetic samples in this demo run; auditing a planted set instead: {samples}")
+    steps = 150 if ctx.quick else 1000
+    report = run_audit(
+        train, holdout, samples, ctx.out / "audit", detector="ssl", overwrite=True,
+        detector_options={"steps": steps, "batch_size": 64}, filter_out=ctx.out / "samples_filtered",
+    )
+    ctx.state["audit_report"] = ctx.out / "audit" / "report.json"
+    ctx.state["audit_verdict"] = report["verdict"]
+    print(f"  audit: {report['verdict']}, {report['n_copies']}/{report['n_synthetic']} flagged ({report['n_copies_pct']:.1f}%), "
+          f"tau {report['threshold']:.4f}, AuthPct {report['authpct']:.1f}%  -> {ctx.out / 'audit' / 'report.md'}")

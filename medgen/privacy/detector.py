@@ -1,0 +1,432 @@
+"""Copy detectors: map images (N, C, *S) in [-1, 1] to embeddings (N, D) whose correlation says
+"same image" rather than "same anatomy".
+
+Three kinds share one interface (`embed(images) -> (N, D)`, `recipe`, `name`):
+
+- `SSLCopyDetector`: a contrastive encoder trained on the training set itself, following
+  Dar et al. 2024 ("Unconditional latent diffusion models memorize patient imaging data"):
+  SimCLR-style NT-Xent (Chen et al. 2020) with temperature 0.07, positives = two augmented views
+  of one image (small affine within +-5 degrees, flips, intensity jitter). 2D: a ResNet-style
+  encoder (He et al. 2016) with 1-channel input and a 128-d embedding; 3D: a convolutional
+  encoder with a 32-d embedding. The network is ours (it is the product here: a small
+  GroupNorm ResNet that runs 2D and 3D from one definition and trains on a few hundred images);
+  augmentations are batched on the device with `affine_grid`/`grid_sample`, which is what makes
+  training fast enough to run on the fly.
+- `PixelDetector`: correlation on area-downsampled images (the pixel-space baseline).
+- `FeatureDetector`: any extractor of the evaluation registry (`medgen.metrics.features`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medgen.errors import DataError, TrainingError, WeightsError
+
+log = logging.getLogger(__name__)
+
+DETECTOR_KIND = "medgen-ssl-copy-detector"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+# Encoder defaults per spatial_dims (Dar et al. 2024: 128-d in 2D, 32-d in 3D).
+ENCODER_DEFAULTS = {
+    2: {"widths": (32, 64, 128, 256), "blocks": (1, 1, 1, 1), "embed_dim": 128, "image_size": 64},
+    3: {"widths": (16, 32, 64, 128), "blocks": (1, 1, 1, 1), "embed_dim": 32, "image_size": 32},
+}
+
+
+def _conv(spatial_dims: int) -> type[nn.Module]:
+    return nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+
+
+def _groups(channels: int) -> int:
+    return math.gcd(channels, 8)
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ----------------------------------------------------------------------------- network
+
+
+class ResidualBlock(nn.Module):
+    """Pre-activation basic block (He et al. 2016) with GroupNorm: works for batch sizes of 2."""
+
+    def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, stride: int):
+        super().__init__()
+        conv = _conv(spatial_dims)
+        self.norm1 = nn.GroupNorm(_groups(in_ch), in_ch)
+        self.conv1 = conv(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.norm2 = nn.GroupNorm(_groups(out_ch), out_ch)
+        self.conv2 = conv(out_ch, out_ch, 3, padding=1, bias=False)
+        self.skip = conv(in_ch, out_ch, 1, stride=stride, bias=False) if (stride != 1 or in_ch != out_ch) else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class CopyEncoder(nn.Module):
+    """ResNet-style encoder, 1-channel input -> `embed_dim` embedding; 2D and 3D from one code.
+
+    (B, 1, *S) -> stem (B, w0, *S/2) -> stages, each after the first halving S -> global mean (B, w_last)
+    -> MLP projection head (B, embed_dim). The head output is the embedding (as in Dar et al.
+    2024, where similarity is measured on the contrastive embedding itself).
+    """
+
+    def __init__(self, spatial_dims: int = 2, embed_dim: int | None = None, widths: Sequence[int] | None = None, blocks: Sequence[int] | None = None, in_channels: int = 1):
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        d = ENCODER_DEFAULTS[spatial_dims]
+        widths = tuple(widths or d["widths"])
+        blocks = tuple(blocks or d["blocks"])
+        embed_dim = int(embed_dim or d["embed_dim"])
+        if len(blocks) != len(widths):
+            raise ValueError(f"widths {widths} and blocks {blocks} must have the same length")
+        self.config = {"spatial_dims": spatial_dims, "embed_dim": embed_dim, "widths": list(widths), "blocks": list(blocks), "in_channels": in_channels}
+        self.spatial_dims = spatial_dims
+        # stride-2 stem as in ResNet: halves the cost of every later layer; copies differ from
+        # other subjects at the scale of anatomy, not of single pixels
+        self.stem = _conv(spatial_dims)(in_channels, widths[0], 3, stride=2, padding=1, bias=False)
+        layers: list[nn.Module] = []
+        ch = widths[0]
+        for i, (w, n) in enumerate(zip(widths, blocks)):
+            for j in range(n):
+                layers.append(ResidualBlock(spatial_dims, ch, w, stride=2 if (i > 0 and j == 0) else 1))
+                ch = w
+        self.stages = nn.Sequential(*layers)
+        self.norm = nn.GroupNorm(_groups(ch), ch)
+        self.head = nn.Sequential(nn.Linear(ch, ch), nn.SiLU(), nn.Linear(ch, embed_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.norm(self.stages(self.stem(x))))  # (B, C, *S')
+        h = h.flatten(2).mean(-1)  # (B, C)
+        return self.head(h)  # (B, embed_dim)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """NT-Xent, the normalized temperature-scaled cross entropy of SimCLR (Chen et al. 2020, eq. 1).
+
+    For 2B embeddings (two views per image), with sim = cosine similarity:
+        l(i, j) = -log( exp(sim(z_i, z_j)/t) / sum_{k != i} exp(sim(z_i, z_k)/t) ),
+    averaged over all 2B anchors i with j the other view of the same image.
+
+    z1, z2: (B, D) embeddings of view 1 and view 2 (row b of both is the same image).
+    """
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ValueError(f"z1 and z2 must both be (B, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    b = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2B, D)
+    logits = z @ z.T / temperature  # (2B, 2B)
+    logits.fill_diagonal_(float("-inf"))  # k != i
+    targets = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+    return F.cross_entropy(logits, targets)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def _rotation(angles: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    """(B, 1) or (B, 3) angles in radians -> (B, nd, nd) rotation matrices."""
+    c, s = torch.cos(angles), torch.sin(angles)
+    if spatial_dims == 2:
+        return torch.stack([torch.stack([c[:, 0], -s[:, 0]], -1), torch.stack([s[:, 0], c[:, 0]], -1)], 1)
+    b = angles.shape[0]
+    mats = []
+    for axis in range(3):  # rotation in each of the three coordinate planes
+        m = torch.eye(3, device=angles.device, dtype=angles.dtype).repeat(b, 1, 1)
+        i, j = [a for a in range(3) if a != axis]
+        m[:, i, i], m[:, i, j], m[:, j, i], m[:, j, j] = c[:, axis], -s[:, axis], s[:, axis], c[:, axis]
+        mats.append(m)
+    return mats[0] @ mats[1] @ mats[2]
+
+
+def augment(
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    max_rotation_deg: float = 5.0,
+    max_shift: float = 0.04,
+    max_scale: float = 0.05,
+    flip_prob: float = 0.5,
+    intensity: float = 0.1,
+    max_noise: float = 0.03,
+) -> torch.Tensor:
+    """A random view of each image: small affine (rotation within +-`max_rotation_deg`, shift up to
+    `max_shift` of the field of view, isotropic scale within +-`max_scale`), a flip of each spatial
+    axis with probability `flip_prob`, intensity jitter x -> a*x + b (a in 1 +- `intensity`,
+    b in +-`intensity`) and Gaussian noise with std up to `max_noise`.
+
+    Batched on x's device: one `affine_grid`/`grid_sample` for the whole batch, 2D and 3D alike.
+    x: (B, C, *S) in [-1, 1] -> (B, C, *S).
+    """
+    b, nd = x.shape[0], x.ndim - 2
+    dev = x.device
+
+    def rand(*shape):  # U[-1, 1)
+        return torch.rand(*shape, generator=generator, device=dev) * 2 - 1
+
+    n_angles = 1 if nd == 2 else 3
+    rot = _rotation(rand(b, n_angles) * math.radians(max_rotation_deg), nd)  # (B, nd, nd)
+    scale = 1 + rand(b, 1, 1) * max_scale
+    flips = torch.where(torch.rand(b, nd, generator=generator, device=dev) < flip_prob, -1.0, 1.0)
+    linear = rot * scale @ torch.diag_embed(flips)  # reflection folded into the affine
+    shift = rand(b, nd, 1) * (2 * max_shift)  # grid coordinates span [-1, 1]: 2 = full view
+    theta = torch.cat([linear, shift], 2)  # (B, nd, nd + 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    view = (b,) + (1,) * (x.ndim - 1)
+    gain = 1 + rand(*view) * intensity
+    bias = rand(*view) * intensity
+    sigma = torch.rand(view, generator=generator, device=dev) * max_noise
+    noise = torch.randn(out.shape, generator=generator, device=dev, dtype=out.dtype)
+    return out * gain + bias + noise * sigma
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def to_detector_input(images: torch.Tensor, spatial_dims: int, size: int | None) -> torch.Tensor:
+    """(N, C, *S) -> (N, 1, *S'): channel mean (the encoder takes 1 channel), area-resized so the
+    longest spatial side is `size` (aspect kept; no resizing when `size` is None or not smaller)."""
+    if images.ndim != spatial_dims + 2:
+        raise DataError(f"expected {spatial_dims}D images of shape (N, C, {', '.join('S' * spatial_dims)}), got shape {tuple(images.shape)}")
+    x = images.float().mean(1, keepdim=True)
+    if size is not None and max(x.shape[2:]) > size:
+        factor = size / max(x.shape[2:])
+        target = [max(1, round(s * factor)) for s in x.shape[2:]]
+        x = F.interpolate(x, size=target, mode="area")
+    return x
+
+
+# ----------------------------------------------------------------------------- detectors
+
+
+class SSLCopyDetector:
+    """A trained `CopyEncoder` plus the preprocessing it was trained with."""
+
+    name = "ssl"
+
+    def __init__(self, encoder: CopyEncoder, image_size: int | None, train_info: dict | None = None):
+        self.encoder = encoder.eval()
+        self.spatial_dims = encoder.spatial_dims
+        self.image_size = image_size
+        self.train_info = dict(train_info or {})
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        return {"detector": "ssl", "encoder": self.encoder.config, "image_size": self.image_size, "training": self.train_info}
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, batch_size: int = 256, device: str | torch.device | None = None) -> torch.Tensor:
+        """(N, C, *S) in [-1, 1] -> (N, embed_dim) float32 on CPU."""
+        dev = default_device(device)
+        enc = self.encoder.to(dev)
+        out = []
+        for start in range(0, images.shape[0], batch_size):
+            x = to_detector_input(images[start : start + batch_size], self.spatial_dims, self.image_size).to(dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                out.append(enc(x).float().cpu())
+        return torch.cat(out)
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write `model.safetensors` + `config.json` into `out_dir` (created; caller makes it atomic)."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()}
+        save_file(state, str(out / WEIGHTS_FILE), metadata={"kind": DETECTOR_KIND})
+        config = {"kind": DETECTOR_KIND, "encoder": self.encoder.config, "image_size": self.image_size, "training": self.train_info}
+        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        return out
+
+
+def is_detector_dir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    if not (p / CONFIG_FILE).is_file():
+        return False
+    try:
+        return json.loads((p / CONFIG_FILE).read_text()).get("kind") == DETECTOR_KIND
+    except (OSError, ValueError):
+        return False
+
+
+def load_detector(path: str | os.PathLike) -> SSLCopyDetector:
+    """Rebuild a saved SSL detector from `config.json` + `model.safetensors` (no pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if (p / "detector").is_dir() and not (p / CONFIG_FILE).is_file():
+        p = p / "detector"  # an audit folder: the detector trained on the fly lives in detector/
+    try:
+        config = json.loads((p / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{p / CONFIG_FILE}: cannot read the detector config ({e}); point --detector at a folder written by `medgen audit train-detector`") from None
+    if config.get("kind") != DETECTOR_KIND:
+        raise WeightsError(f"{p / CONFIG_FILE}: not a medgen copy detector (kind={config.get('kind')!r})")
+    encoder = CopyEncoder(**config["encoder"])
+    try:
+        state = load_file(str(p / WEIGHTS_FILE))
+    except (OSError, SafetensorError) as e:
+        raise WeightsError(f"{p / WEIGHTS_FILE}: cannot read detector weights ({e})") from None
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as e:
+        raise WeightsError(f"{p / WEIGHTS_FILE}: weights do not match {p / CONFIG_FILE} ({str(e).splitlines()[0]})") from None
+    return SSLCopyDetector(encoder, config.get("image_size"), config.get("training"))
+
+
+class PixelDetector:
+    """Pixel-space baseline: the embedding is the area-downsampled image itself (longest side
+    `size`), so Pearson correlation between embeddings is image correlation at low resolution."""
+
+    name = "pixel"
+
+    def __init__(self, spatial_dims: int, size: int | None = None):
+        self.spatial_dims = spatial_dims
+        self.size = size if size is not None else (32 if spatial_dims == 2 else 16)
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        return {"detector": "pixel", "size": self.size}
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, batch_size: int = 1024, device=None) -> torch.Tensor:
+        out = [to_detector_input(images[s : s + batch_size], self.spatial_dims, self.size).flatten(1) for s in range(0, images.shape[0], batch_size)]
+        return torch.cat(out)
+
+
+class FeatureDetector:
+    """Any extractor of the evaluation registry (`medgen.metrics.features.get_extractor`)."""
+
+    def __init__(self, name_or_path: str, weights: str | None = None, device=None):
+        from medgen.metrics.features import get_extractor
+
+        self.name = str(name_or_path)
+        self.extractor: Callable[[torch.Tensor], torch.Tensor] = get_extractor(name_or_path, weights=weights, device=device)
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        return {"detector": "features", "features": self.name, "recipe": dict(getattr(self.extractor, "recipe", {}) or {})}
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, batch_size: int = 64, device=None) -> torch.Tensor:
+        out = [torch.as_tensor(self.extractor(images[s : s + batch_size])).float().cpu() for s in range(0, images.shape[0], batch_size)]
+        return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def default_steps(n_images: int, batch_size: int) -> int:
+    """Enough passes for the encoder to separate individual images: 300 epochs, 300..3000 steps."""
+    return int(min(3000, max(300, math.ceil(300 * n_images / batch_size))))
+
+
+def train_detector(
+    images: torch.Tensor,
+    *,
+    spatial_dims: int | None = None,
+    steps: int | None = None,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    weight_decay: float = 1e-4,
+    temperature: float = 0.07,
+    image_size: int | None = None,
+    embed_dim: int | None = None,
+    widths: Sequence[int] | None = None,
+    blocks: Sequence[int] | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    mixed_precision: str | None = None,
+    progress: bool = True,
+) -> SSLCopyDetector:
+    """Train the SSL copy detector on `images` (N, C, *S) in [-1, 1] (the training set).
+
+    NT-Xent (Chen et al. 2020) at `temperature` with two augmented views per image as positives
+    and the other images of the batch as negatives (Dar et al. 2024). AdamW with a cosine
+    learning-rate decay; bf16 autocast on CUDA unless `mixed_precision="no"`.
+    """
+    from tqdm.auto import tqdm
+
+    spatial_dims = spatial_dims or images.ndim - 2
+    if images.ndim != spatial_dims + 2:
+        raise DataError(f"training images have shape {tuple(images.shape)}, not (N, C, *S) with {spatial_dims} spatial axes")
+    n = images.shape[0]
+    if n < 2:
+        raise DataError(f"the SSL copy detector needs at least 2 training images (NT-Xent contrasts each image with the others); got {n}")
+    image_size = image_size if image_size is not None else ENCODER_DEFAULTS[spatial_dims]["image_size"]
+    batch_size = max(2, min(batch_size, n))
+    steps = steps or default_steps(n, batch_size)
+    dev = default_device(device)
+    mp = mixed_precision or ("bf16" if dev.type == "cuda" else "no")
+    if mp not in ("no", "bf16"):
+        raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {mp!r}")
+
+    torch.manual_seed(seed)
+    encoder = CopyEncoder(spatial_dims, embed_dim, widths, blocks).to(dev)
+    data = to_detector_input(images, spatial_dims, image_size)  # (N, 1, *S'), resized once
+    if data.flatten(1).std(1).max() == 0:
+        raise DataError("all training images are constant; the SSL copy detector cannot learn from them")
+    data = data.to(dev) if data.numel() * 4 < (1 << 31) or dev.type == "cpu" else data.pin_memory()
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    cpu_gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=weight_decay)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    encoder.train()
+    order = torch.randperm(n, generator=cpu_gen)
+    cursor = 0
+    losses: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc="copy detector", disable=not progress, leave=False)
+    for step in bar:
+        if cursor + batch_size > n:  # a new epoch: every image is seen once per pass
+            order, cursor = torch.randperm(n, generator=cpu_gen), 0
+        idx = order[cursor : cursor + batch_size]
+        cursor += batch_size
+        x = data[idx.to(data.device)].to(dev, non_blocking=True)  # (B, 1, *S')
+        views = torch.cat([augment(x, gen), augment(x, gen)])  # (2B, 1, *S')
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=mp == "bf16"):
+            z = encoder(views)  # (2B, D)
+        loss = nt_xent_loss(z[: len(idx)], z[len(idx) :], temperature)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"copy detector: non-finite NT-Xent loss {loss.item()} at step {step}; lower --lr (now {lr})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    seconds = time.perf_counter() - start
+    tail = losses[-max(1, steps // 10) :]
+    info = {
+        "steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "temperature": temperature,
+        "seed": seed, "n_images": n, "mixed_precision": mp, "device": dev.type,
+        "final_loss": sum(tail) / len(tail), "initial_loss": losses[0], "seconds": round(seconds, 2),
+        "images_per_second": round(steps * batch_size / seconds, 1),
+    }
+    log.info("copy detector: %d steps, NT-Xent %.3f -> %.3f, %.0f images/s", steps, info["initial_loss"], info["final_loss"], info["images_per_second"])
+    return SSLCopyDetector(encoder.cpu(), image_size, info)

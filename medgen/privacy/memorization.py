@@ -1,0 +1,154 @@
+"""Memorization statistics on embeddings or pixels: the calibrated copy threshold and the three
+reference measures the audit reports beside it (AuthPct, C_T, Carlini's relative l2).
+
+All nearest-neighbour searches go through `medgen.metrics.knn.pairwise_topk` (chunked, bounded
+memory, on the GPU when the inputs are there), so 100k x 100k sets never build a full matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+
+from medgen.errors import DataError
+from medgen.metrics.knn import pairwise_topk
+
+log = logging.getLogger(__name__)
+
+SIMILARITIES = ("pearson", "cosine")
+
+
+def best_match(query: torch.Tensor, ref: torch.Tensor, similarity: str = "pearson", device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query row its most similar reference row: (values (N,), indices (N,)).
+
+    Pearson correlation between embeddings as in Dar et al. 2024 (= cosine similarity of
+    row-centred vectors); cosine is the alternative. Rows with zero variance (e.g. a constant
+    image under the pixel detector) get similarity 0 rather than NaN.
+    """
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    values, indices = pairwise_topk(query, ref, k=1, metric=similarity, device=device)
+    return values[:, 0].float().cpu(), indices[:, 0].cpu()
+
+
+def copy_threshold(train_to_holdout_best, percentile: float = 95.0) -> float:
+    """tau = the `percentile`-th percentile of each training sample's best similarity with the
+    held-out set (Dar et al. 2024). numpy's default linear interpolation between order
+    statistics: with sorted values v_0..v_{n-1}, h = (n-1) p/100, tau = v_floor(h) +
+    (h - floor(h)) (v_ceil(h) - v_floor(h)).
+    """
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    v = torch.as_tensor(train_to_holdout_best).detach().double().cpu().numpy()
+    if v.size == 0 or not np.isfinite(v).all():
+        raise DataError("cannot calibrate the copy threshold: train->holdout similarities are empty or not finite")
+    return float(np.percentile(v, percentile))
+
+
+def expected_false_copy_pct(percentile: float, n_train: int, n_holdout: int) -> float:
+    """% of genuinely new samples expected above tau when similarities of unrelated pairs are
+    exchangeable: tau is the p-quantile of a max over n_holdout pairs, a new sample takes a max
+    over n_train pairs, so P(max > tau) = 1 - (p/100)^(n_train / n_holdout). An approximation
+    (real pairs are not independent) that tells a reader what "no memorization" looks like."""
+    return 100.0 * (1.0 - (percentile / 100.0) ** (n_train / n_holdout))
+
+
+def authpct(train: torch.Tensor, generated: torch.Tensor, device=None) -> float:
+    """Authenticity percentage as dgm-eval computes it (Stein et al. 2023, after Alaa et al. 2022):
+    a generated sample is authentic when its nearest training sample x has another training
+    sample closer to x than the generated one is, i.e. d(x, NN_train(x)) < d(g, x). Euclidean
+    distances on the features as given. Returns % authentic in [0, 100]."""
+    if train.shape[0] < 2:
+        raise DataError(f"AuthPct needs at least 2 training samples, got {train.shape[0]}")
+    real_nn, _ = pairwise_topk(train, train, k=1, metric="l2", exclude_self=True, device=device)  # (Nt, 1)
+    gen_nn, gen_idx = pairwise_topk(generated, train, k=1, metric="l2", device=device)  # (Ng, 1)
+    authentic = real_nn[gen_idx[:, 0], 0] < gen_nn[:, 0]
+    return float(100.0 * authentic.double().mean())
+
+
+def _pca(train: np.ndarray, others: list[np.ndarray], dims: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    mean = train.mean(0, keepdims=True)
+    _, _, vt = np.linalg.svd(train - mean, full_matrices=False)
+    basis = vt[:dims].T  # (D, dims)
+    return (train - mean) @ basis, [(o - mean) @ basis for o in others]
+
+
+def _mann_whitney_z(l_q: np.ndarray, l_p: np.ndarray) -> float:
+    """Z-scored Mann-Whitney U of generated (L(Q_m)) vs test (L(P_n)) distances to training,
+    with the continuity-corrected null mean m n / 2 - 0.5 and std sqrt(m n (m + n + 1) / 12)
+    (Meehan et al. 2020; the reference code's normalisation)."""
+    from scipy.stats import mannwhitneyu
+
+    m, n = len(l_q), len(l_p)
+    u = mannwhitneyu(l_q, l_p, alternative="less").statistic  # U of the first sample
+    return float((u - (m * n / 2 - 0.5)) / math.sqrt(m * n * (m + n + 1) / 12))
+
+
+def c_t_statistic(
+    train: torch.Tensor,
+    holdout: torch.Tensor,
+    generated: torch.Tensor,
+    n_cells: int = 3,
+    min_generated: int = 20,
+    pca_dims: int = 64,
+    seed: int = 0,
+    device=None,
+) -> tuple[float | None, str | None]:
+    """C_T of Meehan et al. 2020 ("A non-parametric test to detect data-copying in generative
+    models"), set up as dgm-eval computes it: features reduced to `pca_dims` by PCA fitted on the
+    training set, the space partitioned into `n_cells` cells by k-means on the training set, and
+    in each cell pi the Z-scored Mann-Whitney U between L(Q_m) (generated -> nearest training
+    distance) and L(P_n) (held-out -> nearest training distance). C_T is the average of Z_U over
+    cells holding more than `min_generated` generated samples (tau = min_generated / m),
+    weighted by the held-out share P_n(pi). C_T << 0: data copying; >> 0: underfitting.
+
+    Returns (C_T, None) or (None, reason) when the sets are too small for the test.
+    """
+    from scipy.cluster.vq import kmeans2, vq
+
+    t, p, q = (x.double().cpu().numpy() for x in (train, holdout, generated))
+    if t.shape[1] > pca_dims and t.shape[0] > pca_dims:
+        t, (p, q) = _pca(t, [p, q], pca_dims)
+    k = min(n_cells, t.shape[0])
+    centroids, t_cells = kmeans2(t, k, seed=seed, minit="++")
+    p_cells, _ = vq(p, centroids)
+    q_cells, _ = vq(q, centroids)
+    m, n = q.shape[0], p.shape[0]
+    tau = min_generated / m
+    z, weight = [], []
+    for cell in range(k):
+        t_i, p_i, q_i = t[t_cells == cell], p[p_cells == cell], q[q_cells == cell]
+        if len(q_i) / m <= tau:  # outside Pi_tau: too few generated samples
+            continue
+        if len(t_i) == 0 or len(p_i) == 0:
+            return None, f"cell {cell} has generated samples but no training or held-out samples"
+        t_i_t = torch.from_numpy(t_i)
+        l_q = pairwise_topk(torch.from_numpy(q_i), t_i_t, k=1, metric="l2", device=device)[0][:, 0].numpy()
+        l_p = pairwise_topk(torch.from_numpy(p_i), t_i_t, k=1, metric="l2", device=device)[0][:, 0].numpy()
+        z.append(_mann_whitney_z(l_q, l_p))
+        weight.append(len(p_i) / n)
+    if not z:
+        return None, f"no cell holds more than {min_generated} generated samples (C_T needs at least {min_generated + 1} in one cell)"
+    return float(np.dot(weight, z) / np.sum(weight)), None
+
+
+def carlini_relative_l2(generated: torch.Tensor, train: torch.Tensor, n: int = 50, alpha: float = 0.5, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relative l2 of Carlini et al. 2023 ("Extracting training data from diffusion models", sec. 5):
+        l(g, x; S_g) = l2(g, x) / (alpha * E_{y in S_g}[ l2(g, y) ]),
+    x the nearest training image to g, S_g its `n` nearest training images (n = 50, alpha = 0.5).
+    Small values mean g sits much closer to one training image than to its other neighbours.
+
+    generated (Ng, D), train (Nt, D) flattened pixels. Returns (ratios (Ng,), nearest index (Ng,)).
+    """
+    n = min(n, train.shape[0])
+    # float64 while the copies fit in 2 GiB (exact copies then get distance ~0, not ~1e-3 from
+    # float32 cancellation); float32 for larger sets, accurate near any sensible threshold
+    dtype = torch.float64 if (generated.numel() + train.numel()) <= (1 << 28) else torch.float32
+    dist, idx = pairwise_topk(generated, train, k=n, metric="l2", device=device, dtype=dtype)  # (Ng, n)
+    mean = dist.mean(1)
+    ratio = dist[:, 0] / (alpha * mean).clamp_min(torch.finfo(dist.dtype).tiny)
+    ratio = torch.where(mean > 0, ratio, torch.zeros_like(ratio))  # all n neighbours identical to g
+    return ratio.cpu(), idx[:, 0].cpu()

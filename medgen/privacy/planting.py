@@ -1,0 +1,78 @@
+"""Planted copies: a synthetic set with known answers, to check that an audit catches copies.
+
+`plant_copies` mixes genuine non-copies (e.g. held-out images of other patients) with K exact
+copies and K lightly transformed copies of training images (a small shift, a left-right flip,
+noise, an intensity scaling: the perturbations a generative model's near-copy shows). The
+detector must flag the copies and not the genuine images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+TRANSFORMS = ("shift", "flip", "noise", "scale")
+
+
+def light_transform(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """One light perturbation of an image (C, *S) in [-1, 1]."""
+    if kind == "shift":  # 1-2 px (about 3% of the field of view), edge values repeated
+        s = max(1, round(0.03 * max(x.shape[1:])))
+        axis = 1 + int(torch.randint(x.ndim - 1, (1,), generator=generator))
+        sign = 1 if torch.rand(1, generator=generator) < 0.5 else -1
+        shifted = torch.roll(x, sign * s, dims=axis)
+        edge = [slice(None)] * x.ndim
+        edge[axis] = slice(0, s) if sign > 0 else slice(-s, None)
+        src = [slice(None)] * x.ndim
+        src[axis] = slice(s, s + 1) if sign > 0 else slice(-s - 1, -s)
+        shifted[tuple(edge)] = shifted[tuple(src)]
+        return shifted
+    if kind == "flip":  # left-right (last axis)
+        return torch.flip(x, dims=(-1,))
+    if kind == "noise":  # Gaussian, std 0.04 on the [-1, 1] range (~2% of it)
+        return x + 0.04 * torch.randn(x.shape, generator=generator)
+    if kind == "scale":  # intensity scaling by 0.9..1.1 around the background
+        a = 0.9 + 0.2 * float(torch.rand(1, generator=generator))
+        return (x + 1) * a - 1
+    raise ValueError(f"unknown transform {kind!r}; one of {TRANSFORMS}")
+
+
+def plant_copies(train: torch.Tensor, genuine: torch.Tensor, k: int, seed: int = 0, transforms: Sequence[str] = TRANSFORMS) -> tuple[torch.Tensor, list[str], list[int]]:
+    """Return (images (len(genuine) + 2k, C, *S), kinds, source) where kinds[i] is "genuine",
+    "exact" or "transformed:<kind>" and source[i] the training index copied (-1 for genuine).
+    Exact and transformed copies come from 2k distinct training images (k <= len(train) // 2)."""
+    if 2 * k > train.shape[0]:
+        raise ValueError(f"k={k} needs {2 * k} distinct training images, have {train.shape[0]}")
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(train.shape[0], generator=g)[: 2 * k].tolist()
+    exact = [train[i] for i in pick[:k]]
+    kinds_t = [transforms[i % len(transforms)] for i in range(k)]
+    transformed = [light_transform(train[i].float(), kind, g).clamp(-1, 1) for i, kind in zip(pick[k:], kinds_t)]
+    images = torch.cat([genuine.float(), torch.stack(exact).float(), torch.stack(transformed)])
+    kinds = ["genuine"] * genuine.shape[0] + ["exact"] * k + [f"transformed:{t}" for t in kinds_t]
+    source = [-1] * genuine.shape[0] + pick
+    return images, kinds, source
+
+
+def write_images(images: torch.Tensor, out: str | Path, names: Sequence[str]) -> list[Path]:
+    """Write (N, C, *S) images in [-1, 1]: 2D as 16-bit grayscale PNG, 3D as NIfTI (channel 0)."""
+    from PIL import Image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for img, name in zip(images, names):
+        a = ((img.float().clamp(-1, 1) + 1) / 2).numpy()
+        if img.ndim == 3:
+            p = out / f"{name}.png"
+            Image.fromarray(np.round(a.mean(0) * 65535).astype(np.uint16)).save(p)
+        else:
+            import nibabel as nib
+
+            p = out / f"{name}.nii.gz"
+            nib.save(nib.Nifti1Image(a[0].astype(np.float32), np.eye(4)), str(p))
+        paths.append(p)
+    return paths
