@@ -104,6 +104,8 @@ def build_accelerator(train_cfg: Any, run_dir: str | os.PathLike | None = None, 
     accum = int(cfg_get(train_cfg, "gradient_accumulation_steps", 1))
     if accum < 1:
         raise ConfigError(f"train.gradient_accumulation_steps={accum} must be >= 1")
+    if logging.getLogger().level > logging.DEBUG:  # accelerate logs every file it saves at INFO
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
     # A second Accelerator in the same process (a notebook, a test, a resumed call) may ask for
     # another precision; reset the per-run state but keep the distributed process group.
     AcceleratorState._reset_state(reset_partial_state=False)
