@@ -18,6 +18,7 @@ from medgen.errors import MedgenError
 COMMAND_MODULES = (
     "medgen.demo",
     "medgen.data.commands",
+    "medgen.metrics.commands",
     "medgen.train.commands",
     "medgen.train.encode",
     "medgen.privacy.commands",

@@ -1,0 +1,324 @@
+"""`evaluate`: real vs synthetic folders -> metrics with 95% intervals, recipe, report folder.
+
+2D images: FID, KID, precision/recall (k=3), density/coverage (k=5) on features of one 2D
+extractor; MS-SSIM diversity on the pixels.
+3D volumes: 2.5D FID (every slice along each of the three axes through the 2D extractor, one
+FID per plane and their mean, as MAISI, Guo et al. 2025), and volume-level FID, KID, PR, DC on
+a 3D extractor; MS-SSIM diversity on the volumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import logging
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from medgen.errors import DataError
+from medgen.io import atomic_dir, atomic_write_json, atomic_write_text
+from medgen.metrics import features as F
+from medgen.metrics.bootstrap import bootstrap_mean, bootstrap_two_sample, percentile_interval
+from medgen.metrics.fid import frechet_distance
+from medgen.metrics.kid import kernel_inception_distance
+from medgen.metrics.msssim import msssim_diversity
+from medgen.metrics.prdc import prdc_indicators
+
+log = logging.getLogger(__name__)
+
+ALL_METRICS = ("fid", "kid", "prdc", "msssim")
+K_PR, K_DC = 3, 5  # Kynkäänniemi et al. 2019; Naeem et al. 2020
+PACKAGES = ("medgen", "torch", "numpy", "scipy", "monai", "clean-fid", "torchvision", "safetensors")
+
+
+# ----------------------------------------------------------------------------- inputs
+def _samples(path: Path):
+    """The data layer's scan, plus sample folders whose manifest names files in a `file` column."""
+    from medgen.data import Sample, scan_dataset
+
+    manifest = Path(path) / "manifest.csv"
+    if manifest.is_file():
+        with open(manifest, newline="") as f:
+            header = next(csv.reader(f), [])
+        if "path" not in header and "file" in header:
+            with open(manifest, newline="") as f:
+                rows = list(csv.DictReader(f))
+            return [Sample(Path(path) / r["file"], None, None, Path(r["file"]).stem) for r in rows if r.get("file")]
+    return scan_dataset(path)
+
+
+def load_set(path, what: str) -> tuple[torch.Tensor, list, dict]:
+    """(N, C, *S) in [-1, 1], samples, and a summary (dir, n, shape, source dtypes)."""
+    from medgen.data import load_images
+    from medgen.data.readers import load
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{what} folder {path} does not exist")
+    samples = _samples(path)
+    if not samples:
+        raise DataError(f"{what} folder {path} holds no images")
+    images, samples = load_images(samples)
+    if images.shape[0] < 2:
+        raise DataError(f"{what} folder {path}: {images.shape[0]} image(s); the metrics need at least 2 (use hundreds for stable numbers)")
+    dtypes = sorted({str(load(s.path).source_dtype) for s in samples[: min(len(samples), 4)]})
+    summary = {"dir": str(path), "n": int(images.shape[0]), "shape": list(images.shape[1:]), "source_dtype": dtypes}
+    return images, samples, summary
+
+
+# ----------------------------------------------------------------------------- extractors
+def choose_extractor(name: str, spatial_dims: int, weights=None, device=None) -> F.FeatureExtractor:
+    """`auto`: Inception (2D) or MedicalNet (3D) when its weights are present locally (no
+    download is attempted), otherwise the in-domain PCA extractor."""
+    if name == "auto":
+        pretrained = "inception" if spatial_dims == 2 else "medicalnet"
+        name = pretrained if F.weights_present(pretrained, weights) else "pca"
+        if name == "pca":
+            log.info("features: in-domain PCA (no local %s weights)", pretrained)
+    ex = F.get_extractor(name, weights=weights, device=device)
+    if spatial_dims not in ex.spatial_dims:
+        raise DataError(f"extractor {name!r} takes {' or '.join(f'{d}D' for d in ex.spatial_dims)} inputs but the images are {spatial_dims}D")
+    return ex
+
+
+def _features(ex: F.FeatureExtractor, images: torch.Tensor, samples, mode: str, use_cache: bool) -> torch.Tensor:
+    key = F.cache_key([s.path for s in samples], ex.recipe, {"mode": mode, "shape": list(images.shape)})
+    feats, hit = F.cached_features(key, lambda: {"features": ex(images)}, use_cache)
+    log.info("features %s (%s): %s", ex.recipe.get("extractor"), mode, "cache hit" if hit else "computed")
+    return feats["features"]
+
+
+# ----------------------------------------------------------------------------- metrics
+def _value(v: float, ci: dict | None, **extra) -> dict:
+    out = {"value": float(v), **extra}
+    if ci is not None:
+        out["ci95"] = [ci["low"], ci["high"]]
+    return out
+
+
+def feature_metrics(real_f: torch.Tensor, fake_f: torch.Tensor, metrics: Sequence[str], n_boot: int, seed: int, device) -> dict:
+    """FID, KID, PR (k=3), DC (k=5) on (N, D) and (M, D) features, each with a 95% interval."""
+    out: dict[str, Any] = {}
+    real_f, fake_f = real_f.to(device, torch.float64), fake_f.to(device, torch.float64)
+    if "fid" in metrics:
+        ci = bootstrap_two_sample(frechet_distance, real_f, fake_f, n_boot, seed) if n_boot else None
+        out["fid"] = _value(frechet_distance(real_f, fake_f), ci)
+    if "kid" in metrics:
+        kid = kernel_inception_distance(real_f, fake_f, seed=seed)
+        # each replicate: resampled sets, 5 subsets (100 x 200 subsets would dominate the run time)
+        ci = bootstrap_two_sample(lambda a, b: kernel_inception_distance(a, b, num_subsets=5, seed=seed)["kid"], real_f, fake_f, n_boot, seed) if n_boot else None
+        out["kid"] = _value(kid["kid"], ci, std=kid["kid_std"], subset_size=kid["subset_size"], num_subsets=100)
+    if "prdc" in metrics:
+        terms = prdc_indicators(real_f, fake_f, k_pr=K_PR, k_dc=K_DC, device=device)
+        for name, t in terms.items():
+            out[name] = _value(t.mean(), bootstrap_mean(t, n_boot, seed) if n_boot else None, k=K_PR if name in ("precision", "recall") else K_DC)
+    return out
+
+
+def fid_2p5d(ex, real, real_s, fake, fake_s, n_boot: int, seed: int, slice_step: int, use_cache: bool, device) -> dict:
+    """Per-plane FID over all slices (every `slice_step`-th) and their mean; the interval comes
+    from resampling whole volumes (slices of one volume are not independent)."""
+    feats = {}
+    if isinstance(ex, F.PCAExtractor):  # one basis for all planes, fitted on the real slices
+        ex.fit([F.volume_slices(real, a, slice_step) for a in F.PLANES.values()])
+    for plane, axis in F.PLANES.items():
+        r = _features(ex, F.volume_slices(real, axis, slice_step), real_s, f"2.5d:{plane}:{slice_step}", use_cache)
+        f = _features(ex, F.volume_slices(fake, axis, slice_step), fake_s, f"2.5d:{plane}:{slice_step}", use_cache)
+        feats[plane] = (r.reshape(real.shape[0], -1, r.shape[1]).to(device, torch.float64),
+                        f.reshape(fake.shape[0], -1, f.shape[1]).to(device, torch.float64))  # (N, slices, D)
+    point = {p: frechet_distance(r.flatten(0, 1), f.flatten(0, 1)) for p, (r, f) in feats.items()}
+    reps: dict[str, list[float]] = {p: [] for p in feats}
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n_boot):
+        ir, jf = torch.randint(real.shape[0], (real.shape[0],), generator=g), torch.randint(fake.shape[0], (fake.shape[0],), generator=g)
+        for p, (r, f) in feats.items():
+            reps[p].append(frechet_distance(r[ir.to(device)].flatten(0, 1), f[jf.to(device)].flatten(0, 1)))
+    out = {p: _value(point[p], {"low": percentile_interval(reps[p])[0], "high": percentile_interval(reps[p])[1]} if n_boot else None) for p in feats}
+    mean_reps = np.mean([reps[p] for p in feats], axis=0) if n_boot else []
+    lo, hi = percentile_interval(mean_reps) if n_boot else (None, None)
+    out["mean"] = _value(float(np.mean(list(point.values()))), {"low": lo, "high": hi} if n_boot else None)
+    out["n_slices"] = {p: int(r.shape[1]) for p, (r, _) in feats.items()}
+    return out
+
+
+def _versions() -> dict[str, str]:
+    v = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            v[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            v[p] = "not installed"
+    return v
+
+
+# ----------------------------------------------------------------------------- evaluate
+def evaluate(
+    real,
+    fake,
+    out=None,
+    features: str = "auto",
+    features_3d: str = "auto",
+    weights: str | None = None,
+    metrics: Sequence[str] = ALL_METRICS,
+    bootstrap: int = 200,
+    seed: int = 0,
+    slice_step: int = 1,
+    msssim_pairs: int = 500,
+    device=None,
+    use_cache: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """Evaluate a synthetic folder against a real one; write REPORT_DIR when `out` is given.
+
+    Returns the report dict: {"metrics", "recipe", "versions", ...}. See the module docstring.
+    """
+    unknown = set(metrics) - set(ALL_METRICS)
+    if unknown:
+        raise DataError(f"unknown metric(s) {sorted(unknown)}; choose from {', '.join(ALL_METRICS)}")
+    if out is not None and Path(out).exists() and not overwrite:
+        from medgen.errors import RunError
+
+        raise RunError(f"{out} already exists; pass --overwrite to replace it")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    start = time.perf_counter()
+    real_x, real_s, real_info = load_set(real, "real")
+    fake_x, fake_s, fake_info = load_set(fake, "fake")
+    if real_x.ndim != fake_x.ndim:
+        raise DataError(f"real images are {real_x.ndim - 2}D ({real}) but synthetic ones are {fake_x.ndim - 2}D ({fake}); compare like with like")
+    if real_x.shape[1] != fake_x.shape[1]:
+        raise DataError(f"real images have {real_x.shape[1]} channel(s), synthetic ones {fake_x.shape[1]}")
+    dims = real_x.ndim - 2
+    notes = []
+    if real_info["source_dtype"] != fake_info["source_dtype"]:
+        notes.append(f"real files are {real_info['source_dtype']} and synthetic files {fake_info['source_dtype']}; both were mapped to [-1, 1] by their own range before feature extraction")
+
+    results: dict[str, Any] = {}
+    recipe: dict[str, Any] = {"n_real": real_info["n"], "n_fake": fake_info["n"], "spatial_dims": dims, "bootstrap": bootstrap,
+                              "seed": seed, "device": str(device), "inputs": {"real": real_info, "fake": fake_info}}
+    feature_based = [m for m in metrics if m != "msssim"]
+    if feature_based:
+        if dims == 3 and "fid" in metrics:
+            ex2 = choose_extractor(features, 2, weights, device)
+            results["fid_2.5d"] = fid_2p5d(ex2, real_x, real_s, fake_x, fake_s, bootstrap, seed, slice_step, use_cache, device)
+            recipe["features_2.5d"] = {**ex2.recipe, "slice_step": slice_step, "planes": list(F.PLANES)}
+        ex = choose_extractor(features if dims == 2 else features_3d, dims, weights if dims == 2 else None, device)
+        if isinstance(ex, F.PCAExtractor):
+            ex.fit(real_x)
+            notes.append("features: in-domain PCA of the real set; numbers compare models on this real set only, not across datasets or papers")
+        real_f = _features(ex, real_x, real_s, f"{dims}d", use_cache)
+        fake_f = _features(ex, fake_x, fake_s, f"{dims}d", use_cache)
+        results.update(feature_metrics(real_f, fake_f, feature_based, bootstrap, seed, device))
+        recipe["features"] = ex.recipe
+        recipe["prdc"] = {"k_precision_recall": K_PR, "k_density_coverage": K_DC, "distance": "euclidean, float64"}
+        recipe["kid"] = {"kernel": "(x.y/d + 1)^3", "num_subsets": 100, "subset_size": results.get("kid", {}).get("subset_size")}
+    if "msssim" in metrics:
+        for name, x in (("fake", fake_x), ("real", real_x)):
+            d = msssim_diversity(x, n_pairs=msssim_pairs, seed=seed, device=device)
+            ci = bootstrap_mean(d["per_pair"], bootstrap, seed) if bootstrap else None
+            results[f"msssim_{name}"] = _value(d["msssim"], ci, pairs=int(d["per_pair"].numel()))
+        recipe["msssim"] = {**d["settings"], "data_range": 2.0, "pairs": "random distinct pairs within a set"}
+    report = {"metrics": results, "recipe": recipe, "versions": _versions(), "notes": notes,
+              "seconds": round(time.perf_counter() - start, 2)}
+    if out is not None:
+        write_report(report, real_x, fake_x, Path(out), overwrite)
+    return report
+
+
+# ----------------------------------------------------------------------------- report folder
+LOWER_IS_BETTER = {"fid", "kid", "fid_2.5d"}
+
+
+def _rows(metrics: dict) -> list[tuple[str, dict]]:
+    rows = []
+    for name, m in metrics.items():
+        if name == "fid_2.5d":
+            rows += [(f"fid_2.5d/{p}", v) for p, v in m.items() if isinstance(v, dict) and "value" in v]
+        else:
+            rows.append((name, m))
+    return rows
+
+
+def _fmt(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.4g}"
+
+
+def report_markdown(report: dict) -> str:
+    r = report["recipe"]
+    lines = ["# medgen evaluation report", "",
+             f"Real: `{r['inputs']['real']['dir']}` ({r['n_real']} images, shape {r['inputs']['real']['shape']}); "
+             f"synthetic: `{r['inputs']['fake']['dir']}` ({r['n_fake']} images).", "",
+             "| metric | value | 95% CI | better |", "|---|---|---|---|"]
+    for name, m in _rows(report["metrics"]):
+        ci = m.get("ci95")
+        better = "lower" if name.split("/")[0] in LOWER_IS_BETTER else ("closer to real" if name.startswith("msssim") else ("~1" if name == "density" else "higher"))
+        lines.append(f"| {name} | {_fmt(m['value'])} | {'[' + _fmt(ci[0]) + ', ' + _fmt(ci[1]) + ']' if ci else '-'} | {better} |")
+    lines += ["", "MS-SSIM diversity: mean MS-SSIM of random pairs within a set; the real-set value is the target."]
+    lines += ["", "## Recipe", ""]
+    for key in ("features", "features_2.5d"):
+        if key in r:
+            lines.append(f"- **{key}**: " + ", ".join(f"{k}={v}" for k, v in r[key].items()))
+    for key in ("prdc", "kid", "msssim"):
+        if key in r:
+            lines.append(f"- **{key}**: " + ", ".join(f"{k}={v}" for k, v in r[key].items()))
+    lines.append(f"- bootstrap: {r['bootstrap']} replicates (percentile intervals), seed {r['seed']}, device {r['device']}")
+    if report["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    lines += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+def _display(x: torch.Tensor) -> np.ndarray:
+    """(C, *S) in [-1, 1] -> 2D array for display (first channel, middle slice of volumes)."""
+    img = x[0]
+    while img.ndim > 2:
+        img = img[img.shape[0] // 2]
+    return ((img.float().numpy() + 1) / 2).clip(0, 1)
+
+
+def write_figures(report: dict, real: torch.Tensor, fake: torch.Tensor, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _rows(report["metrics"])
+    if rows:
+        fig, axes = plt.subplots(1, len(rows), figsize=(1.9 * len(rows), 3.0), squeeze=False)
+        for ax, (name, m) in zip(axes[0], rows):
+            ci = m.get("ci95")
+            err = None if not ci or any(c is None for c in ci) else [[max(0.0, m["value"] - ci[0])], [max(0.0, ci[1] - m["value"])]]
+            ax.bar([0], [m["value"]], yerr=err, capsize=6, color="tab:red" if "real" in name else "tab:blue")
+            ax.set_xticks([])
+            ax.set_title(name, fontsize=8)
+        fig.suptitle("metrics with 95% bootstrap intervals", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(folder / "metrics.png", dpi=110)
+        plt.close(fig)
+    n = min(8, real.shape[0], fake.shape[0])
+    fig, axes = plt.subplots(2, n, figsize=(1.4 * n, 3.0), squeeze=False)
+    for row, (name, x) in enumerate((("real", real), ("synthetic", fake))):
+        for i in range(n):
+            axes[row, i].imshow(_display(x[i]), cmap="gray", vmin=0, vmax=1)
+            axes[row, i].axis("off")
+        axes[row, 0].set_title(name, fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(folder / "samples.png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict, real: torch.Tensor, fake: torch.Tensor, out: Path, overwrite: bool = False) -> Path:
+    """report.json, report.md, metrics.png, samples.png; the folder appears complete or not at all."""
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        atomic_write_json(tmp / "report.json", report)
+        atomic_write_text(tmp / "report.md", report_markdown(report))
+        write_figures(report, real, fake, tmp)
+    return out
