@@ -23,6 +23,7 @@ MARKER = ".medgen-demo"
 # (name, "module:function") in flow order; a stage's module is imported only when it runs.
 STAGES: list[tuple[str, str]] = [
     ("cohort", "medgen.demo:cohort_stage"),
+    ("autoencoder", "medgen.train.autoencoder:demo_stage"),
     ("eval", "medgen.metrics.commands:demo_stage"),
 ]
 

@@ -55,11 +55,12 @@ class PerceptualLoss(nn.Module):
 
     Args:
         backbone: vgg16 | resnet18 | resnet50 (torchvision architectures).
-        weights: safetensors file with the torchvision state_dict (+ optional `lin.{l}` LPIPS weights).
+        weights: safetensors file with the torchvision state_dict (+ optional `lin.{l}` LPIPS weights),
+            or that state_dict itself.
         spatial_dims: 2 or 3; volumes are scored on `slices` random slices per axis.
     """
 
-    def __init__(self, backbone: str = "vgg16", weights: str | os.PathLike | None = None, spatial_dims: int = 2,
+    def __init__(self, backbone: str = "vgg16", weights: str | os.PathLike | dict | None = None, spatial_dims: int = 2,
                  slices: int = 2):
         super().__init__()
         import torchvision
@@ -67,13 +68,16 @@ class PerceptualLoss(nn.Module):
 
         if backbone not in BACKBONES:
             raise WeightsError(f"unknown perceptual backbone {backbone!r}; use one of {BACKBONES} or none")
-        path = Path(weights) if weights else default_weights_path(backbone)
-        if not path.is_file():
-            raise WeightsError(_missing_message(backbone, path))
-        try:
-            state = load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types
-            raise WeightsError(f"{path} is not a readable safetensors file: {e}") from None
+        if isinstance(weights, dict):  # an in-memory state_dict (benchmarks, tests)
+            state, path = weights, Path("<state_dict>")
+        else:
+            path = Path(weights) if weights else default_weights_path(backbone)
+            if not path.is_file():
+                raise WeightsError(_missing_message(backbone, path))
+            try:
+                state = load_file(str(path))
+            except Exception as e:  # safetensors raises its own error types
+                raise WeightsError(f"{path} is not a readable safetensors file: {e}") from None
         lin = {k: v for k, v in state.items() if k.startswith("lin.")}
         net = getattr(torchvision.models, backbone)(weights=None)
         missing, unexpected = net.load_state_dict({k: v for k, v in state.items() if not k.startswith("lin.")}, strict=False)

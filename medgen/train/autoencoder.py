@@ -431,3 +431,37 @@ def train_from_args(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, args.out, args.resume, args.overrides, DEFAULTS)
     train_autoencoder(cfg, args.out, args.resume)
     return 0
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def _repo_config(name: str) -> Path:
+    path = Path(__file__).resolve().parents[2] / "configs" / name
+    if not path.is_file():
+        raise ConfigError(f"demo config {path} not found; run the demo from a medgen source checkout")
+    return path
+
+
+def demo_stage(ctx) -> None:
+    """Train the tiny demo autoencoder on the cohort (quick: ~30 steps) -> ctx.state["autoencoder_run"]."""
+    from medgen.config import load_config
+    from medgen.train.common import read_metrics
+
+    size = ctx.cohort_settings()["size"]
+    overrides = [f"data.path={ctx.cohort}", f"data.shape={[size] * ctx.dims}", "train.tracker=none"]
+    if ctx.quick:
+        steps = 30 if ctx.dims == 2 else 24
+        overrides += [f"train.max_steps={steps}", f"loss.disc_start={steps // 2}", f"train.val_every={steps}",
+                      f"train.checkpoint_every={steps}", f"train.preview_every={steps}"]
+    cfg = load_config(_repo_config(f"demo_autoencoder_{ctx.dims}d.yaml"), overrides, DEFAULTS)
+    run = train_autoencoder(cfg, Path(ctx.out) / "autoencoder")
+    ctx.state["autoencoder_run"] = run
+    val = [r for r in read_metrics(run) if "val/psnr" in r]
+    if val:
+        v = val[-1]
+        ctx.state["autoencoder_val"] = {k: round(v[k], 4) for k in v if k.startswith("val/")}
+        print(f"  autoencoder: {run} (step {v['step']}): val PSNR {v['val/psnr']:.2f} dB, SSIM {v['val/ssim']:.3f}"
+              + (f", MS-SSIM {v['val/ms_ssim']:.3f}" if "val/ms_ssim" in v else "")
+              + (f", codebook perplexity {v['val/perplexity']:.1f}" if "val/perplexity" in v else ""))
+    print(f"  previews: {run / 'samples'}")
