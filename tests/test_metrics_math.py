@@ -77,7 +77,8 @@ def test_fid_equals_cleanfid_and_torchmetrics():
 
 
 def test_fid_singular_covariance_route():
-    """Fewer samples than dimensions: Cholesky fails, general eigvals(S1 S2) route used."""
+    """Fewer samples than dimensions: Cholesky fails; the general eigvals(S1 S2) route and
+    the small-sample singular-value route both match clean-fid's sqrtm."""
     from cleanfid.fid import frechet_distance as cleanfid_fd
 
     rng = np.random.default_rng(5)
@@ -86,7 +87,8 @@ def test_fid_singular_covariance_route():
     mu2, s2 = gaussian_statistics(y)
     assert int(torch.linalg.cholesky_ex(s1)[1]) != 0
     ref = cleanfid_fd(mu1.numpy(), s1.numpy(), mu2.numpy(), s2.numpy())
-    assert frechet_distance(x, y) == pytest.approx(ref, rel=1e-6)
+    assert frechet_distance_from_statistics(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-6)
+    assert frechet_distance(x, y) == pytest.approx(ref, rel=1e-6)  # (N, M) singular-value route
     # and both routes agree on a PD pair
     s1, s2 = torch.from_numpy(_random_cov(8, 6)), torch.from_numpy(_random_cov(8, 7))
     general = torch.linalg.eigvals(s1 @ s2).sqrt().real.sum()

@@ -3,8 +3,10 @@
 Two schemes, chosen per metric by the report:
 
 - `bootstrap_two_sample`: resample the real rows and the fake rows with replacement,
-  independently, and recompute the statistic (FID, KID). This captures the sampling noise of
-  both sets, including FID's finite-sample bias moving with N.
+  independently, and recompute the statistic (FID). This captures the sampling noise of both
+  sets; duplicates lower the effective sample size, so FID's upward finite-sample bias makes
+  the interval sit a little above the point estimate. KID has its own variant
+  (`medgen.metrics.kid.kid_bootstrap`) that keeps the estimator unbiased under duplicates.
 - `bootstrap_mean`: resample per-sample terms whose mean is the metric. Used for
   precision/recall/density/coverage (per-sample indicators computed once against the
   manifolds of the full sets) and MS-SSIM (per-pair values). Resampling the *sets* would put

@@ -11,7 +11,9 @@ and Sigma_1 Sigma_2 has real non-negative eigenvalues (it is similar to the PSD 
 L^T Sigma_2 L where Sigma_1 = L L^T). We take them from the symmetric matrix L^T Sigma_2 L
 (Cholesky + `eigvalsh`, the fastest and best-conditioned route) and fall back to the general
 `eigvals(Sigma_1 Sigma_2)` when Sigma_1 is singular (fewer samples than dimensions). Both run
-in torch, on the GPU when the features are there. `scipy.linalg.sqrtm` (clean-fid, pytorch-fid)
+in torch, on the GPU when the features are there. With fewer samples than dimensions,
+`frechet_distance` takes the same square roots as the singular values of the small (N, M)
+cross-covariance factor instead (see the comment there). `scipy.linalg.sqrtm` (clean-fid, pytorch-fid)
 computes the whole square-root matrix by a Schur decomposition; eval/RESULTS.md has timings.
 """
 
@@ -76,4 +78,15 @@ def frechet_distance(real_feats, fake_feats, device=None) -> float:
     y = _features(fake_feats, "fake features", x.device)
     if x.shape[1] != y.shape[1]:
         raise DataError(f"feature dimensions differ: real {x.shape[1]}, fake {y.shape[1]}")
-    return frechet_distance_from_statistics(*gaussian_statistics(x), *gaussian_statistics(y))
+    n, m, d = x.shape[0], y.shape[0], x.shape[1]
+    if n * m * min(n, m) >= d**3:
+        return frechet_distance_from_statistics(*gaussian_statistics(x), *gaussian_statistics(y))
+    # Few samples for the dimension (e.g. 100 images, 2048-d): Sigma_1 = A^T A, Sigma_2 = B^T B
+    # with A = X_c / sqrt(n-1) (n, D), B likewise. The non-zero eigenvalues of
+    # Sigma_1 Sigma_2 = A^T (A B^T B) equal those of (A B^T)(A B^T)^T, so their square roots are
+    # the singular values of the (n, m) matrix A B^T: same number, O(nmD) instead of O(D^3).
+    a = (x - x.mean(0)) / (n - 1) ** 0.5
+    b = (y - y.mean(0)) / (m - 1) ** 0.5
+    diff = x.mean(0) - y.mean(0)
+    tr_sqrt = torch.linalg.svdvals(a @ b.T).sum()
+    return float(diff @ diff + (a * a).sum() + (b * b).sum() - 2 * tr_sqrt)

@@ -27,7 +27,7 @@ from medgen.io import atomic_dir, atomic_write_json, atomic_write_text
 from medgen.metrics import features as F
 from medgen.metrics.bootstrap import bootstrap_mean, bootstrap_two_sample, percentile_interval
 from medgen.metrics.fid import frechet_distance
-from medgen.metrics.kid import kernel_inception_distance
+from medgen.metrics.kid import kernel_inception_distance, kid_bootstrap
 from medgen.metrics.msssim import msssim_diversity
 from medgen.metrics.prdc import prdc_indicators
 
@@ -112,8 +112,7 @@ def feature_metrics(real_f: torch.Tensor, fake_f: torch.Tensor, metrics: Sequenc
         out["fid"] = _value(frechet_distance(real_f, fake_f), ci)
     if "kid" in metrics:
         kid = kernel_inception_distance(real_f, fake_f, seed=seed)
-        # each replicate: resampled sets, 5 subsets (100 x 200 subsets would dominate the run time)
-        ci = bootstrap_two_sample(lambda a, b: kernel_inception_distance(a, b, num_subsets=5, seed=seed)["kid"], real_f, fake_f, n_boot, seed) if n_boot else None
+        ci = kid_bootstrap(real_f, fake_f, n_boot, seed=seed) if n_boot else None
         out["kid"] = _value(kid["kid"], ci, std=kid["kid_std"], subset_size=kid["subset_size"], num_subsets=100)
     if "prdc" in metrics:
         terms = prdc_indicators(real_f, fake_f, k_pr=K_PR, k_dc=K_DC, device=device)
