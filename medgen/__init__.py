@@ -5,7 +5,9 @@ Kept import-light: heavy modules load on first attribute access.
 
 __version__ = "0.1.0"
 
-_LAZY = {}
+_LAZY = {
+    "load_pipeline": ("medgen.sample.pipeline", "load_pipeline"),
+}
 
 
 def __getattr__(name):

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "medgen.metrics.commands",
     "medgen.train.commands",
     "medgen.train.encode",
+    "medgen.sample.commands",
     "medgen.privacy.commands",
 )
 

@@ -1,0 +1,170 @@
+"""`medgen.load_pipeline(run_dir).sample(n, ...)` and the sample directory writer.
+
+A sample directory (ARCHITECTURE.md): PNG (2D, 8- or 16-bit) or NIfTI (3D, with the training
+spacing) files, `manifest.csv` (`file,label,seed,sampler,steps,guidance,checkpoint_sha256`) and
+`grid.png`. Sample i uses seed `seed + i` for its own generator, so the same seed gives the same
+samples whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from medgen.diffusion import NoiseSchedule, generators, sample_loop
+from medgen.errors import ConfigError, RunError
+from medgen.io import atomic_dir, ensure_new_output, sha256_file
+
+MANIFEST_FIELDS = ("file", "label", "seed", "sampler", "steps", "guidance", "checkpoint_sha256")
+
+
+class DiffusionPipeline:
+    """A trained denoiser + its noise schedule (+ the frozen autoencoder in latent mode)."""
+
+    def __init__(self, denoiser: torch.nn.Module, schedule: NoiseSchedule, config: dict, autoencoder=None,
+                 device: torch.device | str = "cpu", checkpoint_sha256: str | None = None):
+        self.device = torch.device(device)
+        self.denoiser = denoiser.to(self.device).eval()
+        self.schedule = schedule
+        self.config = config
+        self.autoencoder = autoencoder.to(self.device).eval() if autoencoder is not None else None
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.num_classes = int(config.get("num_classes", 0))
+        self.sample_shape = tuple(config["sample_shape"])  # (C, *S) of what the denoiser generates
+        self.spatial_dims = len(self.sample_shape) - 1
+        self.spacing = config.get("spacing")
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device | None = None) -> "DiffusionPipeline":
+        from medgen.models.serialization import load_inference_model, load_model_config
+
+        run_dir = Path(run_dir)
+        model_dir = run_dir / "model" if (run_dir / "model" / "config.json").is_file() else run_dir
+        if not (model_dir / "config.json").is_file():
+            raise RunError(f"{run_dir} holds no diffusion model: expected {run_dir}/model/config.json "
+                           f"(written when `medgen train diffusion` finishes)")
+        config = load_model_config(model_dir)
+        if config.get("kind") != "diffusion":
+            raise RunError(f"{model_dir / 'config.json'} is not a diffusion model (kind={config.get('kind')!r})")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        denoiser = load_inference_model(model_dir, device)
+        autoencoder = None
+        if config.get("latent"):
+            from medgen.models.autoencoder import load_autoencoder
+
+            ae_dir = run_dir / "autoencoder"
+            if not (ae_dir / "config.json").is_file():
+                raise RunError(f"{run_dir} is a latent diffusion run but {ae_dir}/config.json is missing")
+            if sha256_file(ae_dir / "model.safetensors") != config["latent"]["autoencoder_sha256"]:
+                raise RunError(f"{ae_dir}/model.safetensors is not the autoencoder this model was trained with")
+            autoencoder = load_autoencoder(ae_dir, device).requires_grad_(False)
+        return cls(denoiser, NoiseSchedule(**config["diffusion"]), config, autoencoder, device,
+                   sha256_file(model_dir / "model.safetensors"))
+
+    def _labels(self, label: int | Sequence[int] | None, n: int) -> torch.Tensor | None:
+        if label is None:
+            return None
+        if self.num_classes == 0:
+            raise ConfigError("this model is unconditional; drop --label")
+        labels = torch.as_tensor([label] * n if isinstance(label, int) else list(label), dtype=torch.long)
+        if labels.shape != (n,) or (labels < 0).any() or (labels >= self.num_classes).any():
+            raise ConfigError(f"label must be one int or {n} ints in [0, {self.num_classes - 1}], got {label}")
+        return labels
+
+    @torch.no_grad()
+    def sample(self, n: int, sampler: str = "dpmpp", steps: int = 25, guidance: float = 1.0,
+               label: int | Sequence[int] | None = None, seed: int = 0, batch_size: int = 16, eta: float = 0.0,
+               progress: bool = False) -> torch.Tensor:
+        """`n` samples (n, C, *S) float32 on the CPU in [-1, 1] (decoded in latent mode).
+
+        label: None (unconditional; a conditional model uses its null class), one class for all,
+        or one per sample. guidance: classifier-free guidance scale (1 = plain conditional).
+        """
+        if n < 1 or batch_size < 1:
+            raise ConfigError(f"n and batch_size must be >= 1 (got {n}, {batch_size})")
+        labels = self._labels(label, n)
+        amp = torch.bfloat16 if self.device.type == "cuda" else None
+        out = []
+        starts = range(0, n, batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="sample", unit="batch")
+        for i in starts:
+            j = min(n, i + batch_size)
+            z = sample_loop(self.denoiser, self.schedule, self.sample_shape, generators(range(seed + i, seed + j)),
+                            sampler=sampler, steps=steps, labels=None if labels is None else labels[i:j],
+                            guidance=guidance, null_label=self.denoiser.null_label if self.num_classes else None,
+                            eta=eta, device=self.device, autocast_dtype=amp)
+            if self.autoencoder is not None:
+                from medgen.train.diffusion import decode
+
+                z = decode(self.autoencoder, z, self.config["latent"])
+            out.append(z.clamp(-1, 1).cpu())
+        return torch.cat(out)
+
+
+def load_pipeline(run_dir: str | os.PathLike, device: str | torch.device | None = None) -> DiffusionPipeline:
+    """The sampling pipeline of a finished `medgen train diffusion` run."""
+    return DiffusionPipeline.from_run(run_dir, device)
+
+
+def _png_bytes(img: torch.Tensor, bit_depth: int) -> bytes:
+    """(C, H, W) in [-1, 1] -> PNG (grayscale 8/16-bit, or RGB 8-bit)."""
+    from PIL import Image
+
+    x = (img.float().clamp(-1, 1) + 1) / 2
+    buf = io.BytesIO()
+    if x.shape[0] == 1 and bit_depth == 16:
+        Image.fromarray((x[0].numpy() * 65535).round().astype(np.uint16)).save(buf, format="PNG")
+    else:
+        arr = (x.numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(arr[0] if arr.shape[0] == 1 else np.ascontiguousarray(arr[:3].transpose(1, 2, 0))).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_nifti(path: Path, vol: torch.Tensor, spacing: Sequence[float] | None) -> None:
+    """(C, D, H, W) -> NIfTI with diag(spacing) affine (the training spacing; torchio's axis order)."""
+    import nibabel as nib
+
+    arr = vol.float().numpy()
+    arr = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)  # channels last for nibabel
+    affine = np.diag([*(spacing or [1.0, 1.0, 1.0]), 1.0])
+    nib.save(nib.Nifti1Image(arr.astype(np.float32), affine), str(path))
+
+
+def write_samples(pipeline: DiffusionPipeline, out: str | os.PathLike, n: int, sampler: str = "dpmpp", steps: int = 25,
+                  guidance: float = 1.0, label: int | None = None, seed: int = 0, batch_size: int = 16,
+                  bit_depth: int = 8, overwrite: bool = False, eta: float = 0.0, progress: bool = False) -> Path:
+    """Generate `n` samples into a new sample directory (complete or not at all)."""
+    from medgen.io import atomic_write_bytes
+    from medgen.train.diffusion import grid_png
+
+    if bit_depth not in (8, 16):
+        raise ConfigError(f"bit depth must be 8 or 16, got {bit_depth}")
+    out = ensure_new_output(out, overwrite, "sample")
+    x = pipeline.sample(n, sampler=sampler, steps=steps, guidance=guidance, label=label, seed=seed,
+                        batch_size=batch_size, eta=eta, progress=progress)
+    with atomic_dir(out, overwrite=True) as tmp:
+        rows = []
+        for i, img in enumerate(x):
+            if pipeline.spatial_dims == 2:
+                name = f"sample_{i:05d}.png"
+                atomic_write_bytes(tmp / name, _png_bytes(img, bit_depth))
+            else:
+                name = f"sample_{i:05d}.nii.gz"
+                _write_nifti(tmp / name, img, pipeline.spacing)
+            rows.append({"file": name, "label": "" if label is None else int(label), "seed": seed + i, "sampler": sampler,
+                         "steps": steps, "guidance": guidance, "checkpoint_sha256": pipeline.checkpoint_sha256 or ""})
+        with open(tmp / "manifest.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        atomic_write_bytes(tmp / "grid.png", grid_png(x[:64] if pipeline.spatial_dims == 2 else x[:8]))
+    return Path(out)
