@@ -24,6 +24,7 @@ MARKER = ".medgen-demo"
 STAGES: list[tuple[str, str]] = [
     ("cohort", "medgen.demo:cohort_stage"),
     ("autoencoder", "medgen.train.autoencoder:demo_stage"),
+    ("diffusion", "medgen.train.diffusion:demo_stage"),
     ("eval", "medgen.metrics.commands:demo_stage"),
 ]
 

@@ -52,6 +52,7 @@ from medgen.train.common import (
     prepare_run_dir,
     preserved_rng,
     progress_bar,
+    read_metrics,
     save_inference_model,
 )
 
@@ -322,12 +323,11 @@ def model_config_json(net, schedule: NoiseSchedule, info: dict, step: int) -> di
 
 def train_diffusion(cfg, out: str | Path, resume: str | None = None) -> Path:
     """Train per `cfg` (see DEFAULTS) into run directory `out`; returns the run directory."""
-    from accelerate.state import PartialState
     from diffusers.training_utils import EMAModel
 
     tcfg = cfg.train
     schedule = NoiseSchedule.from_config(cfg.diffusion)
-    run_dir = prepare_run_dir(out, cfg, resume, is_main=PartialState().is_main_process)
+    run_dir = prepare_run_dir(out, cfg, resume)
     accelerator = build_accelerator(tcfg, run_dir)
     from accelerate.utils import set_seed
 
@@ -480,3 +480,42 @@ def train_from_args(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, args.out, args.resume, args.overrides, DEFAULTS)
     train_diffusion(cfg, args.out, args.resume)
     return 0
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def demo_stage(ctx) -> None:
+    """Train the demo denoiser (latent mode on ctx.state["autoencoder_run"], else pixel mode), then sample.
+
+    Sets ctx.state["diffusion_run"] and ctx.state["samples"] (a sample directory).
+    """
+    from medgen.config import load_config
+    from medgen.sample.pipeline import load_pipeline, write_samples
+
+    ae_run = ctx.state.get("autoencoder_run")
+    size = ctx.cohort_settings()["size"]
+    if ae_run is not None:
+        name = f"demo_diffusion_{ctx.dims}d.yaml"
+        overrides = [f"autoencoder.run={ae_run}", f"data.path={ctx.cohort}"]
+    else:
+        name = "demo_diffusion_2d_pixel.yaml" if ctx.dims == 2 else "demo_diffusion_3d.yaml"
+        overrides = [f"data.path={ctx.cohort}"]
+    overrides += [f"data.shape={[size] * ctx.dims}", "train.tracker=none"]
+    if ctx.quick:
+        steps = 80 if ctx.dims == 2 else 40
+        overrides += [f"train.max_steps={steps}", f"train.checkpoint_every={steps}", f"train.preview_every={steps}",
+                      "train.log_every=10", "sample.n_preview=4"]
+    path = Path(__file__).resolve().parents[2] / "configs" / name
+    if not path.is_file():
+        raise ConfigError(f"demo config {path} not found; run the demo from a medgen source checkout")
+    cfg = load_config(path, overrides, DEFAULTS)
+    run = train_diffusion(cfg, Path(ctx.out) / "diffusion")
+    ctx.state["diffusion_run"] = run
+    losses = [r["loss"] for r in read_metrics(run) if "loss" in r]
+    pipe = load_pipeline(run, device="cpu" if not torch.cuda.is_available() else None)
+    n = (8 if ctx.dims == 2 else 4) if ctx.quick else (64 if ctx.dims == 2 else 16)
+    samples = write_samples(pipe, Path(ctx.out) / "samples", n, steps=25, overwrite=True)
+    ctx.state["samples"] = samples
+    print(f"  diffusion: {run} ({'latent' if ae_run else 'pixel'} mode), loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    print(f"  samples: {n} in {samples} (grid: {samples / 'grid.png'})")
