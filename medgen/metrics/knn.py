@@ -76,7 +76,8 @@ def _block(q: torch.Tensor, r: torch.Tensor, r_sq: torch.Tensor | None, metric: 
     if metric != "l2":
         return dots
     q_sq = (q * q).sum(1, keepdim=True)
-    return (q_sq + r_sq[None, :] - 2 * dots).clamp_min_(0).sqrt_()
+    # in place: one (n, m) buffer per block, so the element budget is the memory bound
+    return dots.mul_(-2).add_(q_sq).add_(r_sq[None, :]).clamp_min_(0).sqrt_()
 
 
 def _chunk_sizes(n_q: int, n_r: int, chunk_size: int | None, device: torch.device) -> tuple[int, int]:
