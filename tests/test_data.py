@@ -233,6 +233,9 @@ def test_manifest_missing_label_duplicate_and_missing_file(tmp_path):
     (tmp_path / "manifest.csv").write_text("path,label,subject_id\n0.png,tumor,s0\n1.png,healthy,s1\n2.png,tumor,s1\n")
     samples = scan_dataset(tmp_path)
     assert [(s.label, s.label_name, s.subject_id) for s in samples] == [(1, "tumor", "s0"), (0, "healthy", "s1"), (1, "tumor", "s1")]
+    # a sample directory's manifest: `file` column, label empty on every row -> unlabelled
+    (tmp_path / "manifest.csv").write_text("file,label,seed,sampler\n0.png,,0,ddim\n1.png,,1,ddim\n")
+    assert [(s.path.name, s.label) for s in scan_dataset(tmp_path)] == [("0.png", None), ("1.png", None)]
 
 
 def test_skip_mode_skips_and_logs(tmp_path, caplog):

@@ -3,7 +3,8 @@
 A dataset is a folder of image files (searched recursively; a sub-folder holding a DICOM series
 counts as one volume) or a `manifest.csv` with a `path` column plus optional `label` (class
 name or integer) and `subject_id` columns. Paths in a manifest are relative to its folder.
-A folder that holds a `manifest.csv` is read through it.
+A folder that holds a `manifest.csv` is read through it; a sample directory's manifest
+(`file,label,seed,...`, written by `medgen sample`) is read the same way.
 """
 
 from __future__ import annotations
@@ -85,13 +86,16 @@ def _read_manifest(manifest: Path) -> list[Sample]:
     if not rows:
         raise DataError(f"{manifest}: manifest has no rows")
     columns = set(rows[0].keys())
-    if "path" not in columns:
+    # `file` is the column of a sample directory's manifest (medgen sample); `path` of a dataset's.
+    path_col = "path" if "path" in columns else "file" if "file" in columns else None
+    if path_col is None:
         raise DataError(f"{manifest}: needs a 'path' column (found {sorted(c for c in columns if c)})")
-    has_label = "label" in columns
+    # A label column that is empty on every row (unconditional samples) means: no labels.
+    has_label = "label" in columns and any((r.get("label") or "").strip() for r in rows)
     seen: dict[Path, int] = {}
     paths, names, subjects = [], [], []
     for i, row in enumerate(rows, start=2):  # line 1 is the header
-        raw = (row.get("path") or "").strip()
+        raw = (row.get(path_col) or "").strip()
         if not raw:
             raise DataError(f"{manifest}: line {i} has an empty path")
         p = Path(raw) if os.path.isabs(raw) else root / raw
@@ -103,7 +107,7 @@ def _read_manifest(manifest: Path) -> list[Sample]:
             raise DataError(f"{manifest}: line {i}: file {p} does not exist")
         label = (row.get("label") or "").strip() if has_label else ""
         if has_label and not label:
-            raise DataError(f"{manifest}: line {i}: label missing for {raw}; every row needs a label when the column exists")
+            raise DataError(f"{manifest}: line {i}: label missing for {raw}; label the row or leave the label column empty on every row")
         subject = (row.get("subject_id") or "").strip() or _subject_from_path(p, root)
         paths.append(p)
         names.append(label)
