@@ -9,7 +9,6 @@ a 3D extractor; MS-SSIM diversity on the volumes.
 
 from __future__ import annotations
 
-import csv
 import importlib.metadata
 import logging
 import math
@@ -39,30 +38,15 @@ PACKAGES = ("medgen", "torch", "numpy", "scipy", "monai", "clean-fid", "torchvis
 
 
 # ----------------------------------------------------------------------------- inputs
-def _samples(path: Path):
-    """The data layer's scan, plus sample folders whose manifest names files in a `file` column."""
-    from medgen.data import Sample, scan_dataset
-
-    manifest = Path(path) / "manifest.csv"
-    if manifest.is_file():
-        with open(manifest, newline="") as f:
-            header = next(csv.reader(f), [])
-        if "path" not in header and "file" in header:
-            with open(manifest, newline="") as f:
-                rows = list(csv.DictReader(f))
-            return [Sample(Path(path) / r["file"], None, None, Path(r["file"]).stem) for r in rows if r.get("file")]
-    return scan_dataset(path)
-
-
 def load_set(path, what: str) -> tuple[torch.Tensor, list, dict]:
     """(N, C, *S) in [-1, 1], samples, and a summary (dir, n, shape, source dtypes)."""
-    from medgen.data import load_images
+    from medgen.data import load_images, scan_dataset
     from medgen.data.readers import load
 
     path = Path(path)
     if not path.exists():
         raise DataError(f"{what} folder {path} does not exist")
-    samples = _samples(path)
+    samples = scan_dataset(path)
     if not samples:
         raise DataError(f"{what} folder {path} holds no images")
     images, samples = load_images(samples)
