@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ from medgen.train.common import (
     load_run_config,
     make_loader,
     prepare_run_dir,
+    preserved_rng,
+    process_state,
     progress_bar,
     save_inference_model,
 )
@@ -268,12 +271,24 @@ def _loader_datasets(cfg, run_dir, accelerator):
 
 def train_autoencoder(cfg, out: str | Path, resume: str | None = None) -> Path:
     """Train per `cfg` (see DEFAULTS) into run directory `out`; returns the run directory."""
-    tcfg, lcfg = cfg.train, cfg.loss
     if cfg_get(cfg.data, "path") is None:
         raise ConfigError("data.path is not set; pass data.path=DIR (a dataset folder or manifest.csv)")
-    from accelerate.state import PartialState
+    is_main = process_state(cfg.train).is_main_process
+    fresh = not (Path(out).exists() and any(Path(out).iterdir()))
+    run_dir = prepare_run_dir(out, cfg, resume)
+    state = {"started": False}
+    try:
+        return _train(cfg, run_dir, resume, state)
+    except BaseException:
+        # a new run that fails before its first step (bad config, data, weights) leaves no folder
+        # behind, so the corrected command can reuse --out
+        if fresh and not state["started"] and is_main:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
-    run_dir = prepare_run_dir(out, cfg, resume, is_main=PartialState().is_main_process)
+
+def _train(cfg, run_dir: Path, resume: str | None, state: dict) -> Path:
+    tcfg, lcfg = cfg.train, cfg.loss
     accelerator = build_accelerator(tcfg, run_dir)
     splits = _loader_datasets(cfg, run_dir, accelerator)
     train_ds, val_ds = splits["train"], splits["val"]
@@ -328,7 +343,7 @@ def train_autoencoder(cfg, out: str | Path, resume: str | None = None) -> Path:
     val_metrics = ReconstructionMetrics(spatial_dims, shape)
 
     accum = int(cfg_get(tcfg, "gradient_accumulation_steps", 1))
-    batches = infinite_batches(accelerator, train_loader, sampler, start * accum)
+    batches = infinite_batches(accelerator, train_loader, sampler, start * accum, seed=seed)
     max_steps = int(tcfg.max_steps)
     disc_start = int(lcfg.disc_start)
     is_vq = raw_model.latent == "vq"
@@ -341,6 +356,7 @@ def train_autoencoder(cfg, out: str | Path, resume: str | None = None) -> Path:
     tic = time.perf_counter()
 
     step = start
+    state["started"] = True
     while step < max_steps:
         step += 1
         gan_on = disc is not None and step > disc_start
@@ -409,10 +425,13 @@ def train_autoencoder(cfg, out: str | Path, resume: str | None = None) -> Path:
             metrics_log.log(step, row)
             bar.set_postfix(loss=f"{logs['loss/total'].item():.4f}", rec=f"{logs['loss/reconstruction'].item():.4f}")
         bar.update(1)
+        # validation and previews leave the training RNG untouched (a resumed run stays identical)
         if val_loader is not None and (step % int(tcfg.val_every) == 0 or step == max_steps):
-            metrics_log.log(step, validate(accelerator, model, val_loader, val_metrics, int(tcfg.val_batches)))
+            with preserved_rng():
+                metrics_log.log(step, validate(accelerator, model, val_loader, val_metrics, int(tcfg.val_batches)))
         if accelerator.is_main_process and (step % int(tcfg.preview_every) == 0 or step == max_steps):
-            write_preview(samples_dir / f"recon_step_{step}.png", x, recon)
+            with preserved_rng():
+                write_preview(samples_dir / f"recon_step_{step}.png", x, recon)
         if step % int(tcfg.checkpoint_every) == 0 or step == max_steps:
             ckpt.save(accelerator, step, {"max_steps": max_steps})
     bar.close()

@@ -27,6 +27,7 @@ for resuming *your own* run; the distributable artifact is `model/` (safetensors
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -83,6 +84,22 @@ def _wandb_mode() -> str:
     return "offline"
 
 
+def use_cpu(train_cfg: Any) -> bool:
+    """`train.cpu`, or no CUDA device: then several processes form a gloo (MULTI_CPU) group."""
+    return bool(cfg_get(train_cfg, "cpu", False)) or not torch.cuda.is_available()
+
+
+def process_state(train_cfg: Any = None):
+    """accelerate's `PartialState` (rank, world size), created with the right device choice.
+
+    The first `PartialState` of a process fixes the distributed type; created without `cpu=True`
+    on a CPU-only machine it would ignore a torchrun launch, so every entry point goes through here.
+    """
+    from accelerate.state import PartialState
+
+    return PartialState(cpu=use_cpu(train_cfg))
+
+
 def build_accelerator(train_cfg: Any, run_dir: str | os.PathLike | None = None, project: str = "medgen"):
     """An `accelerate.Accelerator` configured from the `train:` config section.
 
@@ -115,7 +132,7 @@ def build_accelerator(train_cfg: Any, run_dir: str | os.PathLike | None = None, 
         gradient_accumulation_steps=accum,
         log_with="wandb" if tracker == "wandb" else None,
         project_config=project_cfg,
-        cpu=bool(cfg_get(train_cfg, "cpu", False)),
+        cpu=use_cpu(train_cfg),
         step_scheduler_with_optimizer=False,
     )
     set_seed(int(cfg_get(train_cfg, "seed", 0)))
@@ -160,21 +177,24 @@ def load_run_config(config: str | None, out: str | os.PathLike, resume: str | No
     return load_config(config, overrides, defaults)
 
 
-def prepare_run_dir(out: str | os.PathLike, cfg: Any, resume: str | None = None, is_main: bool = True) -> Path:
+def prepare_run_dir(out: str | os.PathLike, cfg: Any, resume: str | None = None) -> Path:
     """Create the run directory and save the resolved `config.yaml`.
 
     A new run refuses a non-empty `out` (so a typo never mixes two runs); pass `resume` to
-    continue one. Only the main process writes.
+    continue one. Under `accelerate launch` only the main process checks and writes; the
+    others wait for it.
     """
+    state = process_state(cfg_get(cfg, "train"))
     out = Path(out)
-    if resume is None and out.exists() and any(out.iterdir()):
-        raise RunError(f"run directory {out} already holds files; use --resume latest to continue it "
-                       f"or choose a new --out")
-    if resume not in (None, "latest") and not Path(resume).exists():
-        raise RunError(f"--resume {resume}: no such checkpoint folder")
-    if is_main:
+    if state.is_main_process:
+        if resume is None and out.exists() and any(out.iterdir()):
+            raise RunError(f"run directory {out} already holds files; use --resume latest to continue it "
+                           f"or choose a new --out")
+        if resume not in (None, "latest") and not Path(resume).exists():
+            raise RunError(f"--resume {resume}: no such checkpoint folder")
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+    state.wait_for_everyone()
     return out
 
 
@@ -374,16 +394,77 @@ def make_loader(dataset, batch_size: int, sampler: Sampler, num_workers: int = 0
                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
 
 
-def infinite_batches(accelerator, loader, sampler: EpochSampler, start_batch: int = 0) -> Iterator[Any]:
+def _global_rng_state() -> tuple:
+    import random
+
+    import numpy as np
+
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+
+def _set_global_rng_state(state: tuple) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state[0])
+    random.setstate(state[1])
+    np.random.set_state(state[2])
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block (validation, previews) without changing the global CPU random states."""
+    state = _global_rng_state()
+    try:
+        yield
+    finally:
+        _set_global_rng_state(state)
+
+
+class DataRNG:
+    """A private python/numpy/torch-CPU random stream for data loading in the main process.
+
+    Loading an image may draw random numbers (torchio, caching on first read), and how many
+    depends on what was loaded before; swapping this stream in while a batch is fetched keeps
+    the training stream (dead-code restarts, slice draws, posterior samples) identical between
+    an uninterrupted and a resumed run.
+    """
+
+    def __init__(self, seed: int):
+        with preserved_rng():
+            import random
+
+            import numpy as np
+
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            self.state = _global_rng_state()
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        outer = _global_rng_state()
+        _set_global_rng_state(self.state)
+        try:
+            yield
+        finally:
+            self.state = _global_rng_state()
+            _set_global_rng_state(outer)
+
+
+def infinite_batches(accelerator, loader, sampler: EpochSampler, start_batch: int = 0, seed: int = 0) -> Iterator[Any]:
     """Batches forever from a prepared `loader`, starting at global batch index `start_batch`.
 
     `start_batch` counts micro-batches (optimizer steps x gradient accumulation). The first
-    epoch after a resume skips the batches already seen, without loading them.
+    epoch after a resume skips the batches already seen, without loading them. Batches are
+    fetched under a private `DataRNG` stream so data loading never shifts the training RNG.
     """
     per_epoch = len(loader)
     if per_epoch == 0:
         raise ConfigError("the training loader is empty: fewer items than batch_size x processes")
     epoch, skip = divmod(int(start_batch), per_epoch)
+    data_rng = DataRNG(seed + epoch)
     while True:
         current = accelerator.skip_first_batches(loader, skip) if skip else loader
         # accelerate's loaders call `sampler.set_epoch(loader.iteration)` when iterated, so the
@@ -391,7 +472,13 @@ def infinite_batches(accelerator, loader, sampler: EpochSampler, start_batch: in
         if hasattr(current, "set_epoch"):
             current.set_epoch(epoch)
         sampler.set_epoch(epoch)
-        yield from current
+        it = iter(current)
+        while True:
+            with data_rng.active():
+                batch = next(it, None)
+            if batch is None:
+                break
+            yield batch
         epoch, skip = epoch + 1, 0
 
 

@@ -1,0 +1,180 @@
+"""Stage-1 training end to end: overfit, resume, NaN guard, CLI + encode, 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medgen.cli import main
+from medgen.config import load_config
+from medgen.errors import TrainingError
+from medgen.models.autoencoder import load_autoencoder
+from medgen.train import autoencoder as ae_train
+from medgen.train.common import CheckpointManager, read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_2D = REPO / "configs" / "demo_autoencoder_2d.yaml"
+DEMO_3D = REPO / "configs" / "demo_autoencoder_3d.yaml"
+
+# tiny 3D VQ-GAN: both discriminators on from step 2, log every step
+TINY_3D = ["model.channels=[4,8]", "model.downsample=2", "model.num_codes=16", "model.norm_groups=4",
+           "discriminator.channels=4", "discriminator.num_layers=1", "train.batch_size=2", "loss.disc_start=1",
+           "loss.feature_matching_weight=0.5", "train.log_every=1", "train.val_every=1000", "train.val_batches=1",
+           "train.preview_every=1000", "train.checkpoint_every=3", "train.cpu=true"]
+
+
+def _train(cfg_path, out, overrides, resume=None):
+    cfg = load_config(cfg_path, overrides, ae_train.DEFAULTS)
+    return ae_train.train_autoencoder(cfg, out, resume)
+
+
+def _losses(run, keys=("loss/total", "loss/d", "codebook/perplexity")):
+    return {r["step"]: tuple(r.get(k) for k in keys) for r in read_metrics(run) if "loss/total" in r}
+
+
+def test_overfits_eight_images(cohort_2d, tmp_path):
+    """A tiny VQ autoencoder must reconstruct 8 training images past 24 dB PSNR."""
+    lines = (cohort_2d / "manifest.csv").read_text().splitlines()
+    manifest = tmp_path / "eight.csv"
+    manifest.write_text("\n".join([lines[0]] + [f"{cohort_2d}/{ln}" for ln in lines[1:9]]) + "\n")
+    run = _train(DEMO_2D, tmp_path / "run", [
+        f"data.path={manifest}", "data.split.val=0", "data.split.holdout=0", "discriminator.enabled=false",
+        "model.channels=[8,16]", "model.downsample=2", "model.num_codes=256", "model.latent_channels=8",
+        "train.max_steps=150", "train.lr=3e-3", "train.log_every=50", "train.checkpoint_every=1000",
+        "train.preview_every=1000", "train.cpu=true"])
+    from medgen.data import load_images
+
+    images, _ = load_images(manifest, load_config(run / "config.yaml").data)
+    model = load_autoencoder(run)
+    with torch.no_grad():
+        recon = model.decode(model.encode(images))
+    mse = ((recon.clamp(-1, 1) - images) / 2).pow(2).mean().item()  # on the [0, 1] scale
+    psnr = -10 * torch.log10(torch.tensor(mse)).item()
+    print(f"overfit PSNR {psnr:.2f} dB")
+    assert images.shape[0] == 8
+    assert psnr > 24.0, psnr
+
+
+def test_resume_reproduces_uninterrupted_run(cohort_3d, tmp_path):
+    """Stop at step 3, resume to 6: the same losses (G, D, codebook) as 6 uninterrupted steps."""
+    common = [f"data.path={cohort_3d}", *TINY_3D]
+    full = _train(DEMO_3D, tmp_path / "full", common + ["train.max_steps=6"])
+    part = _train(DEMO_3D, tmp_path / "part", common + ["train.max_steps=3"])
+    assert CheckpointManager(part).latest().name == "step_3"
+    cfg = load_config(part / "config.yaml", ["train.max_steps=6"], ae_train.DEFAULTS)
+    ae_train.train_autoencoder(cfg, part, resume="latest")
+    a, b = _losses(full), _losses(part)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert all(a[s][1] is not None for s in (2, 5))  # the GAN was on
+    for step in range(1, 7):
+        assert a[step] == b[step], (step, a[step], b[step])  # bit-identical on CPU
+    wa = load_autoencoder(full).state_dict()
+    wb = load_autoencoder(part).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(cohort_3d, tmp_path, monkeypatch):
+    real = ae_train.reconstruction_loss
+    calls = {"n": 0}
+
+    def poisoned(recon, target, kind="l1"):
+        calls["n"] += 1
+        loss = real(recon, target, kind)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(ae_train, "reconstruction_loss", poisoned)
+    common = [f"data.path={cohort_3d}", *TINY_3D, "train.checkpoint_every=2", "train.max_steps=8"]
+    with pytest.raises(TrainingError, match=r"generator loss is not finite \(\[nan\]\) at step 5.*--resume latest"):
+        _train(DEMO_3D, tmp_path / "run", common)
+    ckpt = CheckpointManager(tmp_path / "run")
+    assert [s for s, _ in ckpt.list()] == [2, 4]
+    assert json.loads((ckpt.latest() / "extra.json").read_text())["step"] == 4
+    assert not (tmp_path / "run" / "model").exists()  # no inference weights from a failed run
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*tmp"))
+    monkeypatch.setattr(ae_train, "reconstruction_loss", real)  # fixed: the run resumes from step 4
+    cfg = load_config(tmp_path / "run" / "config.yaml", [], ae_train.DEFAULTS)
+    ae_train.train_autoencoder(cfg, tmp_path / "run", resume="latest")
+    assert sorted(_losses(tmp_path / "run")) == list(range(1, 9))
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_cli_train_resume_and_encode(cohort_2d, tmp_path, capsys):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    args = ["train", "autoencoder", "--config", str(DEMO_2D), "--out", str(run), f"data.path={cohort_2d}",
+            "train.max_steps=3", "loss.disc_start=1", "train.val_every=3", "train.cpu=true",
+            "model.channels=[8,16,16]", "discriminator.channels=8"]
+    assert main(args) == 0
+    for name in ("config.yaml", "split.json", "metrics.jsonl", "model/config.json", "model/model.safetensors",
+                 "checkpoints/step_3/extra.json", "samples/recon_step_3.png"):
+        assert (run / name).exists(), name
+    val = [r for r in read_metrics(run) if "val/psnr" in r]
+    assert val and {"val/psnr", "val/ssim", "val/ms_ssim", "val/perplexity"} <= set(val[-1])
+    # a new run refuses the existing folder; --resume latest (no --config) continues it
+    assert main(args) == 2 and "--resume latest" in capsys.readouterr().err
+    assert main(["train", "autoencoder", "--out", str(run), "--resume", "latest", "train.max_steps=4"]) == 0
+    assert max(r["step"] for r in read_metrics(run)) == 4
+    assert json.loads((run / "model" / "config.json").read_text())["step"] == 4
+
+    assert main(["encode", "--autoencoder", str(run), "--data", str(cohort_2d), "--out", str(cache), "--device", "cpu"]) == 0
+    from medgen.data import load_images
+    from medgen.train.encode import load_latent_cache
+
+    latents, meta = load_latent_cache(cache)
+    model = load_autoencoder(run)
+    images, samples = load_images(cohort_2d, load_config(run / "config.yaml").data)
+    with torch.no_grad():
+        expected = model.encode(images)
+    assert latents.shape == (12, 4, 8, 8) and torch.allclose(latents, expected, atol=1e-5)
+    assert meta["scale_factor"] == pytest.approx(1.0 / latents.std().item(), rel=1e-5)
+    assert (latents * meta["scale_factor"]).std().item() == pytest.approx(1.0, rel=1e-5)
+    assert meta["labels"] == [s.label for s in samples] and meta["subject_ids"] == [s.subject_id for s in samples]
+    from medgen.io import sha256_file
+
+    assert meta["autoencoder_sha256"] == sha256_file(run / "model" / "model.safetensors")
+    assert meta["spatial_dims"] == 2 and meta["data"]["shape"] == [32, 32]
+    assert main(["encode", "--autoencoder", str(run), "--data", str(cohort_2d), "--out", str(cache)]) == 2  # exists
+
+
+def test_cli_config_errors_are_clear(cohort_2d, tmp_path, capsys):
+    def base(out):
+        return ["train", "autoencoder", "--config", str(DEMO_2D), "--out", str(tmp_path / out),
+                f"data.path={cohort_2d}", "train.cpu=true"]
+
+    assert main(base("a") + ["model.downsample=64", "model.channels=[8,8,8,8,8,8,8]"]) == 2
+    assert "not divisible by model.downsample" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()  # a run that never started leaves no folder behind
+    assert main(base("b") + ["loss.perceptual=vgg16", f"loss.perceptual_weights={tmp_path}/none.safetensors"]) == 2
+    assert "none.safetensors does not exist" in capsys.readouterr().err
+    assert main(["train", "autoencoder", "--out", str(tmp_path / "c")]) == 2
+    assert "--config is required" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes(cohort_3d, tmp_path):
+    """2-process CPU DDP (torchrun via `accelerate launch --multi_gpu`, gloo, `train.cpu=true`; plain
+    `--cpu --num_processes 2` starts one process without mpirun) trains a few VQ-GAN steps."""
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "medgen", "train", "autoencoder", "--config", str(DEMO_3D), "--out", str(run),
+           f"data.path={cohort_3d}", "train.max_steps=3", "train.batch_size=1", *TINY_3D]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = _losses(run)
+    assert sorted(steps) == [1, 2, 3] and steps[3][1] is not None  # D loss logged: GAN ran under DDP
+    assert (run / "model" / "model.safetensors").is_file() and CheckpointManager(run).latest().name == "step_3"
+    assert len(list((run / "checkpoints" / "step_3").glob("random_states_*.pkl"))) == 2  # both processes saved
