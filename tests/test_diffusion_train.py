@@ -229,13 +229,21 @@ def test_tiny_model_samples_move_towards_the_data(cohort_2d, tmp_path):
 @pytest.mark.slow
 def test_two_process_ddp(cohort_2d, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "medgen", "train", "diffusion",
+    """2 CPU processes (torchrun via `accelerate launch --multi_gpu` + `train.cpu=true`, gloo): accelerate's
+    `--cpu --num_processes 2` alone starts a single process without mpirun."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "medgen", "train", "diffusion",
            "--config", str(REPO / "configs" / "demo_diffusion_2d_pixel.yaml"), "--out", str(out),
            f"data.path={cohort_2d}", "train.max_steps=3", "train.batch_size=2", "train.checkpoint_every=3",
-           "train.preview_every=3", "train.tracker=none", "sample.steps=2", "sample.n_preview=2", *TINY_MODEL]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+           "train.preview_every=3", "train.tracker=none", "train.cpu=true", "train.log_every=1", "sample.steps=2", "sample.n_preview=2", *TINY_MODEL]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "model" / "model.safetensors").is_file()
     assert sorted(p.name for p in (out / "checkpoints" / "step_3").glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
