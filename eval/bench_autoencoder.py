@@ -8,7 +8,8 @@ Variants (batch 1 volume of 128^3 on a GPU with bf16 autocast, 32^3 fp32 on CPU)
   generator Adam step; then the discriminator hinge step and its Adam step;
 - `medgen:ae`   generator only (encoder, quantizer, decoder, L1 + commitment, backward, Adam);
 - `monai:ae`    MONAI `VQVAE` with the same widths, code size and codebook, the same loss/step.
-`:ckpt` after a medgen variant turns on gradient checkpointing; `+compile` compiles the networks.
+`:ckpt` after a medgen variant turns on gradient checkpointing, `:cf` keeps channels-first activations
+(default on cuda: channels-last, as the trainer); `--compile` compiles the networks.
 
 Reports volumes/s, peak memory (CUDA: max allocated; CPU: process peak RSS, cumulative),
 achieved TFLOP/s (FLOPs of one step counted by torch's FlopCounterMode) and the ratios
@@ -76,8 +77,9 @@ def make_step(variant: str, size: int, device, amp_dtype, compile_: bool):
     """Return (step_fn, modules) for one variant; step_fn() runs one full training step."""
     name, _, opts = variant.partition(":")
     kind = opts.split(":")[0]
-    ckpt = "ckpt" in opts.split(":")[1:]
-    channels_last = device.type == "cuda"
+    flags = opts.split(":")[1:]
+    ckpt = "ckpt" in flags
+    channels_last = device.type == "cuda" and "cf" not in flags
     x = torch.rand(1, 1, size, size, size, device=device) * 2 - 1
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
