@@ -80,6 +80,16 @@ def test_resume_reproduces_uninterrupted_run(cohort_3d, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_gradient_accumulation_counts_optimizer_steps(cohort_3d, tmp_path):
+    """2 micro-batches per step for both networks: after 3 steps each Adam has made exactly 3 updates."""
+    run = _train(DEMO_3D, tmp_path / "run", [f"data.path={cohort_3d}", *TINY_3D, "train.batch_size=1",
+                                             "train.gradient_accumulation_steps=2", "train.max_steps=3"])
+    for name in ("optimizer.bin", "optimizer_1.bin"):  # generator, discriminator
+        state = torch.load(run / "checkpoints" / "step_3" / name, weights_only=True)["state"]
+        steps = {float(v["step"]) for v in state.values()}
+        assert steps == ({3.0} if name == "optimizer.bin" else {2.0}), (name, steps)  # D starts after step 1
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(cohort_3d, tmp_path, monkeypatch):
     real = ae_train.reconstruction_loss
     calls = {"n": 0}

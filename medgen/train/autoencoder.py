@@ -366,8 +366,10 @@ def _train(cfg, run_dir: Path, resume: str | None, state: dict) -> Path:
             x = batch["image"]
             if bool(tcfg.channels_last) and x.is_cuda:
                 x = x.contiguous(memory_format=torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
-            # ---- generator
-            with accelerator.accumulate(model):
+            # one accumulate block per micro-batch for both networks: accelerate counts micro-batches
+            # per block, and a second block would shift the generator's and discriminator's sync
+            with accelerator.accumulate(*([model, disc] if disc is not None else [model])):
+                # ---- generator
                 with accelerator.autocast():
                     recon, aux = model(x)
                     rec = reconstruction_loss(recon, x, str(lcfg.reconstruction))
@@ -400,9 +402,8 @@ def _train(cfg, run_dir: Path, resume: str | None, state: dict) -> Path:
                     logs["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), float(max_norm))
                 opt_g.step()
                 opt_g.zero_grad(set_to_none=True)
-            # ---- discriminator
-            if gan_on:
-                with accelerator.accumulate(disc):
+                # ---- discriminator
+                if gan_on:
                     with accelerator.autocast():
                         real_out = disc(x, slice_idx)
                         fake_out = disc(recon.detach(), slice_idx)
@@ -411,7 +412,7 @@ def _train(cfg, run_dir: Path, resume: str | None, state: dict) -> Path:
                     accelerator.backward(d_loss)
                     opt_d.step()
                     opt_d.zero_grad(set_to_none=True)
-                logs["loss/d"] = d_loss.detach()
+                    logs["loss/d"] = d_loss.detach()
             logs.update({"loss/total": g_loss.detach(), "loss/reconstruction": rec.detach(),
                          "loss/latent": aux["latent_loss"].detach()})
             for k in ("perplexity", "usage", "restarted"):

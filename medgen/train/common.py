@@ -110,7 +110,7 @@ def build_accelerator(train_cfg: Any, run_dir: str | os.PathLike | None = None, 
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
 
     mp = str(cfg_get(train_cfg, "mixed_precision", "no"))
     if mp not in ("no", "fp16", "bf16"):
@@ -129,7 +129,9 @@ def build_accelerator(train_cfg: Any, run_dir: str | os.PathLike | None = None, 
     project_cfg = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)) if run_dir else None
     accelerator = Accelerator(
         mixed_precision=mp,
-        gradient_accumulation_steps=accum,
+        # loops take exactly `accum` micro-batches per optimizer step (one `accumulate` block each);
+        # no forced sync at epoch ends, so step counts stay exact across epochs and resumes
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accum, sync_with_dataloader=False),
         log_with="wandb" if tracker == "wandb" else None,
         project_config=project_cfg,
         cpu=use_cpu(train_cfg),
