@@ -464,14 +464,14 @@ def _repo_config(name: str) -> Path:
 
 
 def demo_stage(ctx) -> None:
-    """Train the tiny demo autoencoder on the cohort (quick: ~30 steps) -> ctx.state["autoencoder_run"]."""
+    """Train the tiny demo autoencoder on the cohort (quick: 20-24 steps) -> ctx.state["autoencoder_run"]."""
     from medgen.config import load_config
     from medgen.train.common import read_metrics
 
     size = ctx.cohort_settings()["size"]
     overrides = [f"data.path={ctx.cohort}", f"data.shape={[size] * ctx.dims}", "train.tracker=none"]
     if ctx.quick:
-        steps = 30 if ctx.dims == 2 else 24
+        steps = 20 if ctx.dims == 2 else 24
         overrides += [f"train.max_steps={steps}", f"loss.disc_start={steps // 2}", f"train.val_every={steps}",
                       f"train.checkpoint_every={steps}", f"train.preview_every={steps}"]
     cfg = load_config(_repo_config(f"demo_autoencoder_{ctx.dims}d.yaml"), overrides, DEFAULTS)
