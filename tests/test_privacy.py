@@ -18,7 +18,15 @@ from medgen.errors import DataError, RunError
 from medgen.privacy.detector import CopyEncoder, PixelDetector, SSLCopyDetector, augment, load_detector, nt_xent_loss, train_detector
 from medgen.privacy.memorization import authpct, best_match, c_t_statistic, carlini_relative_l2, copy_threshold
 
-torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # 1 thread: on a shared 2-core machine two threads per process made the conv steps ~5x slower
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 # ----------------------------------------------------------------------------- math vs references
@@ -147,3 +155,235 @@ def test_carlini_relative_l2_matches_direct_computation():
     assert torch.allclose(ratio.double(), expected, rtol=1e-4)
     assert (idx[-3:] == torch.arange(3)).all()
     assert (ratio[-3:] < 1 / 3).all() and (ratio[:5] > 1).all()
+
+
+# ----------------------------------------------------------------------------- planted copies
+
+
+def _planted_audit(x, n_train: int, steps: int, seed: int = 0):
+    """Train (n_train), held-out calibration (60) and genuine non-copies (60) are disjoint
+    subjects; the synthetic set is the genuine images plus K=6 exact and K=6 lightly transformed
+    copies of training images."""
+    from medgen.privacy.audit import audit_images
+    from medgen.privacy.planting import plant_copies
+
+    train, holdout, genuine = x[:n_train], x[n_train : n_train + 60], x[n_train + 60 : n_train + 120]
+    synthetic, kinds, source = plant_copies(train, genuine, k=6, seed=seed)
+    detector = train_detector(train, steps=steps, batch_size=64, seed=seed, progress=False)
+    result = audit_images(train, holdout, synthetic, detector)  # default: Pearson, 95th percentile
+    planted = torch.tensor([k != "genuine" for k in kinds])
+    return result, planted, torch.tensor(source), (train, holdout, synthetic)
+
+
+def _check_planted(result, planted, source):
+    flagged = result.is_copy
+    assert flagged[planted].float().mean() >= 0.95, f"missed copies: {result.synthetic_best[planted & ~flagged]}"
+    assert flagged[~planted].float().mean() <= 0.05, f"flagged genuine: {result.synthetic_best[~planted & flagged]}"
+    assert (result.synthetic_nearest[planted] == source[planted]).all()  # each copy points at its source
+    r = result.report
+    assert r["n_copies"] == int(flagged.sum())
+    assert r["n_copies_pct"] == pytest.approx(100 * flagged.float().mean().item(), abs=1e-3)
+    assert r["n_mem"] == len(set(result.synthetic_nearest[flagged].tolist()))
+    assert r["verdict"] == "fail"  # copies present, --max-copy-rate 0
+    assert math.isfinite(r["authpct"]) and math.isfinite(r["threshold"])
+    json.dumps(r, allow_nan=False)
+
+
+@pytest.fixture(scope="module")
+def cohort_150_2d(tmp_path_factory):
+    from medgen.data import load_images
+    from medgen.data.cohort import synth_brain
+
+    path = synth_brain(tmp_path_factory.mktemp("audit") / "c2d", n=150, dims=2, size=32, seed=0)
+    return load_images(path)
+
+
+def test_planted_copies_2d_ssl_detector_flags_copies_not_other_subjects(cohort_150_2d):
+    x, _ = cohort_150_2d
+    result, planted, source, (train, holdout, synthetic) = _planted_audit(x, n_train=30, steps=400)
+    _check_planted(result, planted, source)
+
+    # Why the SSL detector: other subjects are deformations of one template, so in pixel space
+    # they correlate as highly as a shifted or flipped copy does, and the baseline misses copies.
+    from medgen.privacy.audit import audit_images
+
+    pixel = audit_images(train, holdout, synthetic, PixelDetector(2))
+    assert pixel.report["train_holdout_best"]["median"] > 0.95
+    assert pixel.is_copy[planted].float().mean() < result.is_copy[planted].float().mean()
+
+
+@pytest.mark.slow
+def test_planted_copies_3d_ssl_detector_flags_copies_not_other_subjects(tmp_path):
+    from medgen.data import load_images
+    from medgen.data.cohort import synth_brain
+
+    x, _ = load_images(synth_brain(tmp_path / "c3d", n=165, dims=3, size=16, seed=0))
+    result, planted, source, _ = _planted_audit(x, n_train=45, steps=600)
+    _check_planted(result, planted, source)
+
+
+# ----------------------------------------------------------------------------- degenerate input
+
+
+def test_degenerate_inputs_error_or_warn_never_nan(cohort_150_2d):
+    from medgen.privacy.audit import audit_images
+
+    x, _ = cohort_150_2d
+    pixel = PixelDetector(2)
+    train, holdout, synth = x[:20], x[20:40], x[40:50]
+
+    with pytest.raises(DataError, match="at least 2"):  # tiny sets
+        audit_images(x[:1], holdout, synth, pixel)
+    with pytest.raises(DataError, match="at least 2"):
+        audit_images(train, x[:1], synth, pixel)
+    with pytest.raises(DataError, match="shapes"):
+        audit_images(train, holdout, torch.zeros(2, 1, 16, 16), pixel)
+    with pytest.raises(DataError, match="NaN"):
+        audit_images(train, holdout, torch.cat([synth, torch.full_like(synth[:1], float("nan"))]), pixel, names={"synthetic": [f"s{i}.png" for i in range(11)]})
+
+    # a holdout that is the training set: calibration impossible -> error naming the problem
+    with pytest.raises(DataError, match="overlaps the training set"):
+        audit_images(train, train.clone(), synth, pixel)
+    # partial overlap: those images are left out of the calibration, with a warning
+    mixed = torch.cat([train[:5], holdout])
+    r = audit_images(train, mixed, synth, pixel)
+    assert r.report["n_holdout"] == len(holdout) and any("identical to training images" in w for w in r.warnings)
+    assert r.report["threshold"] == pytest.approx(audit_images(train, holdout, synth, pixel).report["threshold"])
+
+    # identical images everywhere except the holdout: constant-free but degenerate -> warnings
+    same = x[:1].repeat(6, 1, 1, 1)
+    r = audit_images(same, holdout, same[:3], pixel)
+    assert any("same embedding" in w for w in r.warnings)
+    assert any("training images" in w and "noisy" in w for w in r.warnings)  # tiny training set
+    json.dumps(r.report, allow_nan=False)
+
+    # blank (constant) images: Pearson is undefined -> similarity 0 and a warning, never NaN
+    blank = torch.full((4, 1, 32, 32), -1.0)
+    r = audit_images(torch.cat([train, blank[:2]]), holdout, torch.cat([synth, blank[2:]]), pixel)
+    assert any("constant embedding" in w for w in r.warnings)
+    assert torch.isfinite(r.synthetic_best).all() and torch.isfinite(r.train_holdout_best).all()
+    json.dumps(r.report, allow_nan=False)
+
+    # identical held-out and training images put tau at 1: nothing can be flagged -> warning
+    twins = torch.cat([x[:1], x[:1] + 1e-3])  # near-identical, not bit-identical
+    r = audit_images(twins, twins + 5e-4, twins, pixel)
+    assert any("maximum similarity" in w for w in r.warnings)
+
+    with pytest.raises(DataError, match="at least 2 training images"):
+        train_detector(x[:1], steps=1, progress=False)
+    with pytest.raises(DataError, match="constant"):
+        train_detector(blank, steps=1, progress=False)
+
+
+# ----------------------------------------------------------------------------- files and CLI
+
+
+def _tree_digest(root: Path) -> dict[str, tuple[str, int]]:
+    return {p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def audit_folders(tmp_path):
+    """train/holdout/synthetic folders of real cohort files; synthetic = 4 other subjects plus
+    byte-identical copies of 2 training files, with a manifest.csv."""
+    import shutil
+
+    from medgen.data.cohort import synth_brain
+
+    cohort = synth_brain(tmp_path / "cohort", n=36, dims=2, size=32, seed=1)
+    files = sorted(cohort.glob("*.png"))
+    folders = {name: tmp_path / name for name in ("train", "holdout", "synthetic")}
+    for name, chunk in (("train", files[:16]), ("holdout", files[16:30]), ("synthetic", files[30:34])):
+        folders[name].mkdir()
+        for f in chunk:
+            shutil.copy(f, folders[name] / f.name)
+    for i, f in enumerate(files[:2]):
+        shutil.copy(f, folders["synthetic"] / f"copy_{i}.png")
+    rows = ["file,label,seed"] + [f"{p.name},0,{i}" for i, p in enumerate(sorted(folders["synthetic"].glob("*.png")))]
+    (folders["synthetic"] / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return folders
+
+
+def test_run_audit_writes_report_and_filter_out_copies_without_touching_inputs(audit_folders, tmp_path):
+    from medgen.privacy.audit import run_audit
+
+    before = {k: _tree_digest(v) for k, v in audit_folders.items()}
+    synth_samples = sorted(p.name for p in audit_folders["synthetic"].glob("*.png"))
+    out, kept = tmp_path / "audit", tmp_path / "kept"
+    # the sample folder's manifest (file,label,seed) is not a dataset manifest: audit a list of files
+    from medgen.data import Sample
+
+    synthetic = [Sample(audit_folders["synthetic"] / n, None, None, n) for n in synth_samples]
+    report = run_audit(audit_folders["train"], audit_folders["holdout"], synthetic, out, detector="pixel", filter_out=kept)
+
+    assert {k: _tree_digest(v) for k, v in audit_folders.items()} == before  # inputs untouched
+    for name in ("report.json", "report.md", "pairs.csv", "similarity_histogram.png", "top_pairs.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    rows = list(csv.DictReader((out / "pairs.csv").open()))
+    assert list(rows[0].keys()) == ["synthetic", "nearest_train", "similarity", "is_copy"]
+    flagged = {Path(r["synthetic"]).name for r in rows if r["is_copy"] == "true"}
+    assert {"copy_0.png", "copy_1.png"} <= flagged
+    by_name = {Path(r["synthetic"]).name: r for r in rows}
+    assert float(by_name["copy_0.png"]["similarity"]) == pytest.approx(1.0, abs=1e-5)
+    # filtered set: byte-identical copies of exactly the files not flagged
+    kept_files = sorted(p.name for p in kept.glob("*.png"))
+    assert kept_files == sorted(set(synth_samples) - flagged)
+    for n in kept_files:
+        assert (kept / n).read_bytes() == (audit_folders["synthetic"] / n).read_bytes()
+    assert report["filter_out"] == {"path": str(kept), "kept": len(kept_files), "removed": len(flagged)}
+    # existing outputs are refused without --overwrite; outputs may never land inside an input
+    with pytest.raises(RunError, match="overwrite"):
+        run_audit(audit_folders["train"], audit_folders["holdout"], synthetic, out, detector="pixel")
+    with pytest.raises(RunError, match="input folder"):
+        run_audit(audit_folders["train"], audit_folders["holdout"], synthetic, out, detector="pixel", overwrite=True, filter_out=audit_folders["synthetic"] / "f")
+
+
+def test_cli_train_detector_then_audit_end_to_end(audit_folders, tmp_path, capsys):
+    from medgen.cli import main
+
+    det = tmp_path / "detector"
+    assert main(["audit", "train-detector", "--train", str(audit_folders["train"]), "--out", str(det), "--steps", "30", "--batch-size", "16"]) == 0
+    assert (det / "model.safetensors").is_file() and json.loads((det / "config.json").read_text())["encoder"]["embed_dim"] == 128
+    # manifest-free synthetic folder for the flat form
+    synth = tmp_path / "synth_plain"
+    synth.mkdir()
+    for p in audit_folders["synthetic"].glob("*.png"):
+        synth.joinpath(p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "audit"
+    code = main(["audit", "--train", str(audit_folders["train"]), "--holdout", str(audit_folders["holdout"]), "--synthetic", str(synth),
+                 "--out", str(out), "--detector", str(det), "--percentile", "90", "--filter-out", str(tmp_path / "kept")])
+    report = json.loads((out / "report.json").read_text())
+    assert code == (0 if report["verdict"] == "pass" else 1) and report["verdict"] == "fail"  # 2 exact copies, max rate 0
+    assert report["percentile"] == 90 and report["detector"]["detector"] == "ssl"
+    assert "verdict: fail" in capsys.readouterr().out
+    # a generous --max-copy-rate passes; the SSL detector is trained on the fly and saved beside the audit
+    code = main(["audit", "--train", str(audit_folders["train"]), "--holdout", str(audit_folders["holdout"]), "--synthetic", str(synth),
+                 "--out", str(out), "--overwrite", "--max-copy-rate", "1", "--steps", "20", "--batch-size", "16"])
+    assert code == 0 and json.loads((out / "report.json").read_text())["verdict"] == "pass"
+    assert load_detector(out / "detector").encoder.config["embed_dim"] == 128
+    # errors: missing options, an existing output
+    with pytest.raises(SystemExit):
+        main(["audit", "--train", str(audit_folders["train"])])
+    assert main(["audit", "--train", str(audit_folders["train"]), "--holdout", str(audit_folders["holdout"]), "--synthetic", str(synth), "--out", str(out), "--detector", "pixel"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_ssl_audit_3d_pipeline(tmp_path):
+    """3D end to end at toy size (the quality check is the slow planted-copies test): the 3D
+    encoder trains, exact copies are flagged with similarity 1, figures are drawn from slices."""
+    from medgen.data import load_images
+    from medgen.data.cohort import synth_brain
+    from medgen.privacy.audit import run_audit
+
+    cohort = synth_brain(tmp_path / "c3d", n=20, dims=3, size=16, seed=0)
+    x, samples = load_images(cohort)
+    train, holdout = samples[:10], samples[10:16]
+    synthetic = samples[16:] + samples[:2]  # 4 other subjects + 2 training volumes
+    report = run_audit(train, holdout, synthetic, tmp_path / "audit", detector="ssl", detector_options={"steps": 40, "batch_size": 10})
+    rows = list(csv.DictReader((tmp_path / "audit" / "pairs.csv").open()))
+    copies = [r for r in rows if Path(r["synthetic"]).name in {samples[0].path.name, samples[1].path.name}]
+    assert all(r["is_copy"] == "true" and float(r["similarity"]) == pytest.approx(1.0, abs=1e-5) for r in copies)
+    assert report["detector"]["encoder"]["embed_dim"] == 32 and report["spatial_dims"] == 3
+    assert (tmp_path / "audit" / "top_pairs.png").stat().st_size > 0
+    json.dumps(report, allow_nan=False)

@@ -82,14 +82,6 @@ def _image_hashes(x: torch.Tensor) -> list[str]:
     return [hashlib.sha1(img.contiguous().numpy().tobytes()).hexdigest() for img in x.float().cpu()]
 
 
-def _standardize(e: torch.Tensor, similarity: str) -> torch.Tensor:
-    """Rows mapped so Euclidean distance is monotone in the similarity: ||a - b||^2 = 2 - 2 sim."""
-    e = e.double()
-    if similarity == "pearson":
-        e = e - e.mean(1, keepdim=True)
-    return F.normalize(e, dim=1)
-
-
 def _summary(v: torch.Tensor) -> dict[str, float]:
     a = v.double().numpy()
     return {k: round(float(f(a)), 6) for k, f in (("mean", np.mean), ("median", np.median), ("p05", lambda x: np.percentile(x, 5)), ("p95", lambda x: np.percentile(x, 95)), ("min", np.min), ("max", np.max))}
@@ -196,11 +188,22 @@ def audit_images(
     verdict = "pass" if copy_rate <= max_copy_rate else "fail"
     expected = expected_false_copy_pct(percentile, n_t, n_h)
 
-    # Reference measures. AuthPct and C_T on the detector embeddings, standardised so that
-    # Euclidean distance orders pairs as the similarity does; Carlini's criterion in pixel space.
-    z_t, z_h, z_s = (_standardize(e, similarity) for e in (e_t, e_h, e_s))
-    auth = authpct(z_t, z_s, device=device)
-    ct, ct_reason = c_t_statistic(z_t, z_h, z_s, seed=seed, device=device)
+    # Reference measures. AuthPct and C_T use Euclidean distances on features as dgm-eval does:
+    # the detector's embedding for the pixel and registry detectors, but downsampled pixels for
+    # the SSL detector, whose NT-Xent training spreads the *training* images apart (uniformity,
+    # Wang & Isola 2020) and so biases train->train distances, which AuthPct compares against.
+    # Carlini's criterion is defined in pixel space.
+    if getattr(detector, "name", None) == "ssl":
+        from medgen.privacy.detector import PixelDetector
+
+        ref = PixelDetector(spatial_dims)
+        r_t, r_h, r_s = (ref.embed(x) for x in (train, holdout, synthetic))
+        reference_space = f"pixels downsampled to {ref.size} px (longest side)"
+    else:
+        r_t, r_h, r_s = e_t, e_h, e_s
+        reference_space = f"{getattr(detector, 'name', 'detector')} embedding"
+    auth = authpct(r_t, r_s, device=device)
+    ct, ct_reason = c_t_statistic(r_t, r_h, r_s, seed=seed, device=device)
     if ct_reason:
         warnings.append(f"C_T not computed: {ct_reason}")
     p_s, p_t = _pixels(synthetic, spatial_dims), _pixels(train, spatial_dims)  # (N, C, *S')
@@ -230,6 +233,7 @@ def audit_images(
         "synthetic_train_best": _summary(s_best),
         "authpct": round(auth, 4),
         "c_t": None if ct is None else round(ct, 4),
+        "reference_space": reference_space,
         "carlini": {
             "n": min(carlini_n, n_t), "alpha": carlini_alpha, "delta": carlini_delta,
             "n_extracted": int(extracted.sum()), "extracted_pct": round(100.0 * float(extracted.double().mean()), 4),
@@ -286,10 +290,13 @@ def _display_name(path: Path, root: Path | None) -> str:
 
 
 def _root_of(spec) -> Path | None:
+    """The folder an input lives in: the dataset folder, a manifest's folder, or the common
+    folder of a list of samples (outputs must stay out of it; names in pairs.csv are relative to it)."""
     if isinstance(spec, (str, os.PathLike)):
         p = Path(spec)
         return p if p.is_dir() else p.parent
-    return None
+    paths = [str(Path(s.path).resolve().parent) for s in spec] if spec else []
+    return Path(os.path.commonpath(paths)) if paths else None
 
 
 def _inside(a: Path, b: Path) -> bool:

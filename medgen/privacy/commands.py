@@ -31,9 +31,9 @@ def _data_cfg(config: Path | None):
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("SSL detector training")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 300 epochs, clamped to 300..3000 steps)")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 400 epochs, clamped to 400..4000 steps)")
     g.add_argument("--batch-size", type=int, default=128, help="images per step; the other images of the batch are the negatives")
-    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-3 in 2D, 5e-4 in 3D)")
     g.add_argument("--temperature", type=float, default=0.07, help="NT-Xent temperature (Dar et al. 2024: 0.07)")
     g.add_argument("--image-size", type=int, default=None, help="longest side the images are area-resized to (default 64 in 2D, 32 in 3D)")
     g.add_argument("--embed-dim", type=int, default=None, help="embedding size (default 128 in 2D, 32 in 3D)")

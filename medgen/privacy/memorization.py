@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -69,11 +70,14 @@ def authpct(train: torch.Tensor, generated: torch.Tensor, device=None) -> float:
     return float(100.0 * authentic.double().mean())
 
 
-def _pca(train: np.ndarray, others: list[np.ndarray], dims: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    mean = train.mean(0, keepdims=True)
-    _, _, vt = np.linalg.svd(train - mean, full_matrices=False)
-    basis = vt[:dims].T  # (D, dims)
-    return (train - mean) @ basis, [(o - mean) @ basis for o in others]
+def _pca(train: np.ndarray, others: list[np.ndarray], dims: int, seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Project on the top `dims` principal axes of `train` (randomized SVD: 100k x 4096 stays fast)."""
+    t = torch.from_numpy(train)
+    mean = t.mean(0, keepdim=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _, _, v = torch.pca_lowrank(t - mean, q=dims, center=False, niter=4)  # v: (D, dims)
+    return ((t - mean) @ v).numpy(), [((torch.from_numpy(o) - mean) @ v).numpy() for o in others]
 
 
 def _mann_whitney_z(l_q: np.ndarray, l_p: np.ndarray) -> float:
@@ -111,9 +115,13 @@ def c_t_statistic(
 
     t, p, q = (x.double().cpu().numpy() for x in (train, holdout, generated))
     if t.shape[1] > pca_dims and t.shape[0] > pca_dims:
-        t, (p, q) = _pca(t, [p, q], pca_dims)
+        t, (p, q) = _pca(t, [p, q], pca_dims, seed)
     k = min(n_cells, t.shape[0])
-    centroids, t_cells = kmeans2(t, k, seed=seed, minit="++")
+    with warnings.catch_warnings():  # degenerate sets (identical rows): empty cells are handled below
+        warnings.simplefilter("ignore")
+        centroids, t_cells = kmeans2(t, k, seed=seed, minit="++")
+    if not np.isfinite(centroids).all():
+        return None, "k-means on the training features failed (identical or constant features)"
     p_cells, _ = vq(p, centroids)
     q_cells, _ = vq(q, centroids)
     m, n = q.shape[0], p.shape[0]

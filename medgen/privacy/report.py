@@ -113,6 +113,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"| C_T (Meehan et al. 2020) | {ct} | Z-score; strongly negative (< -3) = data copying, positive = underfitting |",
         f"| relative l2 < {r['carlini']['delta']:.3g} (Carlini et al. 2023, pixel space) | {r['carlini']['extracted_pct']:.2f}% ({r['carlini']['n_extracted']}) | median ratio {r['carlini']['median_ratio']:.3f}; n = {r['carlini']['n']}, alpha = {r['carlini']['alpha']} |",
         "",
+        f"AuthPct and C_T are computed with Euclidean distances in: {r.get('reference_space', 'the detector embedding')}.",
+        "",
         "## Figures",
         "",
         "![similarity histogram](similarity_histogram.png)",
