@@ -26,6 +26,7 @@ STAGES: list[tuple[str, str]] = [
     ("autoencoder", "medgen.train.autoencoder:demo_stage"),
     ("diffusion", "medgen.train.diffusion:demo_stage"),
     ("eval", "medgen.metrics.commands:demo_stage"),
+    ("audit", "medgen.privacy.commands:demo_stage"),
 ]
 
 

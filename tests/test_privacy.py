@@ -310,10 +310,7 @@ def test_run_audit_writes_report_and_filter_out_copies_without_touching_inputs(a
     before = {k: _tree_digest(v) for k, v in audit_folders.items()}
     synth_samples = sorted(p.name for p in audit_folders["synthetic"].glob("*.png"))
     out, kept = tmp_path / "audit", tmp_path / "kept"
-    # the sample folder's manifest (file,label,seed) is not a dataset manifest: audit a list of files
-    from medgen.data import Sample
-
-    synthetic = [Sample(audit_folders["synthetic"] / n, None, None, n) for n in synth_samples]
+    synthetic = audit_folders["synthetic"]  # a sample folder: files + manifest.csv (file,label,seed)
     report = run_audit(audit_folders["train"], audit_folders["holdout"], synthetic, out, detector="pixel", filter_out=kept)
 
     assert {k: _tree_digest(v) for k, v in audit_folders.items()} == before  # inputs untouched
@@ -332,11 +329,24 @@ def test_run_audit_writes_report_and_filter_out_copies_without_touching_inputs(a
     for n in kept_files:
         assert (kept / n).read_bytes() == (audit_folders["synthetic"] / n).read_bytes()
     assert report["filter_out"] == {"path": str(kept), "kept": len(kept_files), "removed": len(flagged)}
+    manifest = list(csv.DictReader((kept / "manifest.csv").open()))
+    assert sorted(r["file"] for r in manifest) == kept_files and list(manifest[0]) == ["file", "label", "seed"]
     # existing outputs are refused without --overwrite; outputs may never land inside an input
     with pytest.raises(RunError, match="overwrite"):
         run_audit(audit_folders["train"], audit_folders["holdout"], synthetic, out, detector="pixel")
     with pytest.raises(RunError, match="input folder"):
         run_audit(audit_folders["train"], audit_folders["holdout"], synthetic, out, detector="pixel", overwrite=True, filter_out=audit_folders["synthetic"] / "f")
+    # any extractor of the evaluation registry works as a detector (pca: fitted on the training set)
+    r = run_audit(audit_folders["train"], audit_folders["holdout"], synthetic, out, detector="pca", overwrite=True)
+    assert r["detector"]["detector"] == "features" and r["detector"]["recipe"]["extractor"] == "pca"
+    rows = {Path(row["synthetic"]).name: row for row in csv.DictReader((out / "pairs.csv").open())}
+    assert rows["copy_0.png"]["is_copy"] == rows["copy_1.png"]["is_copy"] == "true"
+    # a list of samples counts as an input folder too (their common folder)
+    from medgen.data import scan_dataset
+
+    with pytest.raises(RunError, match="input folder"):
+        run_audit(audit_folders["train"], audit_folders["holdout"], scan_dataset(synthetic), out, detector="pixel", overwrite=True, filter_out=audit_folders["synthetic"] / "f")
+    assert {k: _tree_digest(v) for k, v in audit_folders.items()} == before
 
 
 def test_cli_train_detector_then_audit_end_to_end(audit_folders, tmp_path, capsys):

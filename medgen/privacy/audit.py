@@ -274,7 +274,10 @@ def resolve_detector(detector, train: torch.Tensor, out_dir: Path | None, option
         if loaded.spatial_dims != spatial_dims:
             raise DataError(f"detector {detector} was trained on {loaded.spatial_dims}D images but the audit images are {spatial_dims}D")
         return loaded
-    return det.FeatureDetector(str(detector), weights=options.get("weights"), device=device)
+    features = det.FeatureDetector(str(detector), weights=options.get("weights"), device=device)
+    if getattr(features.extractor, "fit", None) is not None:  # in-domain extractors (pca) fit on the training set
+        features.extractor.fit(train)
+    return features
 
 
 # ----------------------------------------------------------------------------- files
@@ -428,7 +431,7 @@ def run_audit(
         if subjects:
             result.warnings.append(f"{len(subjects)} subject id(s) appear in both the training and the held-out set (e.g. {sorted(subjects)[:3]}); if these are the same patients, tau is inflated and copies can be missed")
         report = result.report
-        report["inputs"] = {k: str(v if isinstance(v, (str, os.PathLike)) else "(sample list)") for k, v in (("train", train), ("holdout", holdout), ("synthetic", synthetic))}
+        report["inputs"] = {k: str(v) if isinstance(v, (str, os.PathLike)) else f"{len(v)} files under {roots[k]}" for k, v in (("train", train), ("holdout", holdout), ("synthetic", synthetic))}
         report["versions"] = _versions()
         if det is not detector and detector == "ssl":
             report["detector"]["saved_to"] = "detector/"

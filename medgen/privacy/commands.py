@@ -168,10 +168,11 @@ def demo_stage(ctx) -> None:
     if samples is None:
         samples = _planted_set(train, holdout, ctx.out / "audit_planted")
         print(f"  no synthetic samples in this demo run; auditing a planted set instead: {samples}")
-    steps = 150 if ctx.quick else 1000
+    # CPU-sized detector training: quick < 60 s for the stage, full < 5 min
+    steps = {(2, True): 120, (3, True): 200, (2, False): 500, (3, False): 300}[(ctx.dims, bool(ctx.quick))]
     report = run_audit(
         train, holdout, samples, ctx.out / "audit", detector="ssl", overwrite=True,
-        detector_options={"steps": steps, "batch_size": 64}, filter_out=ctx.out / "samples_filtered",
+        detector_options={"steps": steps, "batch_size": 64 if ctx.dims == 2 else 32}, filter_out=ctx.out / "samples_filtered",
     )
     ctx.state["audit_report"] = ctx.out / "audit" / "report.json"
     ctx.state["audit_verdict"] = report["verdict"]

@@ -427,7 +427,7 @@ def train_detector(
     cursor = 0
     losses: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc="copy detector", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc="copy detector", disable=None if progress else True, leave=False)  # None: off when not a TTY
     for step in bar:
         if cursor + batch_size > n:  # a new epoch: every image is seen once per pass
             order, cursor = torch.randperm(n, generator=cpu_gen), 0

@@ -97,7 +97,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         "## How copies are detected",
         "",
         f"- Detector: {det_line}.",
-        f"- Similarity: {r['similarity']} correlation between embeddings.",
+        f"- Similarity: {'Pearson correlation' if r['similarity'] == 'pearson' else 'cosine similarity'} between embeddings.",
         f"- Threshold tau = **{r['threshold']:.4f}**: the {r['percentile']:g}th percentile of each training image's best similarity with the {r['n_holdout']} held-out images (patients not used for training). A synthetic sample is a copy when its best similarity with the {r['n_train']} training images exceeds tau.",
         f"- By construction about {100 - r['percentile']:g}% of training images already have a held-out look-alike above tau, so even a model that memorizes nothing is expected to have roughly **{r['expected_false_copy_pct']:.1f}%** of its samples flagged (for these set sizes, assuming exchangeable pairs). Inspect the flagged pairs (`top_pairs.png`, `pairs.csv`) before concluding; raise `--percentile` for a stricter detector.",
         "",
