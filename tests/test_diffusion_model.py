@@ -234,3 +234,15 @@ def test_sampler_determinism_across_batch_sizes(sampler):
     torch.testing.assert_close(torch.cat([one, two]), full, rtol=1e-4, atol=1e-4)
     other = sample_loop(net, schedule, (1, 8, 8), generators([1, 2, 3]), labels=labels, **kw)
     assert not torch.allclose(other, full)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
+def test_clip_x0_keeps_pixel_samples_in_range(sampler):
+    """A denoiser that predicts eps = 0 claims x0 = x_t / sqrt(a): unbounded unless clipped."""
+    schedule = NoiseSchedule(schedule="linear", beta_start=1e-4, beta_end=0.02)
+    zero = lambda x, t, labels: torch.zeros_like(x)  # noqa: E731
+    kw = dict(sampler=sampler, steps=10)
+    wild = sample_loop(zero, schedule, (1, 8, 8), generators(range(4)), **kw)
+    tame = sample_loop(zero, schedule, (1, 8, 8), generators(range(4)), clip_x0=True, **kw)
+    assert wild.abs().max() > 5
+    assert tame.abs().max() <= 1.0 + 1e-5

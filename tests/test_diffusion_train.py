@@ -208,19 +208,22 @@ def test_tiny_model_lowers_its_loss(cohort_2d, tmp_path):
 
 @pytest.mark.slow
 def test_tiny_model_samples_move_towards_the_data(cohort_2d, tmp_path):
-    """300 CPU steps: samples' intensity histogram is far closer to the data's than noise's is."""
+    """150 CPU steps: the samples' intensity histogram (L1 distance, 32 bins on [-1, 1]) is at most
+    0.6x as far from the data's as Gaussian noise's is (measured: 0.39 vs 0.78), and their spread
+    matches the data's."""
     from medgen.data import load_images
 
-    run = _learn(cohort_2d, tmp_path / "learn", 300)
+    run = _learn(cohort_2d, tmp_path / "learn", 150)
     losses = [r["loss"] for r in read_metrics(run)]
-    assert np.mean(losses[-30:]) < 0.5 * np.mean(losses[:5])
+    assert np.mean(losses[-30:]) < 0.2 * np.mean(losses[:5])
     real, _ = load_images(cohort_2d, json.loads((run / "model" / "config.json").read_text())["data"])
     import medgen
 
     fake = medgen.load_pipeline(run, device="cpu").sample(16, steps=25, seed=0)
     noise = torch.randn_like(fake).clamp(-1, 1)
     d_fake, d_noise = _hist_distance(fake, real), _hist_distance(noise, real)
-    assert d_fake < 0.5 * d_noise, (d_fake, d_noise)
+    assert d_fake < 0.6 * d_noise, (d_fake, d_noise)
+    assert abs(fake.std().item() - real.std().item()) < 0.15
 
 
 # --------------------------------------------------------------------------- DDP

@@ -24,17 +24,25 @@ from medgen.errors import ConfigError
 SAMPLERS = ("ddpm", "ddim", "dpmpp", "euler")
 
 
-def make_scheduler(sampler: str, schedule: NoiseSchedule):
-    """A fresh diffusers scheduler for `sampler` on `schedule`."""
+def make_scheduler(sampler: str, schedule: NoiseSchedule, clip_x0: bool = False):
+    """A fresh diffusers scheduler for `sampler` on `schedule`.
+
+    clip_x0: clip each step's predicted x0 to [-1, 1] (pixel data, whose range is known; Ho et al.
+    2020). At high noise an eps-prediction divides the network's error by sqrt(alpha_bar) ~ 0.01,
+    and a few-step solver carries that overshoot into the image. Latents are not clipped. Euler
+    has no clipping in diffusers.
+    """
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     kw = schedule.scheduler_kwargs()
     if sampler == "ddpm":
-        return DDPMScheduler(**kw, clip_sample=False)
+        return DDPMScheduler(**kw, clip_sample=clip_x0, clip_sample_range=1.0)
     if sampler == "ddim":
-        return DDIMScheduler(**kw, clip_sample=False, set_alpha_to_one=True)
+        return DDIMScheduler(**kw, clip_sample=clip_x0, clip_sample_range=1.0, set_alpha_to_one=True)
     if sampler == "dpmpp":
-        return DPMSolverMultistepScheduler(**kw, algorithm_type="dpmsolver++", solver_order=2)
+        # dynamic thresholding (Saharia et al. 2022) with max 1.0 is a clip of x0 to [-1, 1]
+        return DPMSolverMultistepScheduler(**kw, algorithm_type="dpmsolver++", solver_order=2, thresholding=clip_x0,
+                                           sample_max_value=1.0)
     if sampler == "euler":
         return EulerDiscreteScheduler(**kw)
     raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -71,6 +79,7 @@ def sample_loop(
     guidance: float = 1.0,
     null_label: int | None = None,
     eta: float = 0.0,
+    clip_x0: bool = False,
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -79,7 +88,7 @@ def sample_loop(
     `model(x, t, labels)` returns the network's target (eps, v or x0 as set in `schedule`).
     """
     device = torch.device(device)
-    scheduler = make_scheduler(sampler, schedule)
+    scheduler = make_scheduler(sampler, schedule, clip_x0)
     if steps < 1 or steps > schedule.num_train_timesteps:
         raise ConfigError(f"steps must be in [1, {schedule.num_train_timesteps}], got {steps}")
     scheduler.set_timesteps(steps, device=device)

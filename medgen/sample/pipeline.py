@@ -39,6 +39,7 @@ class DiffusionPipeline:
         self.sample_shape = tuple(config["sample_shape"])  # (C, *S) of what the denoiser generates
         self.spatial_dims = len(self.sample_shape) - 1
         self.spacing = config.get("spacing")
+        self.clip_x0 = not config.get("latent")  # pixel data live in [-1, 1]; latents are unbounded
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device | None = None) -> "DiffusionPipeline":
@@ -101,7 +102,7 @@ class DiffusionPipeline:
             z = sample_loop(self.denoiser, self.schedule, self.sample_shape, generators(range(seed + i, seed + j)),
                             sampler=sampler, steps=steps, labels=None if labels is None else labels[i:j],
                             guidance=guidance, null_label=self.denoiser.null_label if self.num_classes else None,
-                            eta=eta, device=self.device, autocast_dtype=amp)
+                            eta=eta, clip_x0=self.clip_x0, device=self.device, autocast_dtype=amp)
             if self.autoencoder is not None:
                 from medgen.train.diffusion import decode
 

@@ -450,7 +450,7 @@ def write_preview(path: Path, raw, ema, schedule, shape, cfg, num_classes, autoe
     labels = torch.arange(n) % num_classes if num_classes > 0 else None
     z = sample_loop(net, schedule, shape, generators(range(n)), sampler=str(cfg.sample.sampler),
                     steps=int(cfg.sample.steps), labels=labels, guidance=float(cfg.sample.guidance),
-                    null_label=net.null_label if num_classes > 0 else None, device=device)
+                    null_label=net.null_label if num_classes > 0 else None, clip_x0=autoencoder is None, device=device)
     x = decode(autoencoder, z, info["latent"]) if autoencoder is not None else z
     atomic_write_bytes(path, grid_png(x.clamp(-1, 1)))
 
