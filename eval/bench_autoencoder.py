@@ -9,7 +9,7 @@ Variants (batch 1 volume of 128^3 on a GPU with bf16 autocast, 32^3 fp32 on CPU)
 - `medgen:ae`   generator only (encoder, quantizer, decoder, L1 + commitment, backward, Adam);
 - `monai:ae`    MONAI `VQVAE` with the same widths, code size and codebook, the same loss/step.
 `:ckpt` after a medgen variant turns on gradient checkpointing, `:cf` keeps channels-first activations
-(default on cuda: channels-last, as the trainer); `--compile` compiles the networks.
+(default: channels-last, as the trainer uses on GPU); `--compile` compiles the networks.
 
 Reports volumes/s, peak memory (CUDA: max allocated; CPU: process peak RSS, cumulative),
 achieved TFLOP/s (FLOPs of one step counted by torch's FlopCounterMode) and the ratios
@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medgen.models.autoencoder import Autoencoder  # noqa: E402
+from medgen.models.autoencoder import Autoencoder, to_channels_last  # noqa: E402
 from medgen.models.discriminator import GANDiscriminator  # noqa: E402
 from medgen.train.losses import (  # noqa: E402
     adaptive_gan_weight,
@@ -57,9 +57,7 @@ def sync(device):
 def build_medgen(device, ckpt: bool, channels_last: bool):
     ae = Autoencoder(3, 1, CODE_DIM, channels=CHANNELS, downsample=4, num_res_blocks=1, num_codes=CODES,
                      dead_threshold=1.0, gradient_checkpointing=ckpt).to(device)
-    if channels_last:
-        ae.to(memory_format=torch.channels_last_3d)
-    return ae
+    return to_channels_last(ae) if channels_last else ae
 
 
 def build_monai(device):
@@ -79,7 +77,7 @@ def make_step(variant: str, size: int, device, amp_dtype, compile_: bool):
     kind = opts.split(":")[0]
     flags = opts.split(":")[1:]
     ckpt = "ckpt" in flags
-    channels_last = device.type == "cuda" and "cf" not in flags
+    channels_last = "cf" not in flags  # the trainer's layout on GPU; on CPU too, so CPU runs test that path
     x = torch.rand(1, 1, size, size, size, device=device) * 2 - 1
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
@@ -118,7 +116,7 @@ def make_step(variant: str, size: int, device, amp_dtype, compile_: bool):
 
     disc = GANDiscriminator(3, 1, channels=64, num_layers=3, norm="group", volume=True, slices=True).to(device)
     if channels_last:
-        disc.to(memory_format=torch.channels_last_3d)
+        to_channels_last(disc)  # 3D volume convs and 2D slice convs
     # random-init VGG16: same cost as the pretrained one, nothing to download
     perceptual = PerceptualLoss("vgg16", torchvision.models.vgg16(weights=None).state_dict(), spatial_dims=3,
                                 slices=1).to(device)

@@ -258,3 +258,20 @@ def test_quantizer_ema_all_reduced_under_ddp():
     assert torch.allclose(out[0]["cluster_size"], ref.cluster_size, atol=1e-5)
     assert torch.allclose(out[0]["embed_sum"], ref.embed_sum, atol=1e-5)
     assert torch.allclose(out[0]["embed"], ref.embed, atol=1e-5)
+
+
+def test_channels_last_mixed_2d_3d_modules():
+    """The 3D VQ-GAN's discriminator mixes Conv3d and Conv2d: each conv gets its own layout."""
+    from medgen.models.autoencoder import to_channels_last
+
+    torch.manual_seed(0)
+    d = GANDiscriminator(3, 1, channels=8, num_layers=2)
+    x = torch.randn(2, 1, 16, 16, 16)
+    idx = d.draw_slices(x)
+    ref = d(x, idx)
+    to_channels_last(d)
+    assert d.volume.layers[0][0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert d.slice.layers[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    out = d(x.contiguous(memory_format=torch.channels_last_3d), idx)
+    for k in ref:
+        assert torch.allclose(out[k][-1], ref[k][-1], atol=1e-5)

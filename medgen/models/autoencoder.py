@@ -28,6 +28,20 @@ def conv_nd(spatial_dims: int, *args, **kwargs) -> nn.Module:
     return (nn.Conv2d if spatial_dims == 2 else nn.Conv3d)(*args, **kwargs)
 
 
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """Channels-last weights per conv (NHWC for 2D, NDHWC for 3D): cuDNN's fast bf16 layout.
+
+    `module.to(memory_format=channels_last_3d)` fails on a module that mixes 2D and 3D convs
+    (the VQ-GAN's slice and volume discriminators), so each conv gets its own format.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Conv3d):
+            m.to(memory_format=torch.channels_last_3d)
+        elif isinstance(m, nn.Conv2d):
+            m.to(memory_format=torch.channels_last)
+    return module
+
+
 def _groups(channels: int, groups: int) -> int:
     g = min(groups, channels)
     while channels % g:

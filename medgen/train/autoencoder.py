@@ -27,7 +27,7 @@ import torch
 
 from medgen.config import to_dict
 from medgen.errors import ConfigError
-from medgen.models.autoencoder import Autoencoder
+from medgen.models.autoencoder import Autoencoder, to_channels_last
 from medgen.models.discriminator import GANDiscriminator
 from medgen.train.common import (
     CheckpointManager,
@@ -318,10 +318,9 @@ def _train(cfg, run_dir: Path, resume: str | None, state: dict) -> Path:
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         if bool(tcfg.channels_last):
-            fmt = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
-            model.to(memory_format=fmt)
+            to_channels_last(model)
             if disc is not None:
-                disc.to(memory_format=fmt)
+                to_channels_last(disc)  # 3D runs mix 3D (volume) and 2D (slice) convs
 
     objects = [model, opt_g] + ([disc, opt_d] if disc is not None else [])
     prepared = accelerator.prepare(*objects, train_loader)
