@@ -321,3 +321,16 @@ def test_cli_data_check_and_clean_errors(tmp_path):
     assert r.returncode == 0 and "skipped     " in r.stdout
     r = _medgen("--verbose", "data", "check", str(d))
     assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+
+def test_cli_overrides_may_follow_options(monkeypatch):
+    """`key=value` overrides are collected wherever they sit among the options."""
+    from medgen import cli
+
+    seen = {}
+    monkeypatch.setattr("medgen.train.autoencoder.train_from_args", lambda args: seen.update(vars(args)) or 0)
+    assert cli.main(["train", "autoencoder", "--config", "c.yaml", "--out", "r", "a.b=1", "--resume", "latest", "c.d=2"]) == 0
+    assert seen["overrides"] == ["a.b=1", "c.d=2"] and seen["resume"] == "latest"
+    with pytest.raises(SystemExit):
+        cli.main(["train", "autoencoder", "--config", "c.yaml", "--out", "r", "--bogus"])
