@@ -13,7 +13,7 @@
 On CPU the same at small sizes (2D 32^2 batch 32, 3D 16^3 batch 16; 100k x 2k embeddings against the full-matrix anchor, 100k x 10k chunked only).
 
     python eval/bench_audit.py                  # auto device; bf16 autocast on cuda
-    python eval/bench_audit.py --device cpu
+    python eval/bench_audit.py --device cpu --threads 1 --parts train
 
 Prints one JSON line at the end.
 """
@@ -169,7 +169,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dims", default="2,3")
+    ap.add_argument("--parts", default="train,nn", help="train (detector speed), nn (nearest-neighbour search), or both")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    parts = set(args.parts.split(","))
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     sizes = SIZES["cuda" if device.type == "cuda" else "cpu"]
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
@@ -177,7 +182,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    for dims in (int(d) for d in args.dims.split(",")):
+    for dims in (int(d) for d in args.dims.split(",")) if "train" in parts else ():
         size, batch = sizes["train"][dims]
         embed = 128 if dims == 2 else 32
         ours = train_speed(CopyEncoder(dims), dims, size, batch, sizes["steps"], device)
@@ -186,7 +191,7 @@ def main() -> None:
         results["detector_training"][f"{dims}d"] = entry
         print(f"detector {dims}D {size}^{dims} batch {batch}: ours {ours['images_per_s']} img/s, ResNet-18 {anchor['images_per_s']} img/s (x{entry['speed_ratio_ours_over_anchor']})", flush=True)
 
-    for n_train, n_synth in sizes["nn"]:
+    for n_train, n_synth in sizes["nn"] if "nn" in parts else ():
         naive = n_train * n_synth * 8 <= (torch.cuda.get_device_properties(device).total_memory // 4 if device.type == "cuda" else 2 << 30)
         r = nn_search(n_train, n_synth, sizes["dim"], device, naive=naive)
         results["nn_search"].append(r)
