@@ -52,7 +52,7 @@ def test_nt_xent_matches_direct_formula():
 
 def test_augment_identity_and_flips_are_exact():
     x = torch.rand(3, 1, 8, 10) * 2 - 1
-    still = dict(max_rotation_deg=0, max_shift=0, max_scale=0, intensity=0, max_noise=0)
+    still = dict(max_rotation_deg=0, max_shift=0, min_shift_px=0, max_scale=0, intensity=0, max_noise=0)
     assert torch.allclose(augment(x, flip_prob=0, **still), x, atol=1e-5)
     assert torch.allclose(augment(x, flip_prob=1, **still), x.flip(-1).flip(-2), atol=1e-5)
     v = torch.rand(2, 1, 6, 6, 6) * 2 - 1
@@ -397,3 +397,35 @@ def test_ssl_audit_3d_pipeline(tmp_path):
     assert report["detector"]["encoder"]["embed_dim"] == 32 and report["spatial_dims"] == 3
     assert (tmp_path / "audit" / "top_pairs.png").stat().st_size > 0
     json.dumps(report, allow_nan=False)
+
+
+def test_augment_shift_floor_is_at_least_one_pixel():
+    """On tiny inputs the relative shift range is below a pixel; the floor keeps whole-pixel
+    shifts (what a copy shows) among the positives."""
+    x = torch.zeros(64, 1, 16, 16)
+    x[:, :, 8, 8] = 1  # a single bright pixel: its displacement is the shift
+    g = torch.Generator().manual_seed(0)
+    only_shift = dict(max_rotation_deg=0, max_scale=0, flip_prob=0, intensity=0, max_noise=0)
+    grid = torch.arange(16.0)
+    col = lambda y: (y[:, 0].sum(1) * grid).sum(1) / y[:, 0].sum((1, 2))  # centre of mass along W
+    assert (col(augment(x, g, min_shift_px=0, **only_shift)) - 8).abs().max() < 0.7  # 4% of 16 px
+    assert (col(augment(x, g, **only_shift)) - 8).abs().max() > 0.85
+
+
+def test_audit_threshold_and_flags_match_brute_force_pearson(cohort_150_2d):
+    """Through the whole audit: tau = percentile of each training image's best Pearson
+    correlation with the held-out set; a copy = best training correlation above tau."""
+    from medgen.privacy.audit import audit_images
+
+    x, _ = cohort_150_2d
+    train, holdout, synth = x[:25], x[25:45], x[45:60]
+    flat = lambda t: t.flatten(1).double().numpy()  # the 32^2 pixel detector embeds the image itself
+    train_holdout = np.corrcoef(np.concatenate([flat(train), flat(holdout)]))[:25, 25:].max(1)
+    synth_train = np.corrcoef(np.concatenate([flat(synth), flat(train)]))[:15, 15:]
+    for p in (95.0, 80.0):
+        r = audit_images(train, holdout, synth, PixelDetector(2), percentile=p)
+        tau = np.percentile(train_holdout, p)
+        assert r.report["threshold"] == pytest.approx(tau, abs=1e-6)
+        assert (r.is_copy.numpy() == (synth_train.max(1) > tau)).all()
+        assert (r.synthetic_nearest.numpy() == synth_train.argmax(1)).all()
+        assert r.report["n_mem"] == len(set(synth_train.argmax(1)[synth_train.max(1) > tau]))

@@ -127,7 +127,10 @@ def audit_images(
     that is entirely the training set) or adds a warning to the result (duplicates between
     train and holdout, which are dropped from calibration; tiny sets; saturated similarities).
     """
+    from medgen.privacy.detector import default_device
+
     names = names or {}
+    device = default_device(device)  # nearest-neighbour searches run here (cuda when present)
     warnings: list[str] = []
     if similarity not in SIMILARITIES:
         raise DataError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
@@ -152,7 +155,8 @@ def audit_images(
         if len(dup) > holdout.shape[0] - 2:
             raise DataError(f"the held-out set overlaps the training set: {len(dup)} of {holdout.shape[0]} held-out images are identical to training images (e.g. {examples}); the threshold must be calibrated on images of patients NOT used for training")
         warnings.append(f"{len(dup)} held-out image(s) are identical to training images (e.g. {examples}) and were left out of the threshold calibration; check that the held-out set holds only patients not used for training")
-        keep = torch.tensor([i for i in range(holdout.shape[0]) if i not in set(dup)])
+        dropped = set(dup)
+        keep = torch.tensor([i for i in range(holdout.shape[0]) if i not in dropped])
         holdout = holdout[keep]
         if names.get("holdout") is not None:
             names = {**names, "holdout": [names["holdout"][int(i)] for i in keep]}
@@ -433,7 +437,7 @@ def run_audit(
         report = result.report
         report["inputs"] = {k: str(v) if isinstance(v, (str, os.PathLike)) else f"{len(v)} files under {roots[k]}" for k, v in (("train", train), ("holdout", holdout), ("synthetic", synthetic))}
         report["versions"] = _versions()
-        if det is not detector and detector == "ssl":
+        if isinstance(detector, str) and detector == "ssl":
             report["detector"]["saved_to"] = "detector/"
         (tmp / "pairs.csv").write_text(_pairs_csv(result, n_s, n_t))
         figures = write_figures(result, x_t, x_s, n_t, n_s, tmp, top_k=top_k)

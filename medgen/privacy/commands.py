@@ -169,7 +169,7 @@ def demo_stage(ctx) -> None:
         samples = _planted_set(train, holdout, ctx.out / "audit_planted")
         print(f"  no synthetic samples in this demo run; auditing a planted set instead: {samples}")
     # CPU-sized detector training: quick < 60 s for the stage, full < 5 min
-    steps = {(2, True): 120, (3, True): 200, (2, False): 500, (3, False): 300}[(ctx.dims, bool(ctx.quick))]
+    steps = {(2, True): 100, (3, True): 200, (2, False): 500, (3, False): 300}[(ctx.dims, bool(ctx.quick))]
     report = run_audit(
         train, holdout, samples, ctx.out / "audit", detector="ssl", overwrite=True,
         detector_options={"steps": steps, "batch_size": 64 if ctx.dims == 2 else 32}, filter_out=ctx.out / "samples_filtered",
