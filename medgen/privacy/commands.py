@@ -12,13 +12,9 @@ subcommand (argparse subparsers with required=False), so each form gets its own 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 from pathlib import Path
 
-from medgen.errors import ConfigError, RunError
-
-log = logging.getLogger(__name__)
+from medgen.errors import RunError
 
 
 def _data_cfg(config: Path | None):
@@ -174,7 +170,10 @@ def demo_stage(ctx) -> None:
         train, holdout, samples, ctx.out / "audit", detector="ssl", overwrite=True,
         detector_options={"steps": steps, "batch_size": 64 if ctx.dims == 2 else 32}, filter_out=ctx.out / "samples_filtered",
     )
+    ctx.state["audit_dir"] = ctx.out / "audit"
     ctx.state["audit_report"] = ctx.out / "audit" / "report.json"
     ctx.state["audit_verdict"] = report["verdict"]
     print(f"  audit: {report['verdict']}, {report['n_copies']}/{report['n_synthetic']} flagged ({report['n_copies_pct']:.1f}%), "
           f"tau {report['threshold']:.4f}, AuthPct {report['authpct']:.1f}%  -> {ctx.out / 'audit' / 'report.md'}")
+    if ctx.quick:
+        print("  (quick mode: a few held-out subjects and a briefly trained detector make tau low and the flags noisy; see the report's warnings)")

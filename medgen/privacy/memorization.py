@@ -7,7 +7,6 @@ memory, on the GPU when the inputs are there), so 100k x 100k sets never build a
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 
@@ -16,8 +15,6 @@ import torch
 
 from medgen.errors import DataError
 from medgen.metrics.knn import pairwise_topk
-
-log = logging.getLogger(__name__)
 
 SIMILARITIES = ("pearson", "cosine")
 
