@@ -21,14 +21,13 @@ demo: install
 demo-quick: install
 	$(PY) -m medgen demo --quick --out runs/demo-quick
 
+# The whole suite (about 6 min on 2 quiet cores, plus ~2.5 min of install on a fresh clone);
+# `make test-fast` skips the tests marked slow (DDP launches, 3D planted copies, sampling quality).
 test: install
+	$(PY) -m pytest -q --durations=20
+
+test-fast: install
 	$(PY) -m pytest -q -m "not slow" --durations=15
-
-test-slow: install
-	$(PY) -m pytest -q -m slow --durations=15
-
-test-all: install
-	$(PY) -m pytest -q --durations=25
 
 bench: install
 	for b in eval/bench_*.py; do $(PY) $$b || exit 1; done
