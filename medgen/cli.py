@@ -27,7 +27,7 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medgen", description="Generative medical imaging: train, sample, evaluate, audit, release.")
+    parser = argparse.ArgumentParser(prog="medgen", description="Generative medical imaging: train, sample, evaluate, audit.")
     parser.add_argument("--verbose", "-v", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
