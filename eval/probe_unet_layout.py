@@ -3,7 +3,7 @@
 GroupNorm and conv3d cost per memory layout, then bench_diffusion variants with a CUDA-time
 profile of one 3D step. Usage: python eval/probe_unet_layout.py medgen,medgen:cl,monai [sample]
 """
-import sys, time, json
+import sys, time
 from pathlib import Path
 import torch
 import torch.nn.functional as F

@@ -59,6 +59,14 @@ def cohort_stage(ctx: DemoContext) -> None:
     print(f"  preview: {ctx.out / 'cohort_preview.png'}")
 
 
+def demo_config(name: str) -> Path:
+    """A demo config shipped in the checkout's `configs/` folder."""
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    if not path.is_file():
+        raise RunError(f"demo config {path} not found; run the demo from a medgen source checkout")
+    return path
+
+
 def _resolve(target: str) -> Callable[[DemoContext], None]:
     module, func = target.split(":")
     return getattr(importlib.import_module(module), func)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from medgen.data import DataConfig, MedicalDataset, check_samples, datasets_from_config, load, load_images, make_splits, preprocess, read_image, scan_dataset
+from medgen.data import DataConfig, check_samples, datasets_from_config, load, load_images, make_splits, preprocess, read_image, scan_dataset
 from medgen.data.dataset import Sample
 from medgen.errors import ConfigError, DataError
 

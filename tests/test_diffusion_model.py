@@ -78,7 +78,7 @@ def test_timestep_embedding_matches_diffusers():
 def test_null_class_and_unknown_labels_agree():
     torch.manual_seed(0)
     net = UNet(spatial_dims=2, in_channels=1, num_classes=2, **TINY)
-    x, t = torch.randn(3, 1, 8, 8), torch.tensor([3, 3, 3])
+    t = torch.tensor([3, 3, 3])
     torch.testing.assert_close(net.embed(t, None), net.embed(t, torch.tensor([-1, 2, -5])))
     assert not torch.allclose(net.embed(t, torch.tensor([0, 0, 0])), net.embed(t, None))
 

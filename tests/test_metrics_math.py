@@ -12,7 +12,7 @@ from medgen.metrics.bootstrap import bootstrap_mean, bootstrap_two_sample
 from medgen.metrics.fid import frechet_distance, frechet_distance_from_statistics, gaussian_statistics, trace_sqrt_product
 from medgen.metrics.kid import kernel_inception_distance, mmd2_unbiased
 from medgen.metrics.msssim import msssim_diversity, msssim_settings, random_pairs
-from medgen.metrics.prdc import density_coverage, precision_recall, prdc, prdc_indicators
+from medgen.metrics.prdc import density_coverage, precision_recall, prdc
 
 
 def _exact_gaussian_sample(n, mu, cov, seed):

@@ -6,7 +6,7 @@ Import-light: submodules (and torch) load on first attribute access.
 
 from __future__ import annotations
 
-import importlib
+from medgen.lazy import lazy_getattr
 
 _EXPORTS = {
     "pairwise_topk": "medgen.metrics.knn",
@@ -28,9 +28,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'medgen.metrics' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -504,7 +504,7 @@ def cache_key(paths: Sequence[Path], extractor_recipe: dict, extra: dict | None 
 def cached_features(key: str, compute: Callable[[], dict[str, torch.Tensor]], use_cache: bool = True) -> tuple[dict[str, torch.Tensor], bool]:
     """Load {name: (N, D)} features for `key` from medgen_cache_dir()/features, or compute and
     store them (safetensors + a JSON sidecar; never inside the input folder). -> (features, hit)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     folder = medgen_cache_dir() / "features"
     file = folder / f"{key}.safetensors"
@@ -513,9 +513,6 @@ def cached_features(key: str, compute: Callable[[], dict[str, torch.Tensor]], us
             return load_file(str(file)), True
     feats = compute()
     if use_cache:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{key}.{os.getpid()}.tmp"
-        save_file({k: v.contiguous().float() for k, v in feats.items()}, str(tmp))
-        os.replace(tmp, file)
+        atomic_write_bytes(file, save({k: v.contiguous().float() for k, v in feats.items()}))
         atomic_write_json(folder / f"{key}.json", {k: list(v.shape) for k, v in feats.items()})
     return feats, False

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import math
-import os
 import platform
 import time
 from pathlib import Path

@@ -7,7 +7,7 @@ filtered release set. Import-light: submodules (and torch) load on first attribu
 
 from __future__ import annotations
 
-import importlib
+from medgen.lazy import lazy_getattr
 
 _EXPORTS = {
     "run_audit": "medgen.privacy.audit",
@@ -30,9 +30,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'medgen.privacy' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

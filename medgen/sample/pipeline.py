@@ -145,7 +145,7 @@ def write_samples(pipeline: DiffusionPipeline, out: str | os.PathLike, n: int, s
                   bit_depth: int = 8, overwrite: bool = False, eta: float = 0.0, progress: bool = False) -> Path:
     """Generate `n` samples into a new sample directory (complete or not at all)."""
     from medgen.io import atomic_write_bytes
-    from medgen.train.diffusion import grid_png
+    from medgen.train.preview import grid_png
 
     if bit_depth not in (8, 16):
         raise ConfigError(f"bit depth must be 8 or 16, got {bit_depth}")

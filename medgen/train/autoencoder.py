@@ -15,14 +15,12 @@ The run directory follows ARCHITECTURE.md; `model/` rebuilds with `load_autoenco
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from medgen.config import to_dict
@@ -46,6 +44,7 @@ from medgen.train.common import (
     progress_bar,
     save_inference_model,
 )
+from medgen.train.preview import grid_png, mid_slices
 from medgen.train.losses import (
     adaptive_gan_weight,
     feature_matching_loss,
@@ -227,36 +226,14 @@ def validate(accelerator, model, loader, metrics: ReconstructionMetrics, max_bat
 # ----------------------------------------------------------------------------- previews
 
 
-def _to_uint8_grid(rows: list[torch.Tensor]) -> np.ndarray:
-    """rows of (N, C, H, W) in [-1, 1] -> (rows*H, N*W[, 3]) uint8."""
-    grid = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2)  # (C, R*H, N*W)
-    img = ((grid.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
-    return img[0].numpy() if img.shape[0] == 1 else img[:3].permute(1, 2, 0).numpy()
-
-
-def mid_slices(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, D, H, W) -> (N, C, S, S): the three orthogonal mid slices side by side, resized to one size."""
-    import torch.nn.functional as F
-
-    d, h, w = x.shape[2:]
-    planes = [x[:, :, d // 2], x[:, :, :, h // 2], x[:, :, :, :, w // 2]]
-    size = max(d, h, w)
-    planes = [F.interpolate(p.float(), size=(size, size), mode="nearest") for p in planes]
-    return torch.cat(planes, dim=-1)
-
-
 def write_preview(path: Path, real: torch.Tensor, recon: torch.Tensor, n: int = 4) -> None:
     """PNG: top row inputs, bottom row reconstructions (3D: mid slices along each axis)."""
-    from PIL import Image
-
     from medgen.io import atomic_write_bytes
 
     real, recon = real[:n].detach().float().cpu(), recon[:n].detach().float().cpu()
     if real.ndim == 5:
         real, recon = mid_slices(real), mid_slices(recon)
-    buf = io.BytesIO()
-    Image.fromarray(_to_uint8_grid([real, recon])).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, grid_png(torch.cat([real, recon]), ncol=real.shape[0]))
 
 
 # ----------------------------------------------------------------------------- training
@@ -455,16 +432,10 @@ def train_from_args(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- demo
 
 
-def _repo_config(name: str) -> Path:
-    path = Path(__file__).resolve().parents[2] / "configs" / name
-    if not path.is_file():
-        raise ConfigError(f"demo config {path} not found; run the demo from a medgen source checkout")
-    return path
-
-
 def demo_stage(ctx) -> None:
     """Train the tiny demo autoencoder on the cohort (quick: 20-24 steps) -> ctx.state["autoencoder_run"]."""
     from medgen.config import load_config
+    from medgen.demo import demo_config
     from medgen.train.common import read_metrics
 
     size = ctx.cohort_settings()["size"]
@@ -473,7 +444,7 @@ def demo_stage(ctx) -> None:
         steps = 20 if ctx.dims == 2 else 24
         overrides += [f"train.max_steps={steps}", f"loss.disc_start={steps // 2}", f"train.val_every={steps}",
                       f"train.checkpoint_every={steps}", f"train.preview_every={steps}"]
-    cfg = load_config(_repo_config(f"demo_autoencoder_{ctx.dims}d.yaml"), overrides, DEFAULTS)
+    cfg = load_config(demo_config(f"demo_autoencoder_{ctx.dims}d.yaml"), overrides, DEFAULTS)
     run = train_autoencoder(cfg, Path(ctx.out) / "autoencoder")
     ctx.state["autoencoder_run"] = run
     val = [r for r in read_metrics(run) if "val/psnr" in r]

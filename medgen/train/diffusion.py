@@ -20,16 +20,13 @@ latent scale factor, spacing) for `medgen.load_pipeline` / `medgen sample`.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from medgen.config import to_dict
@@ -37,6 +34,7 @@ from medgen.diffusion import DiffusionLoss, NoiseSchedule, generators, sample_lo
 from medgen.errors import ConfigError, RunError
 from medgen.io import atomic_write_bytes, atomic_write_json, sha256_file
 from medgen.models.unet import build_denoiser
+from medgen.train.preview import grid_png
 from medgen.train.common import (
     CheckpointManager,
     EpochSampler,
@@ -217,36 +215,6 @@ def build_training_data(cfg, run_dir: Path, accelerator) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- previews
-
-
-def mid_slices(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, D, H, W) -> (N, C, S, 3S): axial, coronal, sagittal mid slices side by side."""
-    import torch.nn.functional as F
-
-    d, h, w = x.shape[2:]
-    size = max(d, h, w)
-    planes = [x[:, :, d // 2], x[:, :, :, h // 2], x[:, :, :, :, w // 2]]
-    return torch.cat([F.interpolate(p.float(), size=(size, size), mode="nearest") for p in planes], dim=-1)
-
-
-def grid_png(x: torch.Tensor, ncol: int | None = None) -> bytes:
-    """PNG bytes of a grid of images (N, C, H, W) in [-1, 1]; 3D volumes show three mid slices."""
-    from PIL import Image
-
-    x = x.detach().float().cpu()
-    n = x.shape[0]
-    if x.ndim == 5:  # one volume per row
-        x, ncol = mid_slices(x), ncol or 1
-    ncol = ncol or max(1, math.ceil(math.sqrt(n)))
-    nrow = math.ceil(n / ncol)
-    pad = torch.full((nrow * ncol - n, *x.shape[1:]), -1.0)
-    x = torch.cat([x, pad]).view(nrow, ncol, *x.shape[1:])  # (R, K, C, H, W)
-    grid = torch.cat([torch.cat(list(row), dim=-1) for row in x], dim=-2)  # (C, R*H, K*W)
-    img = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    arr = img[0].numpy() if img.shape[0] == 1 else img[:3].permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------- EMA state (safetensors + JSON)
@@ -491,6 +459,7 @@ def demo_stage(ctx) -> None:
     Sets ctx.state["diffusion_run"] and ctx.state["samples"] (a sample directory).
     """
     from medgen.config import load_config
+    from medgen.demo import demo_config
     from medgen.sample.pipeline import load_pipeline, write_samples
 
     ae_run = ctx.state.get("autoencoder_run")
@@ -506,10 +475,7 @@ def demo_stage(ctx) -> None:
         steps = 80 if ctx.dims == 2 else 40
         overrides += [f"train.max_steps={steps}", f"train.checkpoint_every={steps}", f"train.preview_every={steps}",
                       "train.log_every=10", "sample.n_preview=4"]
-    path = Path(__file__).resolve().parents[2] / "configs" / name
-    if not path.is_file():
-        raise ConfigError(f"demo config {path} not found; run the demo from a medgen source checkout")
-    cfg = load_config(path, overrides, DEFAULTS)
+    cfg = load_config(demo_config(name), overrides, DEFAULTS)
     run = train_diffusion(cfg, Path(ctx.out) / "diffusion")
     ctx.state["diffusion_run"] = run
     losses = [r["loss"] for r in read_metrics(run) if "loss" in r]
