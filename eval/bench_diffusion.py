@@ -82,12 +82,14 @@ def count_flops(model, loss_fn, x) -> float:
     return float(fc.get_total_flops())
 
 
-def bench_train(model, compiled: bool, plan: dict, device, amp_dtype, iters: int, warmup: int) -> dict:
+def make_train_step(model, compiled: bool, plan: dict, device, amp_dtype, count: bool = True):
+    """One training step of the eps objective (fwd + bwd + AdamW) at the plan's batch size.
+    Returns (step, FLOPs of one step or None)."""
     model.train()
     schedule = NoiseSchedule()
     loss_fn = DiffusionLoss(schedule.alphas_cumprod().to(device), prediction="eps")
     x = torch.randn(plan["batch"], *plan["latent"], device=device)
-    flops = count_flops(model, loss_fn, x)
+    flops = count_flops(model, loss_fn, x) if count else None
     net = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
@@ -97,7 +99,11 @@ def bench_train(model, compiled: bool, plan: dict, device, amp_dtype, iters: int
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return step, flops
 
+
+def bench_train(model, compiled: bool, plan: dict, device, amp_dtype, iters: int, warmup: int) -> dict:
+    step, flops = make_train_step(model, compiled, plan, device, amp_dtype)
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
