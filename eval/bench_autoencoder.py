@@ -2,10 +2,12 @@
 autoencoder against MONAI's `VQVAE` at the same channel plan.
 
 Variants (batch 1 volume of 128^3 on a GPU with bf16 autocast, 32^3 fp32 on CPU):
-- `medgen:gan`  the whole step the trainer runs: encoder, EMA quantizer (16384 x 8-d codes),
-  decoder, L1 + LPIPS-style VGG16 loss on slices + commitment + adaptive-weight hinge GAN +
-  feature matching against a 3D PatchGAN (volume) and a 2D PatchGAN (random slices), backward,
-  generator Adam step; then the discriminator hinge step and its Adam step;
+- `medgen:gan`  the whole step the trainer runs once the GAN is on, through the trainer's own
+  builders and step functions (`medgen.train.autoencoder.generator_loss` / `discriminator_loss`)
+  with the networks and loss weights of configs/medical_diffusion_vqgan_3d.yaml: encoder, EMA
+  quantizer (16384 x 8-d codes), decoder, L1 + LPIPS-style VGG16 loss on slices + commitment +
+  hinge GAN + feature matching against a 3D PatchGAN (volume) and a 2D PatchGAN (random slices),
+  backward, generator Adam step; then the discriminator hinge step and its Adam step;
 - `medgen:ae`   generator only (encoder, quantizer, decoder, L1 + commitment, backward, Adam);
 - `monai:ae`    MONAI `VQVAE` with the same widths, code size and codebook, the same loss/step.
 `:ckpt` after a medgen variant turns on gradient checkpointing, `:cf` keeps channels-first activations
@@ -23,6 +25,7 @@ medgen:ae / monai:ae. Ends with one JSON line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import resource
@@ -34,19 +37,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medgen.models.autoencoder import Autoencoder, to_channels_last  # noqa: E402
-from medgen.models.discriminator import GANDiscriminator  # noqa: E402
-from medgen.train.losses import (  # noqa: E402
-    adaptive_gan_weight,
-    feature_matching_loss,
-    hinge_d_loss,
-    hinge_g_loss,
-    reconstruction_loss,
+from medgen.config import load_config  # noqa: E402
+from medgen.models.autoencoder import to_channels_last  # noqa: E402
+from medgen.train.autoencoder import (  # noqa: E402
+    DEFAULTS,
+    LossWeights,
+    build_autoencoder,
+    build_discriminator,
+    discriminator_loss,
+    generator_loss,
 )
+from medgen.train.losses import reconstruction_loss  # noqa: E402
 
-# Medical Diffusion's VQ-GAN (configs/medical_diffusion_vqgan_3d.yaml)
-CHANNELS = (16, 32, 64)
-CODES, CODE_DIM = 16384, 8
+# Medical Diffusion's VQ-GAN: the networks and loss weights of this config, built by the trainer's
+# own builders and run through the trainer's own step functions
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "medical_diffusion_vqgan_3d.yaml"
+
+
+def vqgan_config(ckpt: bool = False):
+    return load_config(CONFIG, [f"model.gradient_checkpointing={ckpt}"], DEFAULTS)
 
 
 def sync(device):
@@ -54,21 +63,17 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def build_medgen(device, ckpt: bool, channels_last: bool):
-    ae = Autoencoder(3, 1, CODE_DIM, channels=CHANNELS, downsample=4, num_res_blocks=1, num_codes=CODES,
-                     dead_threshold=1.0, gradient_checkpointing=ckpt).to(device)
-    return to_channels_last(ae) if channels_last else ae
-
-
 def build_monai(device):
     from monai.networks.nets import VQVAE
 
-    # Same plan: two stride-2 stages to 1/4 resolution at widths 32, 64 (our levels 2 and 3),
-    # one residual layer per stage, 8-d codes, 16384 codes, EMA quantizer.
-    return VQVAE(spatial_dims=3, in_channels=1, out_channels=1, channels=CHANNELS[1:], num_res_layers=1,
-                 num_res_channels=CHANNELS[1:], downsample_parameters=((2, 4, 1, 1), (2, 4, 1, 1)),
-                 upsample_parameters=((2, 4, 1, 1, 0), (2, 4, 1, 1, 0)), num_embeddings=CODES,
-                 embedding_dim=CODE_DIM, decay=0.99, ddp_sync=False).to(device)
+    # Same plan: two stride-2 stages to 1/4 resolution at the config's two coarser widths, one
+    # residual layer per stage, the same code size and codebook, EMA quantizer.
+    m = vqgan_config().model
+    widths = tuple(int(c) for c in m.channels)[1:]
+    return VQVAE(spatial_dims=3, in_channels=1, out_channels=1, channels=widths, num_res_layers=1,
+                 num_res_channels=widths, downsample_parameters=((2, 4, 1, 1), (2, 4, 1, 1)),
+                 upsample_parameters=((2, 4, 1, 1, 0), (2, 4, 1, 1, 0)), num_embeddings=int(m.num_codes),
+                 embedding_dim=int(m.latent_channels), decay=float(m.ema_decay), ddp_sync=False).to(device)
 
 
 def make_step(variant: str, size: int, device, amp_dtype, compile_: bool):
@@ -97,14 +102,19 @@ def make_step(variant: str, size: int, device, amp_dtype, compile_: bool):
             opt.zero_grad(set_to_none=True)
         return step, [net]
 
-    ae = build_medgen(device, ckpt, channels_last)
+    cfg = vqgan_config(ckpt)
+    ae = build_autoencoder(cfg.model, 3, 1).to(device)
+    if channels_last:
+        to_channels_last(ae)
     opt_g = torch.optim.Adam(ae.parameters(), lr=3e-4, betas=(0.5, 0.9))
     fwd = torch.compile(ae) if compile_ else ae
+    weights = LossWeights.from_config(cfg.loss, is_vq=True)
     if kind == "ae":
+        weights = dataclasses.replace(weights, rec=1.0)
+
         def step():
             with autocast:
-                recon, aux = fwd(x)
-                loss = reconstruction_loss(recon, x) + aux["latent_loss"]
+                loss = generator_loss(fwd, x, weights)[0]
             loss.backward()
             opt_g.step()
             opt_g.zero_grad(set_to_none=True)
@@ -114,40 +124,27 @@ def make_step(variant: str, size: int, device, amp_dtype, compile_: bool):
 
     from medgen.models.perceptual import PerceptualLoss
 
-    disc = GANDiscriminator(3, 1, channels=64, num_layers=3, norm="group", volume=True, slices=True).to(device)
+    disc = build_discriminator(cfg.discriminator, 3, 1).to(device)
     if channels_last:
         to_channels_last(disc)  # 3D volume convs and 2D slice convs
     # random-init VGG16: same cost as the pretrained one, nothing to download
     perceptual = PerceptualLoss("vgg16", torchvision.models.vgg16(weights=None).state_dict(), spatial_dims=3,
-                                slices=1).to(device)
+                                slices=int(cfg.loss.perceptual_slices)).to(device)
     opt_d = torch.optim.Adam(disc.parameters(), lr=3e-4, betas=(0.5, 0.9))
     dfwd = torch.compile(disc) if compile_ else disc
 
     def step():
         with autocast:
-            recon, aux = fwd(x)
-            nll = 4.0 * reconstruction_loss(recon, x) + 4.0 * perceptual(recon, x)
-            disc.requires_grad_(False)
-            idx = disc.draw_slices(x)
-            fake = dfwd(recon, idx)
-            with torch.no_grad():
-                real = dfwd(x, idx)
-            adv = sum(hinge_g_loss(f[-1]) for f in fake.values())
-            lam = adaptive_gan_weight(nll, adv, ae.last_layer)
-            fm = sum(feature_matching_loss(fake[k], real[k]) for k in fake)
-            g_loss = nll + aux["latent_loss"] + lam * adv + 4.0 * fm
+            g_loss, recon, _, _, slice_index = generator_loss(fwd, x, weights, perceptual, dfwd, ae.last_layer)
         g_loss.backward()
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
-        disc.requires_grad_(True)
         with autocast:
-            real = dfwd(x, idx)
-            fake = dfwd(recon.detach(), idx)
-            d_loss = sum(hinge_d_loss(real[k][-1], fake[k][-1]) for k in real)
+            d_loss = discriminator_loss(dfwd, x, recon, slice_index, weights)
         d_loss.backward()
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)
-    return step, [ae, disc]
+    return step, [ae, disc, perceptual]
 
 
 def count_flops(step) -> float:
@@ -179,7 +176,7 @@ def run_variant(variant, size, device, amp_dtype, steps, warmup, compile_):
         peak_gb = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, cumulative
-    params = sum(p.numel() for m in modules for p in m.parameters())
+    params = sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)  # trained ones
     del step, modules
     return {"variant": variant + ("+compile" if compile_ else ""), "volumes_per_s": 1.0 / seconds,
             "step_ms": seconds * 1e3, "peak_mem_gb": peak_gb, "tflops": flops / seconds / 1e12,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from medgen.cli import main
 from medgen.config import load_config
@@ -164,6 +165,38 @@ def test_cli_config_errors_are_clear(cohort_2d, tmp_path, capsys):
     assert "none.safetensors does not exist" in capsys.readouterr().err
     assert main(["train", "autoencoder", "--out", str(tmp_path / "c")]) == 2
     assert "--config is required" in capsys.readouterr().err
+
+
+def test_estimate_memory_closed_forms(tmp_path, capsys, monkeypatch):
+    over = ["data.shape=[32,32,32]"]
+
+    def estimate(*extra):
+        return ae_train.estimate_memory(load_config(DEMO_3D, over + list(extra), ae_train.DEFAULTS))
+
+    b2, b4 = estimate("train.batch_size=2"), estimate("train.batch_size=4")
+    # persistent = parameters + Adam's two fp32 moments of every trained parameter (+ 4-byte step counters)
+    cfg = load_config(DEMO_3D, over, ae_train.DEFAULTS)
+    trained = sum(p.numel() * 4 for m in (ae_train.build_autoencoder(cfg.model, 3, 1),
+                                           ae_train.build_discriminator(cfg.discriminator, 3, 1))
+                  for p in m.parameters())
+    gib = 2**30
+    assert (b2["persistent_gib"] - b2["parameters_gib"]) * gib == pytest.approx(2 * trained, rel=0.01)
+    assert b4["persistent_gib"] == b2["persistent_gib"]
+    act2, act4 = b2["peak_gib"] - b2["persistent_gib"], b4["peak_gib"] - b4["persistent_gib"]
+    assert act4 / act2 == pytest.approx(2.0, rel=0.1)  # activations are linear in the batch
+    assert estimate("train.batch_size=4", "model.gradient_checkpointing=true")["peak_gib"] < b4["peak_gib"]
+    # a perceptual backbone whose weights file is absent is replaced by a random one of the same size
+    monkeypatch.setenv("MEDGEN_WEIGHTS_DIR", str(tmp_path))
+    vgg = estimate("train.batch_size=2", "data.shape=[16,16,16]", "loss.perceptual=vgg16", "loss.perceptual_slices=1")
+    features = sum(p.numel() * 4 for p in torchvision.models.vgg16(weights=None).features.parameters())
+    assert (vgg["parameters_gib"] - b2["parameters_gib"]) * gib == pytest.approx(features, rel=0.01)
+    # CLI: no --out needed, nothing written
+    assert main(["train", "autoencoder", "--config", str(DEMO_3D), "--estimate-memory", *over]) == 0
+    assert "peak tensor memory of a training step at batch 2 x 1 x 32x32x32, fp32" in capsys.readouterr().out
+    assert main(["train", "autoencoder", "--config", str(DEMO_3D), "--estimate-memory", "data.shape=null"]) == 2
+    assert "needs data.shape" in capsys.readouterr().err
+    assert main(["train", "autoencoder", "--config", str(DEMO_3D)]) == 2
+    assert "--out is required" in capsys.readouterr().err
 
 
 def _free_port() -> int:

@@ -18,6 +18,7 @@ import argparse
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,155 @@ def build_perceptual(loss_cfg: Any, spatial_dims: int):
 
     return PerceptualLoss(name, cfg_get(loss_cfg, "perceptual_weights", None), spatial_dims,
                           int(cfg_get(loss_cfg, "perceptual_slices", 2)))
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The `loss:` config resolved for one model (VQ: commitment weight; KL: KL weight)."""
+
+    reconstruction: str
+    rec: float
+    perceptual: float
+    latent: float
+    adversarial: float
+    feature_matching: float
+    adaptive: bool
+
+    @classmethod
+    def from_config(cls, lcfg: Any, is_vq: bool) -> LossWeights:
+        return cls(str(lcfg.reconstruction), float(lcfg.reconstruction_weight), float(lcfg.perceptual_weight),
+                   float(lcfg.latent_weight) if is_vq else float(lcfg.kl_weight), float(lcfg.adversarial_weight),
+                   float(lcfg.feature_matching_weight), bool(lcfg.adaptive_weight))
+
+
+def generator_loss(model, x: torch.Tensor, w: LossWeights, perceptual=None, disc: GANDiscriminator | None = None,
+                   last_layer: torch.Tensor | None = None):
+    """The generator objective of one batch (call under autocast).
+
+    `disc` is the plain (not DDP-wrapped) discriminator, given once the GAN terms are on; its
+    parameters are frozen for this pass, so its DDP wrapper sees only the discriminator step.
+    Returns (loss, recon, aux, logs, slice_index); `slice_index` feeds `discriminator_loss`.
+    """
+    logs: dict[str, torch.Tensor] = {}
+    recon, aux = model(x)
+    rec = reconstruction_loss(recon, x, w.reconstruction)
+    nll = w.rec * rec
+    if perceptual is not None:
+        perc = perceptual(recon, x)
+        nll = nll + w.perceptual * perc
+        logs["loss/perceptual"] = perc.detach()
+    loss = nll + w.latent * aux["latent_loss"]
+    slice_index = None
+    if disc is not None:
+        disc.requires_grad_(False)
+        slice_index = disc.draw_slices(x)
+        fake_feats = disc(recon, slice_index)
+        adv = sum(hinge_g_loss(f[-1]) for f in fake_feats.values())
+        lam = adaptive_gan_weight(nll, adv, last_layer) if w.adaptive else torch.ones((), device=x.device)
+        loss = loss + w.adversarial * lam * adv
+        if w.feature_matching > 0:
+            with torch.no_grad():
+                real_feats = disc(x, slice_index)
+            fm = sum(feature_matching_loss(fake_feats[k], real_feats[k]) for k in fake_feats)
+            loss = loss + w.feature_matching * fm
+            logs["loss/feature_matching"] = fm.detach()
+        disc.requires_grad_(True)
+        logs["loss/g_adv"], logs["gan_weight"] = adv.detach(), lam
+    logs.update({"loss/total": loss.detach(), "loss/reconstruction": rec.detach(),
+                 "loss/latent": aux["latent_loss"].detach()})
+    return loss, recon, aux, logs, slice_index
+
+
+def discriminator_loss(disc, x: torch.Tensor, recon: torch.Tensor, slice_index, w: LossWeights) -> torch.Tensor:
+    """Hinge loss of the discriminator(s) on real `x` and detached `recon` (call under autocast)."""
+    real_out = disc(x, slice_index)
+    fake_out = disc(recon.detach(), slice_index)
+    return w.adversarial * sum(hinge_d_loss(real_out[k][-1], fake_out[k][-1]) for k in real_out)
+
+
+def estimate_memory(cfg, steps: int = 2) -> dict[str, Any]:
+    """Peak tensor memory of training steps at the config's batch size and `data.shape`, measured
+    on the CPU (medgen.profiling.TensorMemory), with every network the config builds and the GAN
+    terms on (the costliest phase). Nothing is read or written; a missing perceptual weights file
+    is replaced by a random backbone of the same architecture (same memory).
+
+    The figure is what `torch.cuda.max_memory_allocated` would report, less cuDNN workspaces and
+    allocator overhead; add the CUDA context (~0.5 GiB) for the card's total.
+    """
+    import torchvision
+
+    from medgen.errors import WeightsError
+    from medgen.profiling import TensorMemory
+
+    shape = cfg_get(cfg.data, "shape", None)
+    if not shape:
+        raise ConfigError("--estimate-memory needs data.shape, e.g. data.shape=[128,128,128]")
+    shape = [int(s) for s in shape]
+    in_channels = int(cfg_get(cfg.data, "channels", None) or 1)
+    spatial_dims = len(shape)
+    batch = int(cfg.train.batch_size)
+    precision = str(cfg.train.mixed_precision)
+    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.bfloat16}.get(precision)
+    if dtype is None:
+        raise ConfigError(f"train.mixed_precision must be no, fp16 or bf16, got {precision!r}")
+    torch.manual_seed(int(cfg.train.seed))
+    model = build_autoencoder(cfg.model, spatial_dims, in_channels)
+    if any(s % f for s, f in zip(shape, model.downsample_factors)):
+        raise ConfigError(f"data.shape {shape} is not divisible by model.downsample {list(model.downsample_factors)}")
+    disc = build_discriminator(cfg.discriminator, spatial_dims, in_channels)
+    try:
+        perceptual = build_perceptual(cfg.loss, spatial_dims)
+    except WeightsError:
+        from medgen.models.perceptual import PerceptualLoss
+
+        name = str(cfg.loss.perceptual)
+        perceptual = PerceptualLoss(name, getattr(torchvision.models, name)(weights=None).state_dict(), spatial_dims,
+                                    int(cfg_get(cfg.loss, "perceptual_slices", 2)))
+    weights = LossWeights.from_config(cfg.loss, model.latent == "vq")
+    betas = tuple(float(b) for b in cfg.train.betas)
+    opt_g = torch.optim.Adam(model.parameters(), lr=float(cfg.train.lr), betas=betas)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=float(cfg.train.lr), betas=betas) if disc is not None else None
+    x = torch.rand(batch, in_channels, *shape) * 2 - 1
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+    modules = [m for m in (model, disc, perceptual) if m is not None]
+    with TensorMemory() as mem:
+        mem.track(*modules, x)
+        param_bytes = mem.current_bytes - x.numel() * x.element_size()
+        for _ in range(steps):
+            with autocast:
+                g_loss, recon, aux, logs, slice_index = generator_loss(model, x, weights, perceptual, disc,
+                                                                       model.last_layer)
+            g_loss.backward()
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
+            if disc is not None:
+                with autocast:
+                    d_loss = discriminator_loss(disc, x, recon, slice_index, weights)
+                d_loss.backward()
+                opt_d.step()
+                opt_d.zero_grad(set_to_none=True)
+                del d_loss
+            del g_loss, recon, aux, logs, slice_index  # what stays is parameters and optimizer state
+    gib = 2**30
+    return {"peak_gib": mem.peak_bytes / gib, "parameters_gib": param_bytes / gib,
+            "persistent_gib": (mem.current_bytes - x.numel() * x.element_size()) / gib,
+            "batch": batch, "shape": shape, "channels": in_channels, "precision": precision,
+            "discriminator": disc is not None, "perceptual": perceptual is not None,
+            "gradient_checkpointing": bool(cfg.model.gradient_checkpointing)}
+
+
+def print_memory_estimate(est: dict[str, Any], stage: str) -> None:
+    size = "x".join(str(s) for s in est["shape"])
+    precision = "fp32" if est["precision"] == "no" else est["precision"]
+    print(f"{stage}: peak tensor memory of a training step at batch {est['batch']} x {est['channels']} x {size}, "
+          f"{precision}: {est['peak_gib']:.2f} GiB")
+    print(f"  parameters {est['parameters_gib']:.2f} GiB; parameters + optimizer state {est['persistent_gib']:.2f} GiB; "
+          f"the rest is activations and gradients")
+    print("  measured on the CPU; a GPU adds its CUDA context (~0.5 GiB), cuDNN workspaces and allocator rounding "
+          "(see eval/RESULTS.md for the gap measured on an H200)")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -323,9 +473,7 @@ def _train(cfg, run_dir: Path, resume: str | None, state: dict) -> Path:
     max_steps = int(tcfg.max_steps)
     disc_start = int(lcfg.disc_start)
     is_vq = raw_model.latent == "vq"
-    latent_w = float(lcfg.latent_weight) if is_vq else float(lcfg.kl_weight)
-    w_rec, w_perc = float(lcfg.reconstruction_weight), float(lcfg.perceptual_weight)
-    w_adv, w_fm = float(lcfg.adversarial_weight), float(lcfg.feature_matching_weight)
+    weights = LossWeights.from_config(lcfg, is_vq)
     max_norm = cfg_get(tcfg, "max_grad_norm", None)
     samples_dir = run_dir / "samples"
     bar = progress_bar(accelerator, max_steps, start, desc="autoencoder")
@@ -347,31 +495,8 @@ def _train(cfg, run_dir: Path, resume: str | None, state: dict) -> Path:
             with accelerator.accumulate(*([model, disc] if disc is not None else [model])):
                 # ---- generator
                 with accelerator.autocast():
-                    recon, aux = model(x)
-                    rec = reconstruction_loss(recon, x, str(lcfg.reconstruction))
-                    nll = w_rec * rec
-                    if perceptual is not None:
-                        perc = perceptual(recon, x)
-                        nll = nll + w_perc * perc
-                        logs["loss/perceptual"] = perc.detach()
-                    g_loss = nll + latent_w * aux["latent_loss"]
-                    if gan_on:
-                        # Plain (unwrapped, frozen) discriminator: its DDP wrapper sees only the D step.
-                        raw_disc.requires_grad_(False)
-                        slice_idx = raw_disc.draw_slices(x)
-                        fake_feats = raw_disc(recon, slice_idx)
-                        adv = sum(hinge_g_loss(f[-1]) for f in fake_feats.values())
-                        lam = (adaptive_gan_weight(nll, adv, raw_model.last_layer)
-                               if bool(lcfg.adaptive_weight) else torch.ones((), device=x.device))
-                        g_loss = g_loss + w_adv * lam * adv
-                        if w_fm > 0:
-                            with torch.no_grad():
-                                real_feats = raw_disc(x, slice_idx)
-                            fm = sum(feature_matching_loss(fake_feats[k], real_feats[k]) for k in fake_feats)
-                            g_loss = g_loss + w_fm * fm
-                            logs["loss/feature_matching"] = fm.detach()
-                        raw_disc.requires_grad_(True)
-                        logs["loss/g_adv"], logs["gan_weight"] = adv.detach(), lam
+                    g_loss, recon, aux, step_logs, slice_idx = generator_loss(
+                        model, x, weights, perceptual, raw_disc if gan_on else None, raw_model.last_layer)
                 check_finite(g_loss, step, "generator loss", accelerator)
                 accelerator.backward(g_loss)
                 if max_norm and accelerator.sync_gradients:
@@ -381,16 +506,13 @@ def _train(cfg, run_dir: Path, resume: str | None, state: dict) -> Path:
                 # ---- discriminator
                 if gan_on:
                     with accelerator.autocast():
-                        real_out = disc(x, slice_idx)
-                        fake_out = disc(recon.detach(), slice_idx)
-                        d_loss = w_adv * sum(hinge_d_loss(real_out[k][-1], fake_out[k][-1]) for k in real_out)
+                        d_loss = discriminator_loss(disc, x, recon, slice_idx, weights)
                     check_finite(d_loss, step, "discriminator loss", accelerator)
                     accelerator.backward(d_loss)
                     opt_d.step()
                     opt_d.zero_grad(set_to_none=True)
                     logs["loss/d"] = d_loss.detach()
-            logs.update({"loss/total": g_loss.detach(), "loss/reconstruction": rec.detach(),
-                         "loss/latent": aux["latent_loss"].detach()})
+            logs.update(step_logs)
             for k in ("perplexity", "usage", "restarted"):
                 if k in aux:
                     logs[f"codebook/{k}"] = aux[k]
@@ -424,6 +546,11 @@ def _train(cfg, run_dir: Path, resume: str | None, state: dict) -> Path:
 
 
 def train_from_args(args: argparse.Namespace) -> int:
+    if getattr(args, "estimate_memory", False):
+        from medgen.config import load_config
+
+        print_memory_estimate(estimate_memory(load_config(args.config, args.overrides, DEFAULTS)), "autoencoder")
+        return 0
     cfg = load_run_config(args.config, args.out, args.resume, args.overrides, DEFAULTS)
     train_autoencoder(cfg, args.out, args.resume)
     return 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from medgen.errors import ConfigError
+
 # name -> (module with train_from_args, help)
 STAGES: dict[str, tuple[str, str]] = {
     "autoencoder": ("medgen.train.autoencoder", "stage 1: VQ-GAN or KL-VAE autoencoder (2D/3D)"),
@@ -19,15 +21,20 @@ STAGES: dict[str, tuple[str, str]] = {
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="experiment YAML (configs/*.yaml); optional with --resume of a run")
-    parser.add_argument("--out", required=True, help="run directory to create (or to resume)")
+    parser.add_argument("--out", help="run directory to create (or to resume)")
     parser.add_argument("--resume", metavar="latest|CKPT",
                         help="continue from the newest checkpoint in --out ('latest') or a checkpoint folder")
+    parser.add_argument("--estimate-memory", action="store_true",
+                        help="measure the peak tensor memory of a training step at the config's sizes "
+                             "(on the CPU, nothing written), print it and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. data.path=DIR train.max_steps=2000 train.mixed_precision=bf16")
 
 
 def _run(module: str):
     def run(args: argparse.Namespace) -> int:
+        if not args.out and not args.estimate_memory:
+            raise ConfigError("--out is required: the run directory to create (or to resume)")
         return importlib.import_module(module).train_from_args(args)
 
     return run
