@@ -200,6 +200,32 @@ def _learn(cohort, out, steps: int):
     return train_diffusion(cfg, out)
 
 
+def test_estimate_memory_closed_forms(tiny_autoencoder, tmp_path, capsys):
+    from medgen.train.diffusion import build_model_from_config, estimate_memory
+
+    def estimate(*extra):
+        return estimate_memory(_cfg("demo_diffusion_2d.yaml", "autoencoder.run=null", "data.shape=[16,16]",
+                                    "data.channels=4", "model.num_classes=2", *extra))
+
+    b4, b8, b12 = (estimate(f"train.batch_size={b}") for b in (4, 8, 12))
+    net = build_model_from_config(_cfg("demo_diffusion_2d.yaml"), 4, 2, 2)
+    param_bytes = sum(p.numel() * 4 for p in net.parameters())
+    gib = 2**30
+    assert b4["parameters_gib"] * gib == param_bytes
+    # what stays between steps: parameters, AdamW's two moments, the EMA copy (+ 4-byte step counters)
+    assert b4["persistent_gib"] * gib == pytest.approx(4 * param_bytes, rel=0.01)
+    # the peak is affine in the batch: activations per sample, plus batch-independent gradients
+    assert b12["peak_gib"] - b8["peak_gib"] == pytest.approx(b8["peak_gib"] - b4["peak_gib"], rel=1e-3)
+    assert b8["peak_gib"] - b4["peak_gib"] > 0
+    assert estimate("train.batch_size=8", "model.gradient_checkpointing=true")["peak_gib"] < b8["peak_gib"]
+    # latent mode: the latent shape comes from the autoencoder (x4 downsampling, 4 channels)
+    latent = estimate_memory(_cfg("demo_diffusion_2d.yaml", f"autoencoder.run={tiny_autoencoder}", "data.shape=[64,64]"))
+    assert latent["shape"] == [16, 16] and latent["channels"] == 4
+    assert cli(["train", "diffusion", "--config", str(REPO / "configs" / "demo_diffusion_2d.yaml"), "--estimate-memory",
+                "autoencoder.run=null", "data.shape=[16,16]", "data.channels=4"]) == 0
+    assert "peak tensor memory of a training step at batch" in capsys.readouterr().out
+
+
 def test_tiny_model_lowers_its_loss(cohort_2d, tmp_path):
     run = _learn(cohort_2d, tmp_path / "learn", 30)
     losses = [r["loss"] for r in read_metrics(run)]

@@ -35,12 +35,14 @@ from medgen.train.common import (
     build_accelerator,
     cfg_get,
     check_finite,
+    cpu_autocast,
     infinite_batches,
     init_tracker,
     load_run_config,
     make_loader,
     prepare_run_dir,
     preserved_rng,
+    print_memory_estimate,
     process_state,
     progress_bar,
     save_inference_model,
@@ -250,9 +252,7 @@ def estimate_memory(cfg, steps: int = 2) -> dict[str, Any]:
     spatial_dims = len(shape)
     batch = int(cfg.train.batch_size)
     precision = str(cfg.train.mixed_precision)
-    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.bfloat16}.get(precision)
-    if dtype is None:
-        raise ConfigError(f"train.mixed_precision must be no, fp16 or bf16, got {precision!r}")
+    autocast = cpu_autocast(precision)
     torch.manual_seed(int(cfg.train.seed))
     model = build_autoencoder(cfg.model, spatial_dims, in_channels)
     if any(s % f for s, f in zip(shape, model.downsample_factors)):
@@ -271,7 +271,6 @@ def estimate_memory(cfg, steps: int = 2) -> dict[str, Any]:
     opt_g = torch.optim.Adam(model.parameters(), lr=float(cfg.train.lr), betas=betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr=float(cfg.train.lr), betas=betas) if disc is not None else None
     x = torch.rand(batch, in_channels, *shape) * 2 - 1
-    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
     modules = [m for m in (model, disc, perceptual) if m is not None]
     with TensorMemory() as mem:
         mem.track(*modules, x)
@@ -297,17 +296,6 @@ def estimate_memory(cfg, steps: int = 2) -> dict[str, Any]:
             "batch": batch, "shape": shape, "channels": in_channels, "precision": precision,
             "discriminator": disc is not None, "perceptual": perceptual is not None,
             "gradient_checkpointing": bool(cfg.model.gradient_checkpointing)}
-
-
-def print_memory_estimate(est: dict[str, Any], stage: str) -> None:
-    size = "x".join(str(s) for s in est["shape"])
-    precision = "fp32" if est["precision"] == "no" else est["precision"]
-    print(f"{stage}: peak tensor memory of a training step at batch {est['batch']} x {est['channels']} x {size}, "
-          f"{precision}: {est['peak_gib']:.2f} GiB")
-    print(f"  parameters {est['parameters_gib']:.2f} GiB; parameters + optimizer state {est['persistent_gib']:.2f} GiB; "
-          f"the rest is activations and gradients")
-    print("  measured on the CPU; a GPU adds its CUDA context (~0.5 GiB), cuDNN workspaces and allocator rounding "
-          "(see eval/RESULTS.md for the gap measured on an H200)")
 
 
 # ----------------------------------------------------------------------------- validation

@@ -486,3 +486,23 @@ def infinite_batches(accelerator, loader, sampler: EpochSampler, start_batch: in
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def cpu_autocast(precision: str):
+    """The CPU autocast context that stands for `train.mixed_precision` in memory estimates
+    (fp16 and bf16 have the same size; CPU autocast runs bf16)."""
+    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.bfloat16}.get(str(precision))
+    if dtype is None:
+        raise ConfigError(f"train.mixed_precision must be no, fp16 or bf16, got {precision!r}")
+    return torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+
+
+def print_memory_estimate(est: dict[str, Any], stage: str) -> None:
+    size = "x".join(str(s) for s in est["shape"])
+    precision = "fp32" if est["precision"] == "no" else est["precision"]
+    print(f"{stage}: peak tensor memory of a training step at batch {est['batch']} x {est['channels']} x {size}, "
+          f"{precision}: {est['peak_gib']:.2f} GiB")
+    print(f"  parameters {est['parameters_gib']:.2f} GiB; what stays between steps (weights, optimizer and EMA state) "
+          f"{est['persistent_gib']:.2f} GiB; the rest is activations and gradients")
+    print("  measured on the CPU; a GPU adds its CUDA context (~0.5 GiB), cuDNN workspaces and allocator rounding "
+          "(see eval/RESULTS.md for the gap measured on an H200)")

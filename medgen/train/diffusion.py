@@ -43,12 +43,14 @@ from medgen.train.common import (
     cfg_get,
     check_finite,
     count_parameters,
+    cpu_autocast,
     infinite_batches,
     init_tracker,
     load_run_config,
     make_loader,
     prepare_run_dir,
     preserved_rng,
+    print_memory_estimate,
     progress_bar,
     read_metrics,
     save_inference_model,
@@ -444,7 +446,76 @@ def _save_model(run_dir: Path, raw, ema, schedule, info, step: int) -> None:
     log.info("diffusion model (EMA) saved to %s", run_dir / "model")
 
 
+def estimate_memory(cfg, steps: int = 2) -> dict[str, Any]:
+    """Peak tensor memory of training steps (denoiser forward + backward, AdamW, EMA) at the
+    config's batch size, measured on the CPU with medgen.profiling.TensorMemory; nothing is read
+    but the autoencoder's config.
+
+    The denoiser's input shape: latent mode (`autoencoder.run`) `data.shape` divided by the
+    autoencoder's downsampling, with its latent channels; pixel mode `data.shape` x `data.channels`.
+    To size a latent model before stage 1 exists, describe the latents directly, e.g.
+    `autoencoder.run=null data.shape=[32,32,32] data.channels=8`.
+    """
+    from diffusers.training_utils import EMAModel
+
+    from medgen.profiling import TensorMemory
+
+    data = _data_cfg(cfg)
+    if not data.get("shape"):
+        raise ConfigError("--estimate-memory needs data.shape, e.g. data.shape=[128,128,128]")
+    shape = [int(v) for v in data["shape"]]
+    run = cfg_get(cfg.autoencoder, "run")
+    if run is not None:
+        ae = json.loads((_autoencoder_model_dir(run) / "config.json").read_text())
+        factors = [int(f) for f in ae["downsample_factors"]]
+        if any(s % f for s, f in zip(shape, factors)):
+            raise ConfigError(f"data.shape {shape} is not divisible by the autoencoder's downsampling {factors}")
+        channels, shape = int(ae["latent_channels"]), [s // f for s, f in zip(shape, factors)]
+    else:
+        channels = int(data.get("channels") or 1)
+    autocast = cpu_autocast(str(cfg.train.mixed_precision))
+    num_classes = 0 if str(cfg_get(cfg.model, "conditional", "auto")).lower() in ("false", "0", "no") else \
+        int(cfg_get(cfg.model, "num_classes") or 0)
+    torch.manual_seed(int(cfg.train.seed))
+    model = build_model_from_config(cfg, channels, len(shape), num_classes)
+    downsample = 2 ** getattr(model, "downsample_levels", 0)
+    if any(s % downsample for s in shape):
+        raise ConfigError(f"sample shape {shape} is not divisible by {downsample} (2^(levels-1) of model.channels)")
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    loss_fn = DiffusionLoss(schedule.alphas_cumprod(), prediction=schedule.prediction, loss=str(cfg.loss.type),
+                            min_snr_gamma=cfg_get(cfg.loss, "min_snr_gamma"), cond_drop_prob=float(cfg.loss.cond_drop_prob))
+    batch = int(cfg.train.batch_size)
+    x = torch.randn(batch, channels, *shape)
+    labels = torch.randint(0, num_classes, (batch,)) if num_classes else None
+    null_label = model.null_label if num_classes else None
+    input_bytes = sum(t.numel() * t.element_size() for t in (x, labels) if t is not None)
+    with TensorMemory() as mem:
+        mem.track(model, x, labels)
+        param_bytes = mem.current_bytes - input_bytes
+        ema = EMAModel(model.parameters(), decay=float(cfg.ema.decay))
+        opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.train.lr), betas=tuple(float(b) for b in cfg.train.betas),
+                                weight_decay=float(cfg.train.weight_decay))
+        for _ in range(steps):
+            with autocast:
+                loss = loss_fn(model, x, labels, null_label)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema.step(model.parameters())
+            del loss
+        persistent = mem.current_bytes - input_bytes  # parameters, AdamW moments, EMA weights
+    gib = 2**30
+    return {"peak_gib": mem.peak_bytes / gib, "parameters_gib": param_bytes / gib, "persistent_gib": persistent / gib,
+            "batch": batch, "shape": shape, "channels": channels, "precision": str(cfg.train.mixed_precision),
+            "gradient_checkpointing": bool(cfg.model.gradient_checkpointing)}
+
+
 def train_from_args(args: argparse.Namespace) -> int:
+    if getattr(args, "estimate_memory", False):
+        from medgen.config import load_config
+
+        print_memory_estimate(estimate_memory(load_config(args.config, args.overrides, DEFAULTS)), "diffusion")
+        return 0
     cfg = load_run_config(args.config, args.out, args.resume, args.overrides, DEFAULTS)
     train_diffusion(cfg, args.out, args.resume)
     return 0
