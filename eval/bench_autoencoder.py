@@ -44,8 +44,7 @@ from medgen.train.autoencoder import (  # noqa: E402
     LossWeights,
     build_autoencoder,
     build_discriminator,
-    discriminator_loss,
-    generator_loss,
+    plain_train_step,
 )
 from medgen.train.losses import reconstruction_loss  # noqa: E402
 
@@ -111,14 +110,7 @@ def make_step(variant: str, size: int, device, amp_dtype, compile_: bool):
     weights = LossWeights.from_config(cfg.loss, is_vq=True)
     if kind == "ae":
         weights = dataclasses.replace(weights, rec=1.0)
-
-        def step():
-            with autocast:
-                loss = generator_loss(fwd, x, weights)[0]
-            loss.backward()
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
-        return step, [ae]
+        return plain_train_step(fwd, x, weights, opt_g, autocast), [ae]
 
     import torchvision
 
@@ -132,18 +124,7 @@ def make_step(variant: str, size: int, device, amp_dtype, compile_: bool):
                                 slices=int(cfg.loss.perceptual_slices)).to(device)
     opt_d = torch.optim.Adam(disc.parameters(), lr=3e-4, betas=(0.5, 0.9))
     dfwd = torch.compile(disc) if compile_ else disc
-
-    def step():
-        with autocast:
-            g_loss, recon, _, _, slice_index = generator_loss(fwd, x, weights, perceptual, dfwd, ae.last_layer)
-        g_loss.backward()
-        opt_g.step()
-        opt_g.zero_grad(set_to_none=True)
-        with autocast:
-            d_loss = discriminator_loss(dfwd, x, recon, slice_index, weights)
-        d_loss.backward()
-        opt_d.step()
-        opt_d.zero_grad(set_to_none=True)
+    step = plain_train_step(fwd, x, weights, opt_g, autocast, perceptual, dfwd, opt_d, ae.last_layer)
     return step, [ae, disc, perceptual]
 
 

@@ -34,22 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_autoencoder  # noqa: E402
 import bench_diffusion  # noqa: E402
 
-from medgen.profiling import TensorMemory  # noqa: E402
+from medgen.profiling import measure_steps  # noqa: E402
 
-GIB = 2**30
 
 
 def measure(step, modules, steps: int) -> dict:
     """Peak live tensor bytes over `steps` calls of `step`, parameters included."""
-    with TensorMemory() as mem:
-        mem.track(*modules)
-        param_bytes = mem.current_bytes
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        seconds = time.perf_counter() - t0
-    return {"peak_gib": mem.peak_bytes / GIB, "params_gib": param_bytes / GIB,
-            "after_step_gib": mem.current_bytes / GIB, "cpu_seconds": seconds}
+    t0 = time.perf_counter()
+    mem = measure_steps(step, modules, steps=steps)
+    return {"peak_gib": mem["peak_gib"], "params_gib": mem["parameters_gib"], "after_step_gib": mem["persistent_gib"],
+            "cpu_seconds": time.perf_counter() - t0}
 
 
 def run_autoencoder(args) -> dict:

@@ -103,3 +103,25 @@ class TensorMemory(TorchDispatchMode):
             if isinstance(leaf, torch.Tensor):
                 self._add(leaf)
         return out
+
+
+def measure_steps(step: Callable[[], Any], modules: Iterable[torch.nn.Module], inputs: Iterable = (),
+                  state: Iterable = (), steps: int = 2) -> dict[str, float]:
+    """Peak tensor memory over `steps` calls of `step` (a training step that keeps no references).
+
+    `modules` are the networks (their parameters and buffers are `parameters_gib`), `inputs` the
+    batch tensors, `state` other tensors that exist beforehand (e.g. an EMA copy). Two steps by
+    default: the second holds the optimizer state the first created. `persistent_gib` is what
+    stays between steps: weights, optimizer and EMA state, inputs excluded.
+    """
+    gib = 2**30
+    inputs = [t for t in inputs if t is not None]
+    input_bytes = sum(t.untyped_storage().nbytes() for t in inputs)
+    with TensorMemory() as mem:
+        mem.track(*modules)
+        param_bytes = mem.current_bytes
+        mem.track(*state, *inputs)
+        for _ in range(steps):
+            step()
+    return {"peak_gib": mem.peak_bytes / gib, "parameters_gib": param_bytes / gib,
+            "persistent_gib": (mem.current_bytes - input_bytes) / gib}

@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -42,7 +42,6 @@ from medgen.train.common import (
     make_loader,
     prepare_run_dir,
     preserved_rng,
-    print_memory_estimate,
     process_state,
     progress_bar,
     save_inference_model,
@@ -230,6 +229,26 @@ def discriminator_loss(disc, x: torch.Tensor, recon: torch.Tensor, slice_index, 
     return w.adversarial * sum(hinge_d_loss(real_out[k][-1], fake_out[k][-1]) for k in real_out)
 
 
+def plain_train_step(model, x: torch.Tensor, weights: LossWeights, opt_g, autocast, perceptual=None, disc=None,
+                     opt_d=None, last_layer: torch.Tensor | None = None) -> Callable[[], None]:
+    """One training step on a fixed batch without accelerate (benchmarks, memory estimates): the
+    generator step, then, with `disc`, the discriminator step (the GAN terms on)."""
+
+    def step() -> None:
+        with autocast:
+            g_loss, recon, _, _, slice_index = generator_loss(model, x, weights, perceptual, disc, last_layer)
+        g_loss.backward()
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        if disc is not None:
+            with autocast:
+                d_loss = discriminator_loss(disc, x, recon, slice_index, weights)
+            d_loss.backward()
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+    return step
+
+
 def estimate_memory(cfg, steps: int = 2) -> dict[str, Any]:
     """Peak tensor memory of training steps at the config's batch size and `data.shape`, measured
     on the CPU (medgen.profiling.TensorMemory), with every network the config builds and the GAN
@@ -242,7 +261,7 @@ def estimate_memory(cfg, steps: int = 2) -> dict[str, Any]:
     import torchvision
 
     from medgen.errors import WeightsError
-    from medgen.profiling import TensorMemory
+    from medgen.profiling import measure_steps
 
     shape = cfg_get(cfg.data, "shape", None)
     if not shape:
@@ -271,28 +290,9 @@ def estimate_memory(cfg, steps: int = 2) -> dict[str, Any]:
     opt_g = torch.optim.Adam(model.parameters(), lr=float(cfg.train.lr), betas=betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr=float(cfg.train.lr), betas=betas) if disc is not None else None
     x = torch.rand(batch, in_channels, *shape) * 2 - 1
+    step = plain_train_step(model, x, weights, opt_g, autocast, perceptual, disc, opt_d, model.last_layer)
     modules = [m for m in (model, disc, perceptual) if m is not None]
-    with TensorMemory() as mem:
-        mem.track(*modules, x)
-        param_bytes = mem.current_bytes - x.numel() * x.element_size()
-        for _ in range(steps):
-            with autocast:
-                g_loss, recon, aux, logs, slice_index = generator_loss(model, x, weights, perceptual, disc,
-                                                                       model.last_layer)
-            g_loss.backward()
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
-            if disc is not None:
-                with autocast:
-                    d_loss = discriminator_loss(disc, x, recon, slice_index, weights)
-                d_loss.backward()
-                opt_d.step()
-                opt_d.zero_grad(set_to_none=True)
-                del d_loss
-            del g_loss, recon, aux, logs, slice_index  # what stays is parameters and optimizer state
-    gib = 2**30
-    return {"peak_gib": mem.peak_bytes / gib, "parameters_gib": param_bytes / gib,
-            "persistent_gib": (mem.current_bytes - x.numel() * x.element_size()) / gib,
+    return {**measure_steps(step, modules, inputs=[x], steps=steps),
             "batch": batch, "shape": shape, "channels": in_channels, "precision": precision,
             "discriminator": disc is not None, "perceptual": perceptual is not None,
             "gradient_checkpointing": bool(cfg.model.gradient_checkpointing)}
@@ -534,11 +534,6 @@ def _train(cfg, run_dir: Path, resume: str | None, state: dict) -> Path:
 
 
 def train_from_args(args: argparse.Namespace) -> int:
-    if getattr(args, "estimate_memory", False):
-        from medgen.config import load_config
-
-        print_memory_estimate(estimate_memory(load_config(args.config, args.overrides, DEFAULTS)), "autoencoder")
-        return 0
     cfg = load_run_config(args.config, args.out, args.resume, args.overrides, DEFAULTS)
     train_autoencoder(cfg, args.out, args.resume)
     return 0

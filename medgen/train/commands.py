@@ -1,8 +1,9 @@
 """`medgen train <stage>`: one top-level command, one sub-command per training stage.
 
-Every stage shares `--config`, `--out`, `--resume` and positional `key=value` overrides and
-provides `train_from_args(args) -> int` in `medgen.train.<stage>`. Adding a stage is one more
-entry in `STAGES`; its module is imported only when that stage runs.
+Every stage shares `--config`, `--out`, `--resume`, `--estimate-memory` and positional
+`key=value` overrides and provides `train_from_args(args) -> int`, `DEFAULTS` and
+`estimate_memory(cfg) -> dict` in `medgen.train.<stage>`. Adding a stage is one more entry in
+`STAGES`; its module is imported only when that stage runs.
 """
 
 from __future__ import annotations
@@ -31,11 +32,18 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config overrides, e.g. data.path=DIR train.max_steps=2000 train.mixed_precision=bf16")
 
 
-def _run(module: str):
+def _run(name: str, module: str):
     def run(args: argparse.Namespace) -> int:
-        if not args.out and not args.estimate_memory:
+        stage = importlib.import_module(module)
+        if args.estimate_memory:  # every stage module has DEFAULTS and estimate_memory(cfg)
+            from medgen.config import load_config
+            from medgen.train.common import print_memory_estimate
+
+            print_memory_estimate(stage.estimate_memory(load_config(args.config, args.overrides, stage.DEFAULTS)), name)
+            return 0
+        if not args.out:
             raise ConfigError("--out is required: the run directory to create (or to resume)")
-        return importlib.import_module(module).train_from_args(args)
+        return stage.train_from_args(args)
 
     return run
 
@@ -47,4 +55,4 @@ def register(subparsers) -> None:
     for name, (module, help_text) in STAGES.items():
         sub = stages.add_parser(name, help=help_text, description=help_text)
         add_common_arguments(sub)
-        sub.set_defaults(func=_run(module))
+        sub.set_defaults(func=_run(name, module))

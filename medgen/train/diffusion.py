@@ -50,7 +50,6 @@ from medgen.train.common import (
     make_loader,
     prepare_run_dir,
     preserved_rng,
-    print_memory_estimate,
     progress_bar,
     read_metrics,
     save_inference_model,
@@ -458,7 +457,7 @@ def estimate_memory(cfg, steps: int = 2) -> dict[str, Any]:
     """
     from diffusers.training_utils import EMAModel
 
-    from medgen.profiling import TensorMemory
+    from medgen.profiling import measure_steps
 
     data = _data_cfg(cfg)
     if not data.get("shape"):
@@ -488,34 +487,25 @@ def estimate_memory(cfg, steps: int = 2) -> dict[str, Any]:
     x = torch.randn(batch, channels, *shape)
     labels = torch.randint(0, num_classes, (batch,)) if num_classes else None
     null_label = model.null_label if num_classes else None
-    input_bytes = sum(t.numel() * t.element_size() for t in (x, labels) if t is not None)
-    with TensorMemory() as mem:
-        mem.track(model, x, labels)
-        param_bytes = mem.current_bytes - input_bytes
-        ema = EMAModel(model.parameters(), decay=float(cfg.ema.decay))
-        opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.train.lr), betas=tuple(float(b) for b in cfg.train.betas),
-                                weight_decay=float(cfg.train.weight_decay))
-        for _ in range(steps):
-            with autocast:
-                loss = loss_fn(model, x, labels, null_label)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema.step(model.parameters())
-            del loss
-        persistent = mem.current_bytes - input_bytes  # parameters, AdamW moments, EMA weights
-    gib = 2**30
-    return {"peak_gib": mem.peak_bytes / gib, "parameters_gib": param_bytes / gib, "persistent_gib": persistent / gib,
+    ema = EMAModel(model.parameters(), decay=float(cfg.ema.decay))
+    opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.train.lr), betas=tuple(float(b) for b in cfg.train.betas),
+                            weight_decay=float(cfg.train.weight_decay))
+
+    def step() -> None:
+        with autocast:
+            loss = loss_fn(model, x, labels, null_label)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.step(model.parameters())
+
+    # persistent: parameters, AdamW moments, EMA weights
+    return {**measure_steps(step, [model], inputs=[x, labels], state=ema.shadow_params, steps=steps),
             "batch": batch, "shape": shape, "channels": channels, "precision": str(cfg.train.mixed_precision),
             "gradient_checkpointing": bool(cfg.model.gradient_checkpointing)}
 
 
 def train_from_args(args: argparse.Namespace) -> int:
-    if getattr(args, "estimate_memory", False):
-        from medgen.config import load_config
-
-        print_memory_estimate(estimate_memory(load_config(args.config, args.overrides, DEFAULTS)), "diffusion")
-        return 0
     cfg = load_run_config(args.config, args.out, args.resume, args.overrides, DEFAULTS)
     train_diffusion(cfg, args.out, args.resume)
     return 0
