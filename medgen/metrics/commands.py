@@ -54,8 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(Inception when its weights are present locally, else pca)")
     p.add_argument("--features-3d", default="auto", help="volume-level extractor for 3D data: medicalnet, pca, a TorchScript path, or auto")
     p.add_argument("--weights", default=None, help="weights file for the (2D) extractor; default: $MEDGEN_WEIGHTS_DIR, the library cache, download")
-    p.add_argument("--metrics", default="fid,kid,prdc,msssim", help="comma-separated subset of fid,kid,prdc,msssim")
-    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates for the 95%% intervals (0: none)")
+    p.add_argument("--metrics", default="fid,kid,prdc,msssim", help="comma-separated subset of fid,kid,prdc,msssim; fid and kid are reported as "
+                        "fd_<features>/kid_<features> unless the features are Inception's")
+    p.add_argument("--bootstrap", type=int, default=200, help="replicates for the 95%% intervals (Fréchet distances: half-samples; the rest: bootstrap; 0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slice-step", type=int, default=1, help="2.5D FID: use every k-th slice along each axis")
     p.add_argument("--msssim-pairs", type=int, default=500, help="random pairs per set for MS-SSIM diversity")
