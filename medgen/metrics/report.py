@@ -292,7 +292,7 @@ def _explanations(report: dict) -> list[str]:
     kids = [(n, m) for n, m in metrics.items() if n.startswith("kid")]
     for name, m in kids:
         negative = m["value"] < 0
-        lines.append(f"{name} is the unbiased MMD^2 estimate (cubic polynomial kernel, Bińkowski et al. 2018) x{m['scale']:g}. "
+        lines.append(f"{name} is the unbiased MMD^2 estimate (cubic polynomial kernel, Bińkowski et al. 2018) x{m.get('scale', 1):g}. "
                      "It averages 0 when both sets come from one distribution, so it can be negative"
                      + (" (as here)" if negative else "") + ": a negative value means no difference detectable at this "
                      "sample size, not a synthetic set closer to the real one than real data.")
