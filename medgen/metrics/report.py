@@ -27,7 +27,8 @@ import torch
 from medgen.errors import DataError
 from medgen.io import atomic_dir, atomic_write_json, atomic_write_text
 from medgen.metrics import features as F
-from medgen.metrics.bootstrap import HALF_SAMPLE_METHOD, bootstrap_mean, fd_infinite_n, half_sample_interval, half_samples
+from medgen.metrics.bootstrap import (HALF_SAMPLE_METHOD, bootstrap_mean, fd_infinite_n, half_sample_interval, half_sample_two_sample,
+                                      half_samples)
 from medgen.metrics.fid import frechet_distance
 from medgen.metrics.kid import kernel_inception_distance, kid_bootstrap
 from medgen.metrics.msssim import msssim_diversity
@@ -107,12 +108,9 @@ def _value(v: float, ci: dict | None, scale: float = 1.0, **extra) -> dict:
     return out
 
 
-def _fd_value(point: float, values, n_sub: int) -> dict:
+def _fd_value(point: float, ci: dict | None) -> dict:
     """A Fréchet distance with its size-corrected half-sample interval and N -> infinity extrapolation."""
-    if not n_sub:
-        return _value(point, None)
-    ci = half_sample_interval(point, values)
-    return _value(point, ci, infinite_n=fd_infinite_n(point, ci))
+    return _value(point, ci, **({"infinite_n": fd_infinite_n(point, ci)} if ci else {}))
 
 
 def feature_metrics(real_f: torch.Tensor, fake_f: torch.Tensor, metrics: Sequence[str], n_boot: int, seed: int, device,
@@ -122,10 +120,10 @@ def feature_metrics(real_f: torch.Tensor, fake_f: torch.Tensor, metrics: Sequenc
     out: dict[str, Any] = {}
     real_f, fake_f = real_f.to(device, torch.float64), fake_f.to(device, torch.float64)
     if "fid" in metrics:
-        n_sub = n_boot if min(len(real_f), len(fake_f)) >= 4 else 0  # a half-sample FD needs 2 rows per set
-        values = [frechet_distance(real_f[i.to(device)], fake_f[j.to(device)])
-                  for i, j in half_samples(len(real_f), len(fake_f), n_sub, seed)]
-        out[keys["fid"]] = _fd_value(frechet_distance(real_f, fake_f), values, n_sub)
+        point = frechet_distance(real_f, fake_f)
+        halves_fit = min(len(real_f), len(fake_f)) >= 4  # a half-sample FD needs 2 rows per set
+        ci = half_sample_two_sample(frechet_distance, real_f, fake_f, n_boot, seed, point=point) if n_boot and halves_fit else None
+        out[keys["fid"]] = _fd_value(point, ci)
     if "kid" in metrics:
         kid = kernel_inception_distance(real_f, fake_f, seed=seed)
         ci = kid_bootstrap(real_f, fake_f, n_boot, seed=seed) if n_boot else None
@@ -150,13 +148,13 @@ def fid_2p5d(ex, real, real_s, fake, fake_s, n_boot: int, seed: int, slice_step:
         feats[plane] = (r.reshape(real.shape[0], -1, r.shape[1]).to(device, torch.float64),
                         f.reshape(fake.shape[0], -1, f.shape[1]).to(device, torch.float64))  # (N, slices, D)
     point = {p: frechet_distance(r.flatten(0, 1), f.flatten(0, 1)) for p, (r, f) in feats.items()}
-    n_sub = n_boot if min(real.shape[0], fake.shape[0]) >= 2 else 0  # half of the volumes: >= 1, still many slices
     reps: dict[str, list[float]] = {p: [] for p in feats}
-    for ir, jf in half_samples(real.shape[0], fake.shape[0], n_sub, seed):
+    for ir, jf in half_samples(real.shape[0], fake.shape[0], n_boot, seed):  # one volume per half at least: many slices
         for p, (r, f) in feats.items():
             reps[p].append(frechet_distance(r[ir.to(device)].flatten(0, 1), f[jf.to(device)].flatten(0, 1)))
-    out = {p: _fd_value(point[p], reps[p], n_sub) for p in feats}
-    out["mean"] = _fd_value(float(np.mean(list(point.values()))), np.mean([reps[p] for p in feats], axis=0), n_sub)
+    out = {p: _fd_value(point[p], half_sample_interval(point[p], reps[p]) if n_boot else None) for p in feats}
+    mean = float(np.mean(list(point.values())))
+    out["mean"] = _fd_value(mean, half_sample_interval(mean, np.mean([reps[p] for p in feats], axis=0)) if n_boot else None)
     out["n_slices"] = {p: int(r.shape[1]) for p, (r, _) in feats.items()}
     return out
 
