@@ -205,7 +205,7 @@ def test_bootstrap_mean_interval_of_a_proportion():
 
 @pytest.fixture
 def one_thread():
-    """Thousands of tiny (4x4) FDs: one thread avoids oversubscription on a shared machine."""
+    """Thousands of small (16- or 32-d) FDs: one thread avoids oversubscription on a shared machine."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
