@@ -530,7 +530,7 @@ def test_two_process_ddp(cohort_2d, tmp_path):
            "--config", str(REPO / "configs" / "demo_diffusion_2d_pixel.yaml"), "--out", str(out),
            f"data.path={cohort_2d}", "train.max_steps=3", "train.batch_size=2", "train.checkpoint_every=3",
            "train.preview_every=3", "train.tracker=none", "train.cpu=true", "train.log_every=1", "sample.steps=2",
-           "sample.n_preview=2", "train.lr=1e-3", "train.lr_warmup_steps=2", "train.gradient_accumulation_steps=2",
+           "sample.n_preview=2", "train.lr=1e-3", "train.lr_warmup_steps=4", "train.gradient_accumulation_steps=2",
            *TINY_MODEL]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
@@ -538,6 +538,6 @@ def test_two_process_ddp(cohort_2d, tmp_path):
     assert (out / "model" / "model.safetensors").is_file()
     assert sorted(p.name for p in (out / "checkpoints" / "step_3").glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]  # one writer: the main process
-    # warm-up in optimizer steps on 2 processes with accumulation: lr * min(1, t / 2)
-    assert [r["lr"] for r in read_metrics(out)] == pytest.approx([5e-4, 1e-3, 1e-3])
+    # warm-up in optimizer steps on 2 processes with accumulation: lr * min(1, t / 4)
+    assert [r["lr"] for r in read_metrics(out)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4])
     assert "lr_scheduler.step()" not in proc.stderr

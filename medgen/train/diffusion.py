@@ -70,14 +70,17 @@ DEFAULTS: dict[str, Any] = {
     "data": {"path": None, "spatial_dims": None, "channels": None, "shape": None},
     "autoencoder": {
         "run": None,  # stage-1 run dir (or model folder): latent mode; null: pixel mode
-        "cache": None,  # an existing `medgen encode` folder (its training subjects are used); null: encode into RUN/latents
+        # an existing `medgen encode` folder (its training subjects are used); null: encode them into RUN/latents
+        "cache": None,
         "encode_batch_size": 8,
     },
     "latent": {  # latent mode only; medgen.diffusion.latents
         # VQ: quantized (code vectors) | encoder (output before quantization, Medical Diffusion);
         # KL: the posterior mean for both, or posterior_sample (a fresh draw per item, Medfusion)
         "source": "quantized",
-        "scaling": "std",  # std (1/std, Rombach et al. 2022) | codebook_minmax (VQ codebook range -> [-1, 1], samplers clip x0; Medical Diffusion) | none (Medfusion)
+        # std (1/std, Rombach et al. 2022) | codebook_minmax (the VQ codebook's range -> [-1, 1], and
+        # samplers clip x0; Medical Diffusion) | none (Medfusion)
+        "scaling": "std",
     },
     "model": {
         "backbone": "medgen",  # medgen (ours) | monai (MONAI DiffusionModelUNet, the reference)
@@ -110,7 +113,7 @@ DEFAULTS: dict[str, Any] = {
         "decay": 0.9999,
         "warmup": True,  # true: decay 1 - (1 + k)^-power after the start (diffusers); false: constant decay
         "power": 0.6667,
-        "update_after": 0,  # the EMA copies the weights through this optimizer step, then averages
+        "update_after": 0,  # the EMA copies the weights through this optimizer step (at least step 1), then averages
         "every": 1,  # update after optimizer steps 1, 1 + every, 1 + 2 every, ... (Medical Diffusion: 10)
     },
     # previews, and the default sampler of `medgen sample` / `load_pipeline(run).sample()` for this run
@@ -265,7 +268,8 @@ def build_ema(ema_cfg, model: torch.nn.Module):
 
     `warmup: false` is a constant decay once the EMA starts (Medical Diffusion's `EMA`):
     diffusers would otherwise ramp it as (1 + k) / (10 + k), so min_decay pins it to `decay`.
-    `update_after`: the EMA holds a copy of the weights through that optimizer step.
+    `update_after`: the EMA holds a copy of the weights through that optimizer step (at least
+    step 1; diffusers' `update_after_step` counts one more).
     """
     from diffusers.training_utils import EMAModel
 
@@ -432,7 +436,6 @@ def _optimizer_step(t: _Training, step: int, accum: int, max_norm: float | None)
     """
     acc, logs = t.accelerator, {}
     null_label = t.raw.null_label if t.num_classes > 0 else None
-    lr = t.opt.param_groups[0]["lr"]  # the rate of this step
     for _ in range(accum):
         batch = next(t.batches)
         x, labels = batch["image"], batch["label"] if t.num_classes > 0 else None
@@ -441,14 +444,15 @@ def _optimizer_step(t: _Training, step: int, accum: int, max_norm: float | None)
                 loss = t.loss_fn(t.net, x, labels, null_label)
             check_finite(loss, step, "diffusion loss", acc)
             acc.backward(loss)
-            if max_norm and acc.sync_gradients:
-                logs["grad_norm"] = acc.clip_grad_norm_(t.model.parameters(), float(max_norm))
+            if acc.sync_gradients:
+                logs["lr"] = t.opt.param_groups[0]["lr"]  # the rate this optimizer step applies
+                if max_norm:
+                    logs["grad_norm"] = acc.clip_grad_norm_(t.model.parameters(), float(max_norm))
             t.opt.step()
             t.opt.zero_grad(set_to_none=True)
     if not acc.optimizer_step_was_skipped:  # fp16: a step skipped for overflow does not count
         t.lr_sched.step()
     logs["loss"] = acc.reduce(loss.detach(), reduction="mean")
-    logs["lr"] = lr
     return logs
 
 
