@@ -59,7 +59,7 @@ def encode_dataset(autoencoder: Any, data_path: str | os.PathLike, out_dir: str 
     the `data:` section the autoencoder was trained with (same spacing, crop and intensity
     mapping), with `path` replaced by `data_path`. `samples`: encode only these (a split's
     `MedicalDataset.samples`; a diffusion run encodes its training subjects alone), default all.
-    `source`: `quantized` or `encoder` (see the module docstring).
+    `source`: `quantized`, `encoder` or `posterior_sample` (see the module docstring).
     """
     import torch
     from safetensors.torch import save_file
