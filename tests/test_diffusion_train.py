@@ -235,6 +235,10 @@ def test_sample_cli_png_manifest_and_overwrite(pixel_run, tmp_path, capsys):
     assert cli(args[:-2] + ["--bit-depth", "8", "--overwrite"]) == 0
     assert np.asarray(Image.open(out / rows[0]["file"])).dtype == np.uint8
     assert cli(["sample", "--run", str(pixel_run), "--n", "1", "--out", str(tmp_path / "x"), "--label", "7"]) == 2
+    # without --sampler/--steps/--guidance the run's own settings (its `sample:` section) are used
+    assert cli(["sample", "--run", str(pixel_run), "--n", "1", "--out", str(tmp_path / "own")]) == 0
+    row = next(csv.DictReader(open(tmp_path / "own" / "manifest.csv")))
+    assert (row["sampler"], row["steps"], row["guidance"]) == ("dpmpp", "4", "1.0")
 
 
 def test_3d_pixel_run_writes_nifti_with_training_spacing(cohort_3d, tmp_path):
