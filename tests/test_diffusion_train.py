@@ -159,20 +159,20 @@ def test_lr_warmup_in_optimizer_steps_with_accumulation_and_no_ema(cohort_2d, tm
     import accelerate.scheduler  # noqa: F401  (its import-time warning filter must not hide ours)
     from safetensors.torch import load_file
 
-    cfg = _cfg("demo_diffusion_2d_pixel.yaml", f"data.path={cohort_2d}", "train.max_steps=4", "train.lr=1e-3",
-               "train.lr_warmup_steps=3", "train.gradient_accumulation_steps=2", "train.checkpoint_every=4",
-               "train.preview_every=4", "sample.steps=1", "ema.enabled=false")
+    cfg = _cfg("demo_diffusion_2d_pixel.yaml", f"data.path={cohort_2d}", "train.max_steps=3", "train.lr=1e-3",
+               "train.lr_warmup_steps=3", "train.gradient_accumulation_steps=2", "train.checkpoint_every=3",
+               "train.preview_every=3", "train.batch_size=2", "sample.steps=1", "ema.enabled=false")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run = train_diffusion(cfg, tmp_path / "run")
     assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
-    assert [r["lr"] for r in read_metrics(run)] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
-    trained = load_file(str(run / "checkpoints" / "step_4" / "model.safetensors"))
+    assert [r["lr"] for r in read_metrics(run)] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])
+    trained = load_file(str(run / "checkpoints" / "step_3" / "model.safetensors"))
     saved = load_file(str(run / "model" / "model.safetensors"))
     assert trained.keys() == saved.keys()
     for k in saved:
         torch.testing.assert_close(saved[k], trained[k], rtol=0, atol=0, msg=k)
-    assert not (run / "checkpoints" / "step_4" / "ema.safetensors").exists()
+    assert not (run / "checkpoints" / "step_3" / "ema.safetensors").exists()
 
 
 def test_ema_every_and_start_follow_medical_diffusion_trainer():
