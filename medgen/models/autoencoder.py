@@ -279,8 +279,8 @@ class Autoencoder(nn.Module):
         """x (B, C, *S) in [-1, 1] -> z (B, latent_channels, *S / factors), deterministic.
 
         VQ: the quantized code vectors, or with `quantize=False` the encoder's output before
-        quantization (Medical Diffusion trains its DDPM on these); KL: the posterior mean (caches
-        store the mean, not a draw), whatever `quantize`.
+        quantization (Medical Diffusion trains its DDPM on these); KL: the posterior mean, never a
+        draw, whatever `quantize` (`posterior` gives the mean and log-variance).
         """
         self.check_shape(x)
         h = self.encoder(x)
