@@ -25,6 +25,7 @@ STAGES: list[tuple[str, str]] = [
     ("cohort", "medgen.demo:cohort_stage"),
     ("autoencoder", "medgen.train.autoencoder:demo_stage"),
     ("diffusion", "medgen.train.diffusion:demo_stage"),
+    ("sample", "medgen.sample.commands:demo_stage"),
     ("eval", "medgen.metrics.commands:demo_stage"),
     ("audit", "medgen.privacy.commands:demo_stage"),
 ]

@@ -275,16 +275,26 @@ class Autoencoder(nn.Module):
             raise ValueError(f"input shape {tuple(x.shape)}: expected (B, {self.in_channels}, *spatial) with "
                              f"{self.spatial_dims} spatial axes divisible by {self.downsample_factors}")
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, quantize: bool = True) -> torch.Tensor:
         """x (B, C, *S) in [-1, 1] -> z (B, latent_channels, *S / factors), deterministic.
 
-        VQ: the quantized code vectors; KL: the posterior mean (caches store the mean, not a draw).
+        VQ: the quantized code vectors, or with `quantize=False` the encoder's output before
+        quantization (Medical Diffusion trains its DDPM on these); KL: the posterior mean, never a
+        draw, whatever `quantize` (`posterior` gives the mean and log-variance).
         """
         self.check_shape(x)
         h = self.encoder(x)
         if self.latent == "kl":
             return h.chunk(2, dim=1)[0]
-        return self.quantizer.lookup(self.quantizer.indices(h))
+        return self.quantizer.lookup(self.quantizer.indices(h)) if quantize else h
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """KL only: (mean, logvar) of q(z | x), float32, logvar clamped as in `forward`."""
+        if self.latent != "kl":
+            raise ValueError("posterior() needs a KL autoencoder (latent='kl')")
+        self.check_shape(x)
+        mean, logvar = self.encoder(x).float().chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, latent_channels, *S') -> x (B, C, *S). VQ re-quantizes z to the nearest codes first,
