@@ -100,7 +100,7 @@ DEFAULTS: dict[str, Any] = {
         "lr_warmup_steps": 0,
         "betas": [0.9, 0.999],
         "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
+        "grad_clip": 1.0,  # max global gradient norm (train.grad_clip, as the autoencoder); null: off
         "mixed_precision": "no",  # no | fp16 | bf16
         "gradient_accumulation_steps": 1,
         "tracker": "none",  # none | wandb
@@ -355,7 +355,7 @@ def train_diffusion(cfg, out: str | Path, resume: str | None = None) -> Path:
     accum = int(cfg_get(tcfg, "gradient_accumulation_steps", 1))
     batches = infinite_batches(accelerator, loader, sampler, start * accum, seed=seed)
     max_steps = int(tcfg.max_steps)
-    max_norm = cfg_get(tcfg, "max_grad_norm")
+    max_norm = cfg_get(tcfg, "grad_clip")
     null_label = raw.null_label if num_classes > 0 else None
     bar = progress_bar(accelerator, max_steps, start, desc="diffusion")
     tic = time.perf_counter()
