@@ -78,7 +78,7 @@ DEFAULTS: dict[str, Any] = {
         "num_codes": 1024,
         "commitment": 0.25,  # beta (van den Oord et al. 2017)
         "ema_decay": 0.99,
-        "dead_threshold": 0.01,  # EMA uses/step below which a code is restarted from the batch
+        "dead_threshold": 0.01,  # EMA uses/step below which a code moves to a batch encoding, each step until it reaches it
         "norm_groups": 32,
         "gradient_checkpointing": False,
         "deep_supervision": 0,  # decoder output heads on this many coarser levels, trained too (Medfusion: 1)
