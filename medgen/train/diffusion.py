@@ -125,7 +125,7 @@ DEFAULTS: dict[str, Any] = {
         "lr_warmup_steps": 0,  # linear warm-up over this many optimizer steps
         "betas": [0.9, 0.999],
         "weight_decay": 0.0,  # AdamW; 0 is Adam
-        "max_grad_norm": 1.0,  # null: no clipping
+        "grad_clip": 1.0,  # max global gradient norm (train.grad_clip, as the autoencoder); null: off
         "mixed_precision": "no",  # no | fp16 | bf16
         "gradient_accumulation_steps": 1,
         "tracker": "none",  # none | wandb
@@ -510,7 +510,7 @@ def _train_loop(t: _Training, cfg, run_dir: Path, ckpt: CheckpointManager, metri
     """Optimizer steps start+1 .. train.max_steps with EMA updates, logging, previews and
     checkpoints; returns the last step."""
     tcfg, acc = cfg.train, t.accelerator
-    max_steps, max_norm = int(tcfg.max_steps), cfg_get(tcfg, "max_grad_norm")
+    max_steps, max_norm = int(tcfg.max_steps), cfg_get(tcfg, "grad_clip")
     ema_every = int(cfg_get(cfg.ema, "every", 1))
     autoencoder = None
     if info["latent"] is not None and acc.is_main_process:  # previews decode

@@ -118,8 +118,7 @@ def encode_dataset(autoencoder: Any, data_path: str | os.PathLike, out_dir: str 
         "spatial_dims": model.spatial_dims,
         "latent_kind": model.latent,
         "source": source,
-        "codebook_range": [model.quantizer.embed.min().item(), model.quantizer.embed.max().item()]
-        if model.latent == "vq" else None,
+        "codebook_range": list(model.codebook_range()) if model.latent == "vq" else None,
         "data": dataclasses.asdict(cfg),
     }
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
