@@ -149,7 +149,7 @@ def write_samples(pipeline: DiffusionPipeline, out: str | os.PathLike, n: int, s
 
     if bit_depth not in (8, 16):
         raise ConfigError(f"bit depth must be 8 or 16, got {bit_depth}")
-    out = ensure_new_output(out, overwrite, "sample")
+    out = ensure_new_output(out, overwrite, "sample folder")
     x = pipeline.sample(n, sampler=sampler, steps=steps, guidance=guidance, label=label, seed=seed,
                         batch_size=batch_size, eta=eta, progress=progress)
     with atomic_dir(out, overwrite=True) as tmp:

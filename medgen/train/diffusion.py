@@ -35,6 +35,7 @@ from medgen.errors import ConfigError, RunError
 from medgen.io import atomic_write_bytes, atomic_write_json, sha256_file
 from medgen.models.unet import build_denoiser
 from medgen.train.preview import grid_png
+from medgen.train.schema import DiffusionConfig
 from medgen.train.common import (
     CheckpointManager,
     EpochSampler,
@@ -52,68 +53,14 @@ from medgen.train.common import (
     preserved_rng,
     progress_bar,
     read_metrics,
+    removes_failed_run,
     save_inference_model,
 )
 
 log = logging.getLogger(__name__)
 
-# Every key a config may set, with its default. Documented here, where it is declared.
-DEFAULTS: dict[str, Any] = {
-    # pixel mode: the dataset; latent mode: defaults to the autoencoder run's data section
-    "data": {"path": None, "spatial_dims": None, "channels": None, "shape": None},
-    "autoencoder": {
-        "run": None,  # stage-1 run dir (or model folder): latent mode; null: pixel mode
-        "cache": None,  # an existing `medgen encode` folder; null: encode into RUN/latents
-        "encode_batch_size": 8,
-    },
-    "model": {
-        "backbone": "medgen",  # medgen (ours) | monai (MONAI DiffusionModelUNet, the reference)
-        "channels": [64, 128, 256, 512],  # width per level; each level after the first halves the size
-        "num_res_blocks": 2,
-        "attention_levels": [False, False, True, True],
-        "head_channels": 64,
-        "norm_groups": 32,
-        "dropout": 0.0,
-        "gradient_checkpointing": False,
-        "conditional": "auto",  # auto (class-conditional when the data has labels) | true | false
-        "num_classes": None,  # default: max label + 1
-    },
-    "diffusion": {  # medgen.diffusion.NoiseSchedule
-        "schedule": "scaled_linear",  # linear | scaled_linear | cosine
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "zero_terminal_snr": False,  # Lin et al. 2024; needs prediction v or x0
-        "prediction": "eps",  # eps | v | x0
-    },
-    "loss": {
-        "type": "l2",  # l2 | l1
-        "min_snr_gamma": None,  # e.g. 5.0 (Hang et al. 2023)
-        "cond_drop_prob": 0.1,  # per-sample label dropout for classifier-free guidance
-    },
-    "ema": {"decay": 0.9999, "warmup": True, "power": 0.6667, "update_after": 0},
-    "sample": {"sampler": "dpmpp", "steps": 25, "guidance": 1.0, "n_preview": 8},
-    "train": {
-        "max_steps": 100000,
-        "batch_size": 16,
-        "lr": 1.0e-4,
-        "lr_warmup_steps": 0,
-        "betas": [0.9, 0.999],
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
-        "mixed_precision": "no",  # no | fp16 | bf16
-        "gradient_accumulation_steps": 1,
-        "tracker": "none",  # none | wandb
-        "seed": 0,
-        "cpu": False,
-        "num_workers": 0,
-        "log_every": 10,
-        "checkpoint_every": 1000,
-        "keep_last": 3,
-        "preview_every": 1000,
-        "compile": False,  # torch.compile the denoiser (GPU; runs it channels-last)
-    },
-}
+# Every key a config may set: the schema (types, defaults, allowed values, docs) in medgen/train/schema.py.
+DEFAULTS = DiffusionConfig
 
 EMA_WEIGHTS = "ema.safetensors"
 EMA_STATE = "ema.json"
@@ -290,12 +237,16 @@ def model_config_json(net, schedule: NoiseSchedule, info: dict, step: int) -> di
     }
 
 
+@removes_failed_run
 def train_diffusion(cfg, out: str | Path, resume: str | None = None) -> Path:
     """Train per `cfg` (see DEFAULTS) into run directory `out`; returns the run directory."""
     from diffusers.training_utils import EMAModel
 
+    from medgen.data import DataConfig
+
     tcfg = cfg.train
     schedule = NoiseSchedule.from_config(cfg.diffusion)
+    DataConfig.from_any(_data_cfg(cfg))  # the data section (and the autoencoder run) check out before --out is made
     run_dir = prepare_run_dir(out, cfg, resume)
     accelerator = build_accelerator(tcfg, run_dir)
     from accelerate.utils import set_seed
