@@ -81,9 +81,9 @@ def _restore(ctx: DemoContext, previous: dict) -> None:
     ctx.state.update({k: Path(v) if k in paths else v for k, v in previous.get("state", {}).items()})
 
 
-def _summary(ctx: DemoContext, timings: dict, outputs: dict) -> dict:
+def _summary(ctx: DemoContext, timings: dict, outputs: dict, state_keys: dict) -> dict:
     state = {k: str(v) if isinstance(v, Path) else v for k, v in ctx.state.items()}
-    return {"quick": ctx.quick, "dims": ctx.dims, "stage_seconds": timings, "outputs": outputs,
+    return {"quick": ctx.quick, "dims": ctx.dims, "stage_seconds": timings, "outputs": outputs, "state_keys": state_keys,
             "cohort": str(ctx.cohort) if ctx.cohort else None, "state": state,
             "state_paths": sorted(k for k, v in ctx.state.items() if isinstance(v, Path))}
 
@@ -112,7 +112,8 @@ def run_demo(out: Path, quick: bool = False, dims: int = 2, stages: list[str] | 
         mark_output(out, "medgen demo")  # a demo folder of an earlier medgen: all of it is the demo's
     previous = _previous_demo(out) if stages else None
     timings: dict[str, float] = {}
-    outputs: dict[str, list[str]] = {}
+    outputs: dict[str, list[str]] = {}  # stage -> the entries of `out` it wrote
+    state_keys: dict[str, list[str]] = {}  # stage -> the ctx.state keys it set
     if stages:
         if previous is not None:
             if (previous.get("quick"), previous.get("dims")) != (quick, dims):
@@ -121,6 +122,7 @@ def run_demo(out: Path, quick: bool = False, dims: int = 2, stages: list[str] | 
                                   f"or run the whole demo")
             _restore(ctx, previous)
             timings, outputs = dict(previous.get("stage_seconds", {})), dict(previous.get("outputs", {}))
+            state_keys = dict(previous.get("state_keys", {}))
         if names[0] not in stages and (ctx.cohort is None or not ctx.cohort.exists()):
             raise RunError(f"--stages {','.join(stages)} continues an earlier demo, but {out} holds none; "
                            f"run `medgen demo` first or add {names[0]} to --stages")
@@ -140,15 +142,18 @@ def run_demo(out: Path, quick: bool = False, dims: int = 2, stages: list[str] | 
                                f"move them away to re-run the {name} stage")
             path = out / entry.rstrip("/")
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        before = {p.name for p in out.iterdir()}
+        for key in state_keys.pop(name, []):  # the stage sees what the stages before it left, as in a whole run
+            ctx.state.pop(key, None)
+        before, keys_before = {p.name for p in out.iterdir()}, set(ctx.state)
         print(f"[demo] {name}")
         start = time.perf_counter()
         _resolve(target)(ctx)
         timings[name] = round(time.perf_counter() - start, 1)
         outputs[name] = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
                                if p.name not in before and p.name not in (SUMMARY, OUTPUT_MARKER))
-        atomic_write_json(out / SUMMARY, _summary(ctx, timings, outputs))
-        mark_output(out, "medgen demo")  # everything now in `out` is the demo's (the next run may replace it)
+        state_keys[name] = sorted(set(ctx.state) - keys_before)
+        atomic_write_json(out / SUMMARY, _summary(ctx, timings, outputs, state_keys))
+        mark_output(out, "medgen demo", exclude=foreign)  # what the demo wrote (the next run may replace it)
         print(f"[demo] {name} done in {timings[name]} s")
     print(f"[demo] finished in {sum(timings.values()):.0f} s: {out}")
     return ctx

@@ -13,14 +13,13 @@ directory or holds it. Final files and folders get the modes the umask gives, as
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from medgen.errors import DataError, RunError
 
@@ -35,7 +34,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-@functools.cache
 def _umask() -> int:
     """The process umask, read without changing it where /proc allows (no race with threads)."""
     with contextlib.suppress(OSError, ValueError, StopIteration):
@@ -98,13 +96,15 @@ def _entries(folder: Path) -> list[str]:
     return sorted(out)
 
 
-def mark_output(folder: str | os.PathLike, command: str = "medgen") -> None:
-    """Record everything now under `folder` as written by medgen (`command` says which)."""
+def mark_output(folder: str | os.PathLike, command: str = "medgen", exclude: Iterable[str] = ()) -> None:
+    """Record everything now under `folder` as written by medgen (`command` says which), except
+    the entries in `exclude` (and what is under an excluded folder 'name/')."""
     from medgen import __version__
 
     folder = Path(folder)
-    atomic_write_json(folder / OUTPUT_MARKER, {"written_by": command, "medgen_version": __version__,
-                                               "entries": _entries(folder)})
+    exclude = tuple(exclude)
+    entries = [e for e in _entries(folder) if not any(e == x or (x.endswith("/") and e.startswith(x)) for x in exclude)]
+    atomic_write_json(folder / OUTPUT_MARKER, {"written_by": command, "medgen_version": __version__, "entries": entries})
 
 
 def foreign_entries(folder: str | os.PathLike) -> list[str]:

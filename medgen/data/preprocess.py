@@ -46,6 +46,23 @@ def _intensity_transform(cfg: DataConfig, source_dtype: np.dtype):
     return None
 
 
+def _resize(image, target_shape: tuple[int, ...]):
+    """Resize a torchio image to `target_shape`, keeping the field of view (tio.Resize's
+    arithmetic), antialiased when shrinking: torchio's Gaussian-prefiltered resampling for
+    volumes; torch's antialiased bilinear for 2D images, (C, H, W, 1) here, whose singleton
+    axis ITK's smoothing filter cannot take (it needs 4 voxels along every axis)."""
+    import torch.nn.functional as F
+    import torchio as tio
+
+    source = image.spatial_shape[: len(target_shape)]
+    spacing = [float(sp) * n / t for sp, n, t in zip(image.spacing, source, target_shape)]
+    if len(target_shape) == 3:
+        return tio.Resample(spacing, antialias=min(source) >= 4)(image)  # off-by-one rounding: CropOrPad next
+    x = image.data[..., 0].float()[None]  # (1, C, H, W)
+    y = F.interpolate(x, size=target_shape, mode="bilinear", antialias=True, align_corners=False)
+    return tio.ScalarImage(tensor=y[0, ..., None], affine=np.diag([*spacing, 1.0, 1.0]))
+
+
 def preprocess(loaded: Loaded, cfg: DataConfig, *, report: dict | None = None) -> torch.Tensor:
     """Loaded image -> float32 tensor (C, *spatial) ready for a network.
 
@@ -79,9 +96,7 @@ def preprocess(loaded: Loaded, cfg: DataConfig, *, report: dict | None = None) -
         target_shape = tuple(int(s) for s in cfg.shape)
         source_shape = image.spatial_shape[:spatial_dims]
         if cfg.resize and tuple(source_shape) != target_shape:
-            # tio.Resize's arithmetic, with antialiasing when shrinking; the crop/pad fixes rounding by a voxel
-            spacing = [float(sp) * n / t for sp, n, t in zip(image.spacing, source_shape, target_shape)]
-            transforms.append(tio.Resample(spacing if spatial_dims == 3 else (*spacing, 1.0), antialias=True))
+            image = _resize(image, target_shape)
         elif report is not None:
             report["cropped"] = max(0.0, *(1 - t / n for n, t in zip(source_shape, target_shape)))
         transforms.append(tio.CropOrPad(target_shape if spatial_dims == 3 else (*target_shape, 1)))

@@ -168,17 +168,18 @@ def init_tracker(accelerator, cfg: Any, run_dir: str | os.PathLike, project: str
 
 def load_run_config(config: str | None, out: str | os.PathLike, resume: str | None,
                     overrides: Sequence[str] = (), schema: type | None = None):
-    """Resolve the config of a new or resumed run, checked against the stage's `schema`.
+    """Resolve the config of a new or resumed run, checked against the stage's `schema` (and its
+    input paths exist).
 
     New run: `schema defaults <- config <- overrides`. Resume without `--config`: the run's own
     `config.yaml` plus overrides (e.g. `train.max_steps=20000` to extend a run).
     """
     saved = Path(out) / "config.yaml"
-    if config is None:
-        if resume and saved.is_file():
-            return load_config(saved, overrides, schema)
+    if config is None and not (resume and saved.is_file()):
         raise ConfigError("--config is required (or --resume an existing run that has config.yaml)")
-    return load_config(config, overrides, schema)
+    cfg = load_config(saved if config is None else config, overrides, schema)
+    check_input_paths(cfg)  # data.path, autoencoder.run, ... exist
+    return cfg
 
 
 def prepare_run_dir(out: str | os.PathLike, cfg: Any, resume: str | None = None) -> Path:
@@ -394,7 +395,7 @@ class ProgressLog:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.perf_counter()
-        if self.n % self.every == 0 or self.n >= self.total or now - self.last >= self.max_interval_s:
+        if (self.n - self.start) % self.every == 0 or self.n >= self.total or now - self.last >= self.max_interval_s:
             self._line(now)
 
     def _line(self, now: float) -> None:

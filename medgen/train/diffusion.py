@@ -284,7 +284,14 @@ def train_diffusion(cfg, out: str | Path, resume: str | None = None) -> Path:
     if bool(cfg_get(tcfg, "compile", False)):
         if hasattr(raw, "set_channels_last") and accelerator.device.type == "cuda":
             raw.set_channels_last(True)
-        net = torch.compile(model)
+        if accelerator.is_main_process:
+            log.info("train.compile: compiling the denoiser with torch.compile%s; the first steps are slow while it "
+                     "compiles (minutes for a large 3D model)", " (regional: its repeated blocks)"
+                     if hasattr(raw, "compile_blocks") else "")
+        if hasattr(raw, "compile_blocks"):  # regional compilation: a fraction of the whole-network warm-up
+            raw.compile_blocks()
+        else:
+            net = torch.compile(model)
 
     autoencoder = None
     if info["latent"] is not None and accelerator.is_main_process:
