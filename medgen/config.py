@@ -67,14 +67,16 @@ def section(cls: type) -> Any:
     return dataclasses.field(default_factory=cls)
 
 
-def optional_view(cls: type, name: str, doc: str) -> type:
+def optional_view(cls: type, name: str, doc: str, **checks: Any) -> type:
     """A copy of section `cls` whose every key defaults to null ("not set here").
 
     For a section that inherits its values from elsewhere (the diffusion stage's `data:` from
-    its autoencoder run); nested sections become optional too. Checks and docs are kept.
+    its autoencoder run); nested sections become optional too. Checks and docs are kept, except
+    for the keys given as `name=setting(None, ...)`, whose checks replace the original ones.
     """
     hints = typing.get_type_hints(cls)
-    fields = [(f.name, hints[f.name] | None, dataclasses.field(default=None, metadata=f.metadata))
+    fields = [(f.name, hints[f.name] | None,
+               dataclasses.field(default=None, metadata=checks[f.name].metadata if f.name in checks else f.metadata))
               for f in dataclasses.fields(cls)]
     view = dataclasses.make_dataclass(name, fields)
     view.__doc__ = doc

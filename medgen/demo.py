@@ -169,7 +169,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo", help="run the whole flow on the built-in brain MRI cohort",
         description="Run the whole flow on the built-in brain MRI cohort (no downloads): build the cohort, train "
                     "the autoencoder and the diffusion model, sample, evaluate and audit the samples. The full 2D "
-                    "demo takes about 9 minutes on 2 CPU cores; --quick about 1-2 minutes.",
+                    "demo takes about 9 minutes on 2 CPU cores; --quick runs every stage at tiny sizes in a few minutes.",
         epilog=f"stages, in flow order: {stage_list}. Each writes its own folder(s) in OUT (OUT/cohort, "
                "OUT/autoencoder, ...); OUT/demo.json records them. A whole run replaces an earlier demo in OUT; "
                "--stages re-runs only the named stages and keeps the others' outputs.")

@@ -124,6 +124,7 @@ def test_3d_pixel_run_writes_nifti_with_training_spacing(cohort_3d, tmp_path):
     import nibabel as nib
 
     cfg = _cfg("demo_diffusion_3d.yaml", f"data.path={cohort_3d}", "data.shape=[16,16,16]", "data.spacing=[2.0,2.0,2.0]",
+               "data.resize=false",  # crop/pad at 2 mm (the demo config resizes)
                "train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=2", "train.preview_every=2")
     run = train_diffusion(cfg, tmp_path / "run3d")
     assert (run / "samples" / "step_2.png").is_file()  # three orthogonal mid slices per volume

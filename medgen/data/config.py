@@ -45,7 +45,7 @@ class DataConfig:
     spatial_dims: int | None = setting(None, choices=(2, 3))  # null: from the first file
     channels: int | None = setting(None, choices=(1, 3))  # RGB <-> gray converted; null: keep
     shape: list[int] | None = setting(None, ge=1)  # target size per spatial axis; null: keep (all files must agree)
-    resize: bool = False  # true: resize to shape (whole field of view); false: centre crop/pad to shape
+    resize: bool = False  # true: resize to shape (whole field of view; not with spacing); false: centre crop/pad
     spacing: list[float] | None = setting(None, gt=0)  # resample to this voxel size in mm first; null: keep
     canonical: bool = True  # reorient 3D volumes to RAS+
     intensity: IntensityConfig = section(IntensityConfig)
@@ -93,6 +93,9 @@ class DataConfig:
                 raise ConfigError(f"data.{name}={list(value)}: expected 2 (images) or 3 (volumes) entries")
         if self.resize and self.shape is None:
             raise ConfigError("data.resize=true needs data.shape, the size to resize to")
+        if self.resize and self.spacing is not None:
+            raise ConfigError(f"data.resize=true resizes to data.shape whatever the voxel size, so data.spacing="
+                              f"{list(self.spacing)} would be lost; set data.spacing=null or data.resize=false")
         if self.split.val + self.split.holdout >= 1:
             raise ConfigError(f"data.split: val={self.split.val} + holdout={self.split.holdout} must stay below 1")
 

@@ -30,7 +30,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure the peak tensor memory of a training step at the config's sizes "
                              "(on the CPU, nothing written), print it and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. data.path=DIR train.max_steps=2000 train.mixed_precision=bf16")
+                        help="config overrides, e.g. data.path=DIR train.max_steps=2000 train.mixed_precision=bf16 "
+                             "(`medgen config show STAGE` lists every key)")
 
 
 def _run(name: str, module: str):

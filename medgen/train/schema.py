@@ -131,9 +131,12 @@ class AutoencoderConfig:
 # ----------------------------------------------------------------------------- stage 2: diffusion
 
 # Latent mode takes the data section of the autoencoder run; keys set here replace its values.
+# `channels` also describes the latents for --estimate-memory without an autoencoder run (any
+# count); images still need 1 or 3, checked when the data loads.
 DiffusionData = optional_view(DataConfig, "DiffusionData",
                               "`data:` of `medgen train diffusion`: null keys come from the autoencoder run "
-                              "(latent mode) or DataConfig's defaults (pixel mode).")
+                              "(latent mode) or DataConfig's defaults (pixel mode).",
+                              channels=setting(None, ge=1))
 
 
 @dataclass
