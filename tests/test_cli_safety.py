@@ -329,13 +329,15 @@ def test_dicom_messages(tmp_path, capfd):
 def test_progress_is_logged_in_lines_when_not_a_terminal(capsys):
     from medgen.train.common import ProgressLog
 
-    bar = ProgressLog(total=400, initial=100, desc="diffusion")
-    for _ in range(300):
+    bar = ProgressLog(total=2100, initial=100, desc="diffusion")  # resumed at step 100
+    for _ in range(2000):
         bar.set_postfix(loss="0.1234")
         bar.update(1)
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 100  # every 3 steps of the 300 left
-    assert re.fullmatch(r"diffusion: step 400/400 \(100%\), [\d.]+ step/s, ETA 0:00:00, loss=0.1234", lines[-1])
+    assert len(lines) == 100 and lines[0].startswith("diffusion: step 120/2100 (6%), ")  # every 1%: 20 steps
+    assert re.fullmatch(r"diffusion: step 2100/2100 \(100%\), [\d.]+ step/s, ETA 0:00:00, loss=0.1234", lines[-1])
+    ProgressLog(total=5, desc="short").update(5)  # short runs: every 10 steps, and the last one
+    assert capsys.readouterr().err.startswith("short: step 5/5 (100%)")
 
 
 def test_regional_compilation_keeps_outputs_and_weights():

@@ -367,7 +367,8 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 def progress_bar(accelerator, total: int, initial: int = 0, desc: str = "train"):
     """Progress on the main process: a tqdm bar on a terminal; in a log file (stderr not a
-    terminal) a `ProgressLog` line every ~1% of the run instead of one endless bar line."""
+    terminal) a `ProgressLog` line every 1% of the run (at least 10 steps) instead of one endless
+    bar line."""
     if accelerator.is_main_process and not sys.stderr.isatty():
         return ProgressLog(total, initial, desc)
     from tqdm.auto import tqdm
@@ -384,7 +385,7 @@ class ProgressLog:
     def __init__(self, total: int, initial: int = 0, desc: str = "train", every: int | None = None,
                  max_interval_s: float = 300.0):
         self.total, self.n, self.start, self.desc = int(total), int(initial), int(initial), desc
-        self.every = every or max(1, (self.total - self.start) // 100)
+        self.every = every or max(10, (self.total - self.start) // 100)  # ~1% of the run, >= 10 steps
         self.max_interval_s = max_interval_s
         self.postfix = ""
         self.t0 = self.last = time.perf_counter()
