@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from medgen.errors import ConfigError, RunError
-from medgen.io import OUTPUT_MARKER, atomic_write_json, ensure_new_output, foreign_entries, mark_output
+from medgen.io import OUTPUT_MARKER, atomic_write_json, ensure_new_output, foreign_entries, holds_cwd, mark_output
 
 LEGACY_MARKER = ".medgen-demo"  # the marker of demo folders before OUTPUT_MARKER
 SUMMARY = "demo.json"  # timings, each stage's outputs, and the state later stages read
@@ -143,6 +143,8 @@ def run_demo(out: Path, quick: bool = False, dims: int = 2, stages: list[str] | 
                 raise RunError(f"{out / entry} holds files medgen did not write ({', '.join(in_the_way[:5])}); "
                                f"move them away to re-run the {name} stage")
             path = out / entry.rstrip("/")
+            if holds_cwd(path):
+                raise RunError(f"{path} is the current directory or holds it; run the demo from elsewhere")
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         for key in state_keys.pop(name, []):  # the stage sees what the stages before it left, as in a whole run
             ctx.state.pop(key, None)

@@ -128,12 +128,13 @@ def foreign_entries(folder: str | os.PathLike) -> list[str]:
     return sorted(foreign)
 
 
-def _holds_cwd(path: Path) -> bool:
+def holds_cwd(path: str | os.PathLike) -> bool:
+    """Whether `path` is the current directory or one of its parents."""
     try:
         cwd = Path.cwd().resolve()
     except OSError:  # the current directory was removed
         return False
-    target = path.resolve()
+    target = Path(path).resolve()
     return cwd == target or target in cwd.parents
 
 
@@ -156,7 +157,7 @@ def ensure_new_output(path: str | os.PathLike | None, overwrite: bool = False, w
     if path is None:
         return None
     path = Path(path)
-    if _holds_cwd(path):
+    if holds_cwd(path):
         raise RunError(f"--out {path} is the current directory or holds it; the {what} is written as a new folder "
                        f"and medgen never replaces the folder you are in: choose another --out")
     if path.exists() and not path.is_dir():

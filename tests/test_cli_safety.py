@@ -17,7 +17,7 @@ from PIL import Image
 
 from medgen import __version__
 from medgen.cli import main
-from medgen.config import load_config, schema_fields, schema_keys
+from medgen.config import load_config, schema_keys
 from medgen.io import OUTPUT_MARKER
 from medgen.train.schema import AutoencoderConfig, DiffusionConfig
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from medgen.data.config import INTENSITY_MODES, DataConfig  # noqa: F401  (DataConfig: re-exported, the data API)
+from medgen.data.config import DataConfig  # noqa: F401  (re-exported: the data API)
 from medgen.data.readers import Loaded
 from medgen.errors import DataError
 

@@ -44,7 +44,7 @@ from torch.utils.data import Sampler
 
 from medgen.config import check_input_paths, load_config, save_config, to_dict
 from medgen.errors import ConfigError, RunError, TrainingError
-from medgen.io import apply_umask_modes, atomic_write_json
+from medgen.io import OUTPUT_MARKER, apply_umask_modes, atomic_write_json, mark_output
 from medgen.models.serialization import (  # noqa: F401  (re-exported: part of the training API)
     MODEL_CONFIG,
     MODEL_WEIGHTS,
@@ -201,6 +201,8 @@ def prepare_run_dir(out: str | os.PathLike, cfg: Any, resume: str | None = None)
                            f"or choose a new --out")
         if resume not in (None, "latest") and not Path(resume).exists():
             raise RunError(f"--resume {resume}: no such checkpoint folder")
+        if resume is not None and (out / "model").is_dir() and not (out / "model" / OUTPUT_MARKER).exists():
+            mark_output(out / "model", "medgen train")  # a run from before output markers: its model/ is replaced at the end
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     state.wait_for_everyone()
