@@ -304,7 +304,8 @@ def report_markdown(report: dict) -> str:
     r = report["recipe"]
     lines = ["# medgen evaluation report", "",
              f"Real: `{r['inputs']['real']['dir']}` ({r['n_real']} images, shape {r['inputs']['real']['shape']}); "
-             f"synthetic: `{r['inputs']['fake']['dir']}` ({r['n_fake']} images).", "",
+             f"synthetic: `{r['inputs']['fake']['dir']}` ({r['n_fake']} images, shape {r['inputs']['fake']['shape']})"
+             + (" - different sizes: the feature extractor resized both." if r['inputs']['real']['shape'] != r['inputs']['fake']['shape'] else "."), "",
              "| metric | value | 95% CI | better |", "|---|---|---|---|"]
     for name, m in _rows(report["metrics"]):
         ci = m.get("ci95")

@@ -25,7 +25,7 @@ def register(subparsers) -> None:
                    help="DDIM eta (0 deterministic, 1 ancestral); default: the run's own (sample.eta)")
     p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="PNG bit depth for 2D samples")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a sample folder medgen wrote")
     p.set_defaults(func=_sample_cmd)
 
 
@@ -33,7 +33,7 @@ def _sample_cmd(args: argparse.Namespace) -> int:
     from medgen.io import ensure_new_output
     from medgen.sample.pipeline import load_pipeline, write_samples
 
-    ensure_new_output(args.out, args.overwrite, "sample")  # refuse before loading anything
+    ensure_new_output(args.out, args.overwrite, "sample folder")  # refuse before loading anything
     pipe = load_pipeline(args.run, args.device)
     out = write_samples(pipe, args.out, args.n, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                         label=args.label, seed=args.seed, batch_size=args.batch_size, bit_depth=args.bit_depth,

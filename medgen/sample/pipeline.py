@@ -165,7 +165,7 @@ def write_samples(pipeline: DiffusionPipeline, out: str | os.PathLike, n: int, s
 
     if bit_depth not in (8, 16):
         raise ConfigError(f"bit depth must be 8 or 16, got {bit_depth}")
-    out = ensure_new_output(out, overwrite, "sample")
+    out = ensure_new_output(out, overwrite, "sample folder")
     s = pipeline.sampling_settings(sampler, steps, guidance, eta)
     x = pipeline.sample(n, **s, label=label, seed=seed, batch_size=batch_size, progress=progress)
     with atomic_dir(out, overwrite=True) as tmp:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,10 +48,11 @@ from medgen.train.common import (
     make_loader,
     prepare_run_dir,
     preserved_rng,
-    process_state,
     progress_bar,
+    removes_failed_run,
     save_inference_model,
 )
+from medgen.train.schema import AutoencoderConfig
 from medgen.train.losses import (
     adaptive_gan_weight,
     feature_matching_loss,
@@ -65,75 +65,8 @@ from medgen.train.preview import grid_png, mid_slices
 
 log = logging.getLogger(__name__)
 
-# Every key a config may set, with its default. Documented here, where it is declared.
-DEFAULTS: dict[str, Any] = {
-    "data": {"path": None, "spatial_dims": None, "channels": None, "shape": None},
-    "model": {
-        "latent": "vq",  # vq (VQ-GAN) | kl (KL-VAE)
-        "latent_channels": 4,  # channels of z; VQ: code dimension
-        "channels": [64, 128, 256],  # width per level; len-1 downsampling stages
-        "downsample": 4,  # total factor, int or one per axis, e.g. [4, 4, 1]
-        "num_res_blocks": 1,
-        "attention": False,  # self-attention at the lowest resolution
-        "num_codes": 1024,
-        "commitment": 0.25,  # beta (van den Oord et al. 2017)
-        "ema_decay": 0.99,
-        "dead_threshold": 0.01,  # EMA uses/step below which a code moves to a batch encoding, each step until it reaches it
-        "norm_groups": 32,
-        "gradient_checkpointing": False,
-        "deep_supervision": 0,  # decoder output heads on this many coarser levels, trained too (Medfusion: 1)
-    },
-    "discriminator": {
-        "enabled": True,
-        "volume": True,  # 3D PatchGAN on whole volumes (3D data)
-        "slices": True,  # 2D PatchGAN on random slices (3D) / on the images (2D)
-        "slices_per_volume": 1,
-        "channels": 64,
-        "num_layers": 3,
-        "norm": "group",  # group | instance (both DDP-safe; no BatchNorm)
-    },
-    "loss": {
-        "reconstruction": "l1",  # l1 | l2 (squared error)
-        "reconstruction_weight": 1.0,
-        # auto | mean | sum: image terms (reconstruction, perceptual, SSIM) averaged over pixels, or summed
-        # over each image's elements (mean over the batch); auto = sum for kl (LDM, Medfusion), mean for vq
-        "reduction": "auto",
-        "perceptual": "none",  # none | lpips (learned, VGG16) | vgg16 | resnet18 | resnet50 (models/perceptual.py)
-        "perceptual_weights": None,  # safetensors path; default $MEDGEN_WEIGHTS_DIR/<arch>.safetensors, then torchvision's cache
-        "perceptual_weight": 1.0,
-        "perceptual_slices": 1,  # 3D: random 2D slices per volume and axis scored by the 2D backbone
-        "perceptual_axes": [0],  # 3D: spatial axes to slice along (0 = depth, as Medical Diffusion; [0, 1, 2] = all)
-        "ssim_weight": 0.0,  # 1 - SSIM term (Medfusion: 1)
-        "latent_weight": 1.0,  # multiplies the VQ commitment loss
-        "kl_weight": 1.0e-6,
-        "adversarial_weight": 0.5,
-        "adaptive_weight": True,  # lambda of Esser et al. 2021
-        "feature_matching_weight": 0.0,
-        "disc_start": 10000,  # generator step after which the GAN terms switch on
-    },
-    "train": {
-        "max_steps": 100000,
-        "batch_size": 4,
-        "lr": 1.0e-4,
-        "disc_lr": None,  # default: lr
-        "betas": [0.5, 0.9],
-        "weight_decay": 0.0,
-        "grad_clip": None,  # max global gradient norm of each network (generator, discriminator); null: off
-        "mixed_precision": "no",  # no | fp16 | bf16
-        "gradient_accumulation_steps": 1,
-        "tracker": "none",  # none | wandb
-        "seed": 0,
-        "cpu": False,
-        "num_workers": 0,
-        "log_every": 10,
-        "checkpoint_every": 1000,
-        "keep_last": 3,
-        "val_every": 1000,
-        "val_batches": 16,  # at most this many validation batches per evaluation
-        "preview_every": 1000,
-        "channels_last": True,  # NDHWC/NHWC memory format: faster cuDNN kernels on GPU
-    },
-}
+# Every key a config may set: the schema (types, defaults, allowed values, docs) in medgen/train/schema.py.
+DEFAULTS = AutoencoderConfig
 
 
 # ----------------------------------------------------------------------------- builders
@@ -534,25 +467,15 @@ def _train_step(run: _Stage1, batches, step: int, weights: LossWeights, gan_on: 
     return logs, x, recon
 
 
+@removes_failed_run
 def train_autoencoder(cfg, out: str | Path, resume: str | None = None) -> Path:
     """Train per `cfg` (see DEFAULTS) into run directory `out`; returns the run directory."""
     if cfg_get(cfg.data, "path") is None:
         raise ConfigError("data.path is not set; pass data.path=DIR (a dataset folder or manifest.csv)")
-    is_main = process_state(cfg.train).is_main_process
-    fresh = not (Path(out).exists() and any(Path(out).iterdir()))
-    run_dir = prepare_run_dir(out, cfg, resume)
-    state = {"started": False}
-    try:
-        return _train(cfg, run_dir, resume, state)
-    except BaseException:
-        # a new run that fails before its first step (bad config, data, weights) leaves no folder
-        # behind, so the corrected command can reuse --out
-        if fresh and not state["started"] and is_main:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+    return _train(cfg, prepare_run_dir(out, cfg, resume), resume)
 
 
-def _train(cfg, run_dir: Path, resume: str | None, state: dict) -> Path:
+def _train(cfg, run_dir: Path, resume: str | None) -> Path:
     tcfg = cfg.train
     weights = LossWeights.from_config(cfg.loss, str(cfg.model.latent) == "vq")
     run = _prepare(cfg, run_dir)
@@ -570,7 +493,6 @@ def _train(cfg, run_dir: Path, resume: str | None, state: dict) -> Path:
     tic = time.perf_counter()
 
     step = start
-    state["started"] = True
     while step < max_steps:
         step += 1
         logs, x, recon = _train_step(run, batches, step, weights, run.disc is not None and step > disc_start, tcfg)

@@ -43,6 +43,7 @@ from medgen.errors import ConfigError, RunError
 from medgen.io import atomic_write_bytes, atomic_write_json, sha256_file
 from medgen.models.unet import build_denoiser
 from medgen.train.preview import grid_png
+from medgen.train.schema import DiffusionConfig
 from medgen.train.common import (
     CheckpointManager,
     EpochSampler,
@@ -59,86 +60,14 @@ from medgen.train.common import (
     prepare_run_dir,
     preserved_rng,
     progress_bar,
+    removes_failed_run,
     save_inference_model,
 )
 
 log = logging.getLogger(__name__)
 
-# Every key a config may set, with its default. Documented here, where it is declared.
-DEFAULTS: dict[str, Any] = {
-    # pixel mode: the dataset; latent mode: defaults to the autoencoder run's data section
-    "data": {"path": None, "spatial_dims": None, "channels": None, "shape": None},
-    "autoencoder": {
-        "run": None,  # stage-1 run dir (or model folder): latent mode; null: pixel mode
-        # an existing `medgen encode` folder (its training subjects are used); null: encode them into RUN/latents
-        "cache": None,
-        "encode_batch_size": 8,
-    },
-    "latent": {  # latent mode only; medgen.diffusion.latents
-        # VQ: quantized (code vectors) | encoder (output before quantization, Medical Diffusion);
-        # KL: the posterior mean for both, or posterior_sample (a fresh draw per item, Medfusion)
-        "source": "quantized",
-        # std (1/std, Rombach et al. 2022) | codebook_minmax (the VQ codebook's range -> [-1, 1], and
-        # samplers clip x0; Medical Diffusion) | none (Medfusion)
-        "scaling": "std",
-    },
-    "model": {
-        "backbone": "medgen",  # medgen (ours) | monai (MONAI DiffusionModelUNet, the reference)
-        "channels": [64, 128, 256, 512],  # width per level; each level after the first halves the size
-        "num_res_blocks": 2,
-        "attention_levels": [False, False, True, True],
-        "head_channels": 64,
-        "norm_groups": 32,
-        "dropout": 0.0,
-        "gradient_checkpointing": False,
-        "conditional": "auto",  # auto (class-conditional when the data has labels) | true | false
-        "num_classes": None,  # default: max label + 1
-    },
-    "diffusion": {  # medgen.diffusion.NoiseSchedule
-        "schedule": "scaled_linear",  # linear | scaled_linear | cosine
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "zero_terminal_snr": False,  # Lin et al. 2024; needs prediction v or x0
-        "prediction": "eps",  # eps | v | x0
-    },
-    "loss": {
-        "type": "l2",  # l2 | l1
-        "min_snr_gamma": None,  # e.g. 5.0 (Hang et al. 2023)
-        "cond_drop_prob": 0.1,  # label dropout for classifier-free guidance
-        "cond_drop_mode": "sample",  # sample (each label on its own) | batch (the whole batch at once, Medfusion)
-    },
-    "ema": {
-        "enabled": True,  # false: previews and model/ use the trained weights themselves (Medfusion)
-        "decay": 0.9999,
-        "warmup": True,  # true: decay 1 - (1 + k)^-power after the start (diffusers); false: constant decay
-        "power": 0.6667,
-        "update_after": 0,  # the EMA copies the weights through this optimizer step (at least step 1), then averages
-        "every": 1,  # update after optimizer steps 1, 1 + every, 1 + 2 every, ... (Medical Diffusion: 10)
-    },
-    # previews, and the default sampler of `medgen sample` / `load_pipeline(run).sample()` for this run
-    "sample": {"sampler": "dpmpp", "steps": 25, "guidance": 1.0, "eta": 0.0, "n_preview": 8},
-    "train": {
-        "max_steps": 100000,  # optimizer steps
-        "batch_size": 16,  # per process and micro-batch
-        "lr": 1.0e-4,
-        "lr_warmup_steps": 0,  # linear warm-up over this many optimizer steps
-        "betas": [0.9, 0.999],
-        "weight_decay": 0.0,  # AdamW; 0 is Adam
-        "grad_clip": 1.0,  # max global gradient norm (train.grad_clip, as the autoencoder); null: off
-        "mixed_precision": "no",  # no | fp16 | bf16
-        "gradient_accumulation_steps": 1,
-        "tracker": "none",  # none | wandb
-        "seed": 0,
-        "cpu": False,
-        "num_workers": 0,
-        "log_every": 10,
-        "checkpoint_every": 1000,
-        "keep_last": 3,
-        "preview_every": 1000,
-        "compile": False,  # torch.compile the denoiser (GPU; runs it channels-last)
-    },
-}
+# Every key a config may set: the schema (types, defaults, allowed values, docs) in medgen/train/schema.py.
+DEFAULTS = DiffusionConfig
 
 EMA_WEIGHTS = "ema.safetensors"
 EMA_STATE = "ema.json"
@@ -456,12 +385,16 @@ def _optimizer_step(t: _Training, step: int, accum: int, max_norm: float | None)
     return logs
 
 
+@removes_failed_run
 def train_diffusion(cfg, out: str | Path, resume: str | None = None) -> Path:
     """Train per `cfg` (see DEFAULTS) into run directory `out`; returns the run directory."""
     from accelerate.utils import set_seed
 
+    from medgen.data import DataConfig
+
     tcfg = cfg.train
     schedule = NoiseSchedule.from_config(cfg.diffusion)
+    DataConfig.from_any(_data_cfg(cfg))  # the data section (and the autoencoder run) check out before --out is made
     run_dir = prepare_run_dir(out, cfg, resume)
     accelerator = build_accelerator(tcfg, run_dir)
     set_seed(int(tcfg.seed), device_specific=True)  # different noise draws on each process
@@ -486,7 +419,14 @@ def train_diffusion(cfg, out: str | Path, resume: str | None = None) -> Path:
     if bool(cfg_get(tcfg, "compile", False)):
         if hasattr(raw, "set_channels_last") and accelerator.device.type == "cuda":
             raw.set_channels_last(True)
-        net = torch.compile(model)
+        if accelerator.is_main_process:
+            log.info("train.compile: compiling the denoiser with torch.compile%s; the first steps are slow while it "
+                     "compiles (minutes for a large 3D model)", " (regional: its repeated blocks)"
+                     if hasattr(raw, "compile_blocks") else "")
+        if hasattr(raw, "compile_blocks"):  # regional compilation: a fraction of the whole-network warm-up
+            raw.compile_blocks()
+        else:
+            net = torch.compile(model)
 
     ckpt = CheckpointManager(run_dir, keep_last=int(tcfg.keep_last))
     start = int(ckpt.resume(accelerator, resume)["step"]) if resume else 0

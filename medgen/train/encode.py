@@ -168,11 +168,14 @@ def register(subparsers) -> None:
                    help="VQ: quantized code vectors, or the encoder's output before quantization; "
                         "KL: posterior_sample keeps the log-variances for a fresh draw per training batch")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache folder medgen wrote")
     p.set_defaults(func=_encode_cmd)
 
 
 def _encode_cmd(args: argparse.Namespace) -> int:
+    from medgen.io import ensure_new_output
+
+    ensure_new_output(args.out, args.overwrite, "cache folder", inputs={"--autoencoder": args.autoencoder, "--data": args.data})
     out = encode_dataset(args.autoencoder, args.data, args.out, batch_size=args.batch_size, device=args.device,
                          overwrite=args.overwrite, source=args.source)
     _, meta = load_latent_cache(out)
