@@ -430,7 +430,6 @@ def test_posterior_sample_latents_draw_afresh(tiny_autoencoder, cohort_2d, tmp_p
 def test_paper_configs_are_understood(name):
     """Every key of the paper configs and their medgen variants is one the trainer declares, every
     value is accepted, and the denoiser builds (on the meta device: no memory)."""
-    from medgen.config import to_dict
     from medgen.diffusion import SAMPLERS, NoiseSchedule
     from medgen.diffusion.latents import SCALINGS
     from medgen.train.diffusion import build_ema, build_loss, build_model_from_config
