@@ -376,7 +376,9 @@ def test_audit_threshold_and_flags_match_brute_force_pearson(cohort_150_2d):
     from medgen.privacy.audit import audit_images
 
     x, _ = cohort_150_2d
-    train, holdout, synth = x[:25], x[25:45], x[45:60]
+    train, holdout = x[:25].clone(), x[25:45]
+    train[1] = train[0] + 0.02 * torch.randn(train[0].shape, generator=torch.Generator().manual_seed(0))  # two scans of one patient
+    synth = torch.cat([x[45:57], train[:1], train[5:6], train[9:10]])  # new subjects and three copies
     flat = lambda t: t.flatten(1).double().numpy()  # the 32^2 pixel detector embeds the image itself
     train_holdout = np.corrcoef(np.concatenate([flat(train), flat(holdout)]))[:25, 25:].max(1)
     synth_train = np.corrcoef(np.concatenate([flat(synth), flat(train)]))[:15, 15:]
@@ -388,6 +390,7 @@ def test_audit_threshold_and_flags_match_brute_force_pearson(cohort_150_2d):
         assert (r.synthetic_nearest.numpy() == synth_train.argmax(1)).all()
         assert r.report["n_copy_sources"] == len(set(synth_train.argmax(1)[synth_train.max(1) > tau]))
         assert r.report["n_mem"] == int((synth_train.max(0) > tau).sum())  # Dar et al.: training images with a synthetic match above tau
+        assert r.report["n_mem"] > r.report["n_copy_sources"]  # the copy of scan 0 also exposes scan 1, but points at one
 
 
 # ----------------------------------------------------------------------------- new measures vs references
@@ -417,10 +420,12 @@ def test_leave_one_out_thresholds_match_recalibration_without_each_holdout_image
     g = torch.Generator().manual_seed(1)
     t, h = torch.randn(41, 8, generator=g), torch.randn(9, 8, generator=g)
     v, i = pairwise_topk(t, h, k=2, metric="pearson")
-    ours = leave_one_out_thresholds(v, i, h.shape[0], 90.0)
-    for j in range(h.shape[0]):  # brute force: drop held-out image j, recalibrate tau
-        rest = torch.cat([h[:j], h[j + 1 :]])
-        assert ours[j].item() == pytest.approx(copy_threshold(best_match(t, rest)[0], 90.0), abs=1e-6)
+    for p in (50.0, 90.0, 99.0):
+        ours = leave_one_out_thresholds(v, i, h.shape[0], p)
+        for j in range(h.shape[0]):  # brute force: drop held-out image j, recalibrate tau
+            rest = torch.cat([h[:j], h[j + 1 :]])
+            assert ours[j].item() == pytest.approx(copy_threshold(best_match(t, rest)[0], p), abs=1e-6)
+        assert (ours != copy_threshold(v[:, 0], p)).any()  # some held-out image does move tau
 
 
 def test_copy_rate_test_is_the_one_sided_hypergeometric_tail():

@@ -207,9 +207,11 @@ class AnatomyGate:
 
     A sample is `blank` when (nearly) constant, `noise` when its lag-1 spatial autocorrelation is
     below every held-out image's by a wide margin, `atypical` when its best pixel-rank
-    (Spearman) correlation with the training set is (a wrong modality, a failed model's output).
-    Floors: the lowest held-out value lowered by three times its distance to the median. A copy
-    is never gated: it resembles its training image more than any held-out patient does.
+    (Spearman) correlation with the training set is below its floor (a wrong modality, a failed
+    model's output).
+    Floors: the lowest held-out value lowered by three times its distance to the median (at
+    least GATE_MARGIN). A copy is never gated: it resembles a training image at least as much as
+    a held-out patient does.
     """
 
     detector: Any  # a pixel-rank PixelDetector

@@ -68,7 +68,11 @@ def leave_one_out_thresholds(top2_values: torch.Tensor, top2_indices: torch.Tens
     argbest = top2_indices[:, 0].numpy()
     tau = copy_threshold(best, percentile)
     out = np.full(n_holdout, tau)
-    for j in np.unique(argbest):  # only held-out images that are some row's best move tau
+    # tau interpolates the order statistics at ranks floor(h) and ceil(h), h = (Nt - 1) p / 100.
+    # Lowering values that lie strictly below the floor(h)-th leaves both unchanged, so only
+    # held-out images that are the best match of a row at or above it can move tau.
+    low = np.partition(best, int(math.floor((best.size - 1) * percentile / 100)))[int(math.floor((best.size - 1) * percentile / 100))]
+    for j in np.unique(argbest[best >= low]):
         rows = argbest == j
         values = best.copy()
         values[rows] = second[rows]

@@ -45,15 +45,25 @@ class AuditResult:
 
     verdict: str
     reasons: list[str]  # why inconclusive (empty otherwise)
-    p_value: float
-    synthetic_rate: float  # share of (anatomical) synthetic samples above tau
-    null_rate: float  # share of held-out images above tau (leave-one-out)
+    test: "RateTest"  # synthetic rate vs null rate
     scores: Scores  # the synthetic samples' scores
     report: dict[str, Any]
     train_holdout_best: torch.Tensor  # (Nt,) under the first detector (figures)
     warnings: list[str] = field(default_factory=list)
     audit: CopyAudit | None = None  # the calibrated audit: judge more samples against the same tau
     carlini_ratio: torch.Tensor | None = None  # (Ns,) relative l2 (Carlini et al. 2023), set by audit_images
+
+    @property
+    def p_value(self) -> float:
+        return self.test.p_value
+
+    @property
+    def synthetic_rate(self) -> float:  # share of anatomical synthetic samples above tau
+        return self.test.rate
+
+    @property
+    def null_rate(self) -> float:  # share of held-out images above tau (leave-one-out)
+        return self.test.null_rate
 
     @property
     def is_copy(self) -> torch.Tensor:  # (Ns,) bool
@@ -93,6 +103,62 @@ def _memorized(audit: CopyAudit, scores: Scores, embeddings: Sequence[torch.Tens
     return memorized, per_detector
 
 
+@dataclass
+class RateTest:
+    """The synthetic rate above tau against the null rate: Fisher's one-sided exact test, and
+    its power check (the p-value if `detectable_rate` of the samples were copies)."""
+
+    n_flagged: int
+    n_tested: int  # anatomical synthetic samples
+    null_flagged: int
+    null_n: int
+    alpha: float
+    detectable_rate: float
+
+    @property
+    def rate(self) -> float:
+        return self.n_flagged / self.n_tested if self.n_tested else 0.0
+
+    @property
+    def null_rate(self) -> float:
+        return self.null_flagged / self.null_n
+
+    @property
+    def p_value(self) -> float:
+        return copy_rate_test(self.n_flagged, self.n_tested, self.null_flagged, self.null_n)
+
+    @property
+    def p_at_detectable_rate(self) -> float:
+        expected = int(round(self.n_tested * (self.null_rate + self.detectable_rate * (1 - self.null_rate))))
+        return copy_rate_test(expected, self.n_tested, self.null_flagged, self.null_n)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": "one-sided Fisher exact test (synthetic vs held-out rate above tau)",
+            "alpha": self.alpha, "p_value": round(self.p_value, 6),
+            "synthetic_rate_pct": round(100.0 * self.rate, 4), "null_rate_pct": round(100.0 * self.null_rate, 4),
+            "excess_pct": round(100.0 * (self.rate - self.null_rate), 4),
+            "null_flagged": self.null_flagged, "null_n": self.null_n, "n_tested": self.n_tested,
+            "detectable_rate": self.detectable_rate, "p_at_detectable_rate": round(self.p_at_detectable_rate, 6),
+        }
+
+
+def decide(audit: CopyAudit, test: RateTest, n_synthetic: int, max_copy_rate: float | None) -> tuple[str, list[str]]:
+    """(verdict, reasons): inconclusive when the audit or the test was blind, else fail when the
+    synthetic rate is significantly above the null (or its excess above a policy), else pass."""
+    reasons = list(audit.reasons)
+    if test.n_tested == 0:
+        reasons.append(f"none of the {n_synthetic} synthetic samples is anatomy (blank, noise or unlike any patient): there is nothing to audit")
+    elif test.p_at_detectable_rate >= test.alpha:
+        reasons.append(f"too few samples for the test: even if {100 * test.detectable_rate:.0f}% of the {test.n_tested} synthetic samples were copies, "
+                       f"p would be {test.p_at_detectable_rate:.3f} >= alpha = {test.alpha:g} against {test.null_n} held-out images; audit more samples or hold out more patients")
+    if reasons:
+        return "inconclusive", reasons
+    if test.p_value < test.alpha or (max_copy_rate is not None and test.rate - test.null_rate > max_copy_rate):
+        return "fail", reasons
+    return "pass", reasons
+
+
 def judge(
     audit: CopyAudit,
     synthetic: torch.Tensor,
@@ -112,89 +178,36 @@ def judge(
         raise DataError(f"detectable_rate must be in (0, 1], got {detectable_rate}")
     check_images(synthetic, "synthetic", names, 1)
     scores, embeddings = audit.score(synthetic, device=device, keep_embeddings=True)
-    n_s = len(scores)
-    is_copy, anatomical = scores.is_copy, scores.anatomical
-    n_anat = int(anatomical.sum())
-    n_copies = int(is_copy.sum())
+    null = audit.holdout_flagged
+    test = RateTest(int(scores.is_copy.sum()), int(scores.anatomical.sum()), int(null.sum()), len(null), alpha, detectable_rate)
+    verdict, reasons = decide(audit, test, len(scores), max_copy_rate)
+    report = _report(audit, scores, embeddings, test, verdict, reasons, max_copy_rate, device)
+    return AuditResult(verdict, reasons, test, scores, report, audit.fits[0].train_holdout_best, list(audit.warnings), audit)
 
-    null_flagged = audit.holdout_flagged
-    k_h, n_h = int(null_flagged.sum()), len(null_flagged)
-    null_rate = k_h / n_h
-    synthetic_rate = n_copies / n_anat if n_anat else 0.0
-    p_value = copy_rate_test(n_copies, n_anat, k_h, n_h)
-    excess = synthetic_rate - null_rate
-    # Power: would the test have noticed if `detectable_rate` of the samples were copies?
-    expected = int(round(n_anat * (null_rate + detectable_rate * (1 - null_rate))))
-    p_detectable = copy_rate_test(expected, n_anat, k_h, n_h)
 
-    reasons = list(audit.reasons)
-    if n_anat == 0:
-        reasons.append(f"none of the {n_s} synthetic samples is anatomy (blank, noise or unlike any patient): there is nothing to audit")
-    elif p_detectable >= alpha:
-        reasons.append(f"too few samples for the test: even if {100 * detectable_rate:.0f}% of the {n_anat} synthetic samples were copies, "
-                       f"p would be {p_detectable:.3f} >= alpha = {alpha:g} against {n_h} held-out images; audit more samples or hold out more patients")
-    if reasons:
-        verdict = "inconclusive"
-    elif p_value < alpha or (max_copy_rate is not None and excess > max_copy_rate):
-        verdict = "fail"
-    else:
-        verdict = "pass"
-
+def _report(audit: CopyAudit, scores: Scores, embeddings, test: RateTest, verdict: str, reasons: list[str], max_copy_rate, device) -> dict[str, Any]:
+    n_s, n_t = len(scores), audit.n_train
     memorized, mem_per_detector = _memorized(audit, scores, embeddings, device)
-    sources = torch.unique(scores.nearest_train[is_copy])
-    flagged_counts = scores.flagged & anatomical[:, None]  # (N, K)
+    sources = torch.unique(scores.nearest_train[scores.is_copy])
+    flagged = scores.flagged & scores.anatomical[:, None]  # (N, K)
     not_anatomy = {r: scores.not_anatomy.count(r) for r in ("blank", "noise", "atypical")}
-    first = audit.fits[0]
+    pct = lambda k, n: round(100.0 * k / n, 4)  # noqa: E731
     detectors = {}
     for k, f in enumerate(audit.fits):
-        d = f.summary()
-        d.update({
-            "n_flagged": int(flagged_counts[:, k].sum()),
-            "n_copies_pct": round(100.0 * float(flagged_counts[:, k].sum()) / n_s, 4),
-            "n_mem": mem_per_detector[k],
-            "n_mem_pct": round(100.0 * mem_per_detector[k] / audit.n_train, 4),
-            "synthetic_train_best": summary(scores.similarity[:, k]),
-        })
-        detectors[f.name] = d
-    report: dict[str, Any] = {
-        "verdict": verdict,
-        "reasons": reasons,
-        "threshold": round(first.threshold, 6),
-        "thresholds": {f.name: round(f.threshold, 6) for f in audit.fits},
-        "detector": "+".join(f.name for f in audit.fits),
-        "percentile": audit.percentile,
-        "similarity": audit.similarity,
-        "n_train": audit.n_train,
-        "n_holdout": audit.n_holdout,
-        "n_synthetic": n_s,
-        "n_copies": n_copies,
-        "n_copies_pct": round(100.0 * n_copies / n_s, 4),
-        "n_mem": int(memorized.sum()),
-        "n_mem_pct": round(100.0 * float(memorized.sum()) / audit.n_train, 4),
-        "n_copy_sources": int(len(sources)),
-        "n_copy_sources_pct": round(100.0 * len(sources) / audit.n_train, 4),
-        "n_not_anatomy": sum(not_anatomy.values()),
-        "not_anatomy": not_anatomy,
-        "test": {
-            "name": "one-sided Fisher exact test (synthetic vs held-out rate above tau)",
-            "alpha": alpha,
-            "p_value": round(p_value, 6),
-            "synthetic_rate_pct": round(100.0 * synthetic_rate, 4),
-            "null_rate_pct": round(100.0 * null_rate, 4),
-            "excess_pct": round(100.0 * excess, 4),
-            "null_flagged": k_h,
-            "null_n": n_h,
-            "n_tested": n_anat,
-            "detectable_rate": detectable_rate,
-            "p_at_detectable_rate": round(p_detectable, 6),
-        },
-        "max_copy_rate": max_copy_rate,
+        n_flagged = int(flagged[:, k].sum())
+        detectors[f.name] = {**f.summary(), "n_flagged": n_flagged, "n_copies_pct": pct(n_flagged, n_s), "n_mem": mem_per_detector[k],
+                             "n_mem_pct": pct(mem_per_detector[k], n_t), "synthetic_train_best": summary(scores.similarity[:, k])}
+    return {
+        "verdict": verdict, "reasons": reasons,
+        "threshold": round(audit.fits[0].threshold, 6), "thresholds": {f.name: round(f.threshold, 6) for f in audit.fits},
+        "detector": "+".join(f.name for f in audit.fits), "percentile": audit.percentile, "similarity": audit.similarity,
+        "n_train": n_t, "n_holdout": audit.n_holdout, "n_synthetic": n_s,
+        "n_copies": test.n_flagged, "n_copies_pct": pct(test.n_flagged, n_s),
+        "n_mem": int(memorized.sum()), "n_mem_pct": pct(int(memorized.sum()), n_t),
+        "n_copy_sources": int(len(sources)), "n_copy_sources_pct": pct(len(sources), n_t),
+        "n_not_anatomy": sum(not_anatomy.values()), "not_anatomy": not_anatomy,
+        "test": test.summary(), "max_copy_rate": max_copy_rate,
         "control": None if audit.control is None else audit.control.summary(),
-        "detectors": detectors,
-        "anatomy_gate": audit.gate.summary(),
-        "holdout_dropped": audit.holdout_dropped,
-        "spatial_dims": audit.spatial_dims,
-        "image_shape": list(audit.image_shape),
-        "warnings": list(audit.warnings),
+        "detectors": detectors, "anatomy_gate": audit.gate.summary(), "holdout_dropped": audit.holdout_dropped,
+        "spatial_dims": audit.spatial_dims, "image_shape": list(audit.image_shape), "warnings": list(audit.warnings),
     }
-    return AuditResult(verdict, reasons, p_value, synthetic_rate, null_rate, scores, report, first.train_holdout_best, list(audit.warnings), audit)
