@@ -220,6 +220,20 @@ class AnatomyGate:
     smoothness_floor: float
     similarity: str = "pearson"
 
+    @classmethod
+    def fit(cls, fits: Sequence[DetectorFit], train: torch.Tensor, holdout: torch.Tensor, similarity: str, device=None) -> "AnatomyGate":
+        """Floors from the held-out set; reuses the pixel-rank detector's fit when it is one of `fits`."""
+        from medgen.privacy.detector import PixelDetector
+
+        rank = next((f for f in fits if isinstance(f.detector, PixelDetector) and f.detector.ranks), None)
+        if rank is not None:
+            detector, e_t, best = rank.detector, rank.train_embeddings, rank.holdout_train_best
+        else:
+            detector = PixelDetector(train.ndim - 2, ranks=True)
+            e_t = detector.embed(train)
+            best = pairwise_topk(detector.embed(holdout), e_t, k=1, metric=similarity, device=device)[0][:, 0].float().cpu()
+        return cls(detector, e_t, _floor(best), _floor(smoothness(holdout)), similarity)
+
     def classify(self, images: torch.Tensor, embeddings: torch.Tensor | None = None, device=None) -> list[str]:
         e = embeddings if embeddings is not None else self.detector.embed(images)
         best, _ = pairwise_topk(e, self.train_embeddings, k=1, metric=self.similarity, device=device)
@@ -329,7 +343,7 @@ class CopyAudit:
         list of either. `subjects` maps "train"/"holdout" to per-image subject ids (shared ids
         make the verdict inconclusive); `names` to per-image names for messages.
         """
-        from medgen.privacy.detector import PixelDetector, build_detectors, default_device
+        from medgen.privacy.detector import build_detectors, default_device
         from medgen.privacy.families import CONTROL_FAMILIES
 
         names, subjects = names or {}, subjects or {}
@@ -344,33 +358,15 @@ class CopyAudit:
         check_images(holdout, "held-out", names.get("holdout"), 2)
         if train.shape[1:] != holdout.shape[1:]:
             raise DataError(f"image shapes (C, *S) differ: training {tuple(train.shape[1:])}, held-out {tuple(holdout.shape[1:])}; pass a data config with data.shape (and data.channels) so all sets are cropped/padded alike")
-        reasons: list[str] = []
-        warnings: list[str] = []
-
-        holdout, dropped, overlap = _drop_duplicates(train, holdout, names.get("holdout"))
-        if overlap:
-            reasons.append(overlap)
-        shared = sorted(set(subjects.get("train") or ()) & set(subjects.get("holdout") or ()))
-        if shared:
-            reasons.append(f"{len(shared)} subject id(s) are in both the training and the held-out set (e.g. {shared[:3]}): tau must be calibrated on patients the model never saw")
+        holdout, dropped, reasons, warnings = _check_split(train, holdout, subjects, names, min_holdout, percentile)
         n_t, n_h = train.shape[0], holdout.shape[0]
-        if n_h < min_holdout:
-            reasons.append(f"only {n_h} held-out images (at least {min_holdout} needed): tau and the null rate rest on too few patients to tell copies from look-alikes")
-        if n_t * (1 - percentile / 100) < 5:
-            warnings.append(f"only {n_t} training images: the {percentile:g}th percentile rests on fewer than 5 values above it, so tau is noisy")
-
         built = build_detectors(detectors, train, options=detector_options, device=device, seed=seed)
         fits = [_fit_detector(d, train, holdout, similarity, percentile, device) for d in built]
-        for f in fits:
-            reasons.extend(f.health())
         if len({f.name for f in fits}) != len(fits):
             raise DataError(f"detectors must differ: got {[f.name for f in fits]}")
-
-        rank_fit = next((f for f in fits if isinstance(f.detector, PixelDetector) and f.detector.ranks), None)
-        gate_detector = rank_fit.detector if rank_fit is not None else PixelDetector(train.ndim - 2, ranks=True)
-        gate_train = rank_fit.train_embeddings if rank_fit is not None else gate_detector.embed(train)
-        gate_holdout_best = rank_fit.holdout_train_best if rank_fit is not None else pairwise_topk(gate_detector.embed(holdout), gate_train, k=1, metric=similarity, device=device)[0][:, 0].float().cpu()
-        gate = AnatomyGate(gate_detector, gate_train, _floor(gate_holdout_best), _floor(smoothness(holdout)), similarity)
+        for f in fits:
+            reasons.extend(f.health())
+        gate = AnatomyGate.fit(fits, train, holdout, similarity, device)
 
         audit = cls(fits, gate, percentile, similarity, n_t, n_h, tuple(train.shape[1:]), reasons=reasons, warnings=warnings, holdout_dropped=dropped)
         families = list(control_families) if control_families is not None else list(CONTROL_FAMILIES)
@@ -436,16 +432,26 @@ def check_images(x: torch.Tensor, what: str, names: Sequence[str] | None, min_co
         raise DataError(f"{what} image {image_name(names, int(bad[0]), what)} holds NaN or Inf values ({len(bad)} such image(s))")
 
 
-def _drop_duplicates(train: torch.Tensor, holdout: torch.Tensor, names: Sequence[str] | None) -> tuple[torch.Tensor, int, str | None]:
-    """Held-out images identical to a training image (content hash) are left out of calibration:
+def _check_split(train: torch.Tensor, holdout: torch.Tensor, subjects: dict, names: dict, min_holdout: int, percentile: float) -> tuple[torch.Tensor, int, list[str], list[str]]:
+    """(holdout without training duplicates, number dropped, reasons, warnings) for a calibration split.
+
+    Held-out images identical to a training image (content hash) are left out of calibration:
     they would put tau at 1 and hide every copy. All of them identical: refused."""
+    reasons, warnings = [], []
     train_hashes = set(image_hashes(train))
     dup = [i for i, h in enumerate(image_hashes(holdout)) if h in train_hashes]
-    if not dup:
-        return holdout, 0, None
-    examples = ", ".join(image_name(names, i, "holdout") for i in dup[:3])
-    if len(dup) > holdout.shape[0] - 2:
-        raise DataError(f"the held-out set overlaps the training set: {len(dup)} of {holdout.shape[0]} held-out images are identical to training images (e.g. {examples}); the threshold must be calibrated on images of patients NOT used for training")
-    keep = torch.tensor(sorted(set(range(holdout.shape[0])) - set(dup)))
-    reason = f"{len(dup)} held-out image(s) are identical to training images (e.g. {examples}); they were left out of the calibration, but a held-out set that shares images with the training set cannot be trusted to hold only unseen patients"
-    return holdout[keep], len(dup), reason
+    if dup:
+        examples = ", ".join(image_name(names.get("holdout"), i, "holdout") for i in dup[:3])
+        if len(dup) > holdout.shape[0] - 2:
+            raise DataError(f"the held-out set overlaps the training set: {len(dup)} of {holdout.shape[0]} held-out images are identical to training images (e.g. {examples}); the threshold must be calibrated on images of patients NOT used for training")
+        holdout = holdout[torch.tensor(sorted(set(range(holdout.shape[0])) - set(dup)))]
+        reasons.append(f"{len(dup)} held-out image(s) are identical to training images (e.g. {examples}); they were left out of the calibration, but a held-out set that shares images with the training set cannot be trusted to hold only unseen patients")
+    shared = sorted(set(subjects.get("train") or ()) & set(subjects.get("holdout") or ()))
+    if shared:
+        reasons.append(f"{len(shared)} subject id(s) are in both the training and the held-out set (e.g. {shared[:3]}): tau must be calibrated on patients the model never saw")
+    n_t, n_h = train.shape[0], holdout.shape[0]
+    if n_h < min_holdout:
+        reasons.append(f"only {n_h} held-out images (at least {min_holdout} needed): tau and the null rate rest on too few patients to tell copies from look-alikes")
+    if n_t * (1 - percentile / 100) < 5:
+        warnings.append(f"only {n_t} training images: the {percentile:g}th percentile rests on fewer than 5 values above it, so tau is noisy")
+    return holdout, len(dup), reasons, warnings
