@@ -406,11 +406,18 @@ def test_pixel_rank_similarity_is_spearman_with_ties():
     assert torch.equal(average_ranks(x), torch.from_numpy(rankdata(x.numpy(), axis=1) - 1).float())
     images = torch.rand(5, 1, 32, 32, generator=g) * 2 - 1
     images[:, :, :8] = -1  # a constant band: ties
-    det = PixelDetector(2, size=16, ranks=True)
+    det = PixelDetector(2, size=16, ranks=True, smooth=0)
     values, idx = best_match(det.embed(images[:3]), det.embed(images[3:]))
     small = torch.nn.functional.interpolate(images, size=(16, 16), mode="area").flatten(1).numpy()
     rho = np.array([[spearmanr(small[i], small[j]).statistic for j in (3, 4)] for i in range(3)])
     assert np.allclose(values.numpy(), rho.max(1), atol=1e-6) and (idx.numpy() == rho.argmax(1)).all()
+    assert torch.equal(PixelDetector(2, size=16, ranks=True).embed(images), det.embed(images))  # no smoothing in 2D
+    # 3D smooths first (sigma 1 voxel at the input): the same as ranking a blurred volume
+    from medgen.privacy.families import gaussian_blur
+
+    vols = torch.rand(3, 1, 16, 16, 16, generator=g) * 2 - 1
+    smoothed = torch.stack([gaussian_blur(v, 1.0) for v in vols])
+    assert torch.allclose(PixelDetector(3, ranks=True).embed(vols), PixelDetector(3, ranks=True, smooth=0).embed(smoothed))
 
 
 def test_leave_one_out_thresholds_match_recalibration_without_each_holdout_image():

@@ -12,8 +12,9 @@ Beside the thresholds, `CopyAudit.fit` measures what a verdict needs to be trust
   scored against the training set (the direction of synthetic -> train) and against a tau
   calibrated without it (leave-one-out), so it is as independent of tau as a synthetic sample.
 - the **positive control**: transformed copies of a few training images, from copy families the
-  detectors never train on (`medgen.privacy.families`), scored like synthetic samples. If the
-  audit misses them, it could not have seen copies.
+  detectors never train on (`medgen.privacy.families`), scored like synthetic samples; each must
+  be flagged with its own training image as the match. If the audit misses them, it could not
+  have seen copies.
 - the **anatomy gate**: blank images, noise and images unlike any patient are reported apart and
   never counted as copies (an SSL embedding of noise can sit anywhere, even next to a patient).
 - **health**: collapsed embeddings, a saturated tau, a detector that did not converge, held-out
@@ -191,6 +192,12 @@ class Scores:
     def nearest_train(self) -> torch.Tensor:  # (N,) nearest training image under the deciding detector
         return self.nearest.gather(1, self.deciding[:, None])[:, 0]
 
+    def caught(self, sources: Sequence[int]) -> torch.Tensor:
+        """(N,) bool: image i is a copy and a detector that flags it points at training image
+        sources[i] (a copy flagged only for resembling some other image is not caught)."""
+        src = torch.as_tensor(list(sources), dtype=torch.long)[:, None]  # (N, 1)
+        return self.is_copy & (self.flagged & (self.nearest == src)).any(1)
+
     def flagged_by(self, i: int) -> str:
         """Names of the detectors that flag copy i, joined by '+' ("" when it is not a copy)."""
         if not bool(self.is_copy[i]):
@@ -262,11 +269,15 @@ class Control:
     min_recall: float
 
     @property
+    def caught(self) -> torch.Tensor:  # (N,) flagged, and matched to the training image it copies
+        return self.scores.caught(self.sources)
+
+    @property
     def recall(self) -> float:
-        return float(self.scores.is_copy.double().mean())
+        return float(self.caught.double().mean())
 
     def summary(self) -> dict[str, Any]:
-        hit = self.scores.is_copy.tolist()
+        hit = self.caught.tolist()
         by_family: dict[str, list[bool]] = {}
         for fam, h in zip(self.families, hit):
             by_family.setdefault(fam, []).append(h)

@@ -12,8 +12,11 @@ Three kinds share one interface (`embed(images) -> (N, D)`, `recipe`, `name`):
   GroupNorm ResNet that runs 2D and 3D from one definition and trains on a few hundred images);
   augmentations are batched on the device with `affine_grid`/`grid_sample`, which is what makes
   training fast enough to run on the fly.
-- `PixelDetector`: correlation on area-downsampled images (the pixel-space baseline).
+- `PixelDetector`: correlation on area-downsampled images: Pearson ("pixel", the baseline) or
+  Spearman on pixel ranks ("pixel-rank", the SSL detector's partner in the default union).
 - `FeatureDetector`: any extractor of the evaluation registry (`medgen.metrics.features`).
+
+`build_detectors("ssl,pixel-rank", train)` builds them from names.
 """
 
 from __future__ import annotations
@@ -59,6 +62,12 @@ ENCODER_DEFAULTS = {
 # a copy while other patients still differ (chosen on the 2D cohort, eval/RESULTS.md).
 PIXEL_SIZE = {2: 32, 3: 16}
 PIXEL_RANK_SIZE = {2: 16, 3: 12}
+# Gaussian sigma (input pixels) before the rank detector downsamples. 3D: ranks of flat background
+# are ranks of noise, and 16^3 -> 12^3 barely averages it, so any smooth volume ranked like the
+# least noisy training volume rather than its source (blurred copies "flagged" against the wrong
+# volume, blurred other subjects flagged too); 1 voxel fixes that. 2D (32^2 -> 16^2 averages 4
+# pixels): smoothing gained nothing and cost blends (100% -> 89%). eval/RESULTS.md.
+RANK_SMOOTH = {2: 0.0, 3: 1.0}
 
 
 def _conv(spatial_dims: int) -> type[nn.Module]:
@@ -356,22 +365,28 @@ class PixelDetector:
     the SSL detector, which is only invariant to what it was trained on (eval/RESULTS.md).
     """
 
-    def __init__(self, spatial_dims: int, size: int | None = None, ranks: bool = False):
+    def __init__(self, spatial_dims: int, size: int | None = None, ranks: bool = False, smooth: float | None = None):
         self.spatial_dims = spatial_dims
         self.ranks = ranks
         self.name = "pixel-rank" if ranks else "pixel"
         default = PIXEL_RANK_SIZE if ranks else PIXEL_SIZE
         self.size = size if size is not None else default[spatial_dims]
+        self.smooth = (RANK_SMOOTH[spatial_dims] if ranks else 0.0) if smooth is None else smooth  # sigma, input pixels
 
     @property
     def recipe(self) -> dict[str, Any]:
-        return {"detector": self.name, "size": self.size, "ranks": self.ranks}
+        return {"detector": self.name, "size": self.size, "ranks": self.ranks, "smooth": self.smooth}
 
     @torch.no_grad()
-    def embed(self, images: torch.Tensor, batch_size: int = 1024, device=None) -> torch.Tensor:
+    def embed(self, images: torch.Tensor, batch_size: int = 256, device=None) -> torch.Tensor:
+        from medgen.privacy.families import gaussian_blur
+
         out = []
         for s in range(0, images.shape[0], batch_size):
-            e = to_detector_input(images[s : s + batch_size], self.spatial_dims, self.size).flatten(1)  # (B, S'^d)
+            x = images[s : s + batch_size].float().mean(1, keepdim=True)  # (B, 1, *S)
+            if self.smooth > 0:
+                x = gaussian_blur(x[:, 0], self.smooth)[:, None]  # the batch as channels: one blur each
+            e = to_detector_input(x, self.spatial_dims, self.size).flatten(1)  # (B, S'^d)
             out.append(average_ranks(e) if self.ranks else e)
         return torch.cat(out)
 
