@@ -23,7 +23,7 @@ from medgen.privacy.verdict import judge
 # Union recall per validation family: the lowest over the harness's three detector seeds
 # (eval/RESULTS.md, `python eval/audit_harness.py --dims 2|3`, same cohort, sizes and protocol).
 HARNESS_MIN_RECALL = {
-    2: {"blur": 1.0, "gamma": 1.0, "blend": 1.0, "downup": 1.0, "autoencoder": 6 / 12, "zoom": 2 / 12, "rotation": 8 / 12, "elastic": 1.0},
+    2: {"blur": 1.0, "gamma": 1.0, "blend": 1.0, "downup": 1.0, "autoencoder": 6 / 12, "zoom": 1 / 12, "rotation": 8 / 12, "elastic": 1.0},
     3: {"blur": 1.0, "gamma": 1.0, "blend": 1.0, "downup": 1.0, "autoencoder": 0.0, "zoom": 1.0, "rotation": 4 / 12, "elastic": 1.0},
 }
 SETTINGS = {2: {"size": 32, "n_train": 30, "steps": 400}, 3: {"size": 16, "n_train": 45, "steps": 600}}  # = eval/audit_harness.py
@@ -179,9 +179,12 @@ def test_overlapping_or_tiny_holdout_is_refused_or_inconclusive(cohort2d):
     assert dup.holdout_dropped == 2 and any("identical to training images" in x for x in dup.reasons)
     small = CopyAudit.fit(train, holdout[:12], pixel)
     assert judge(small, genuine).verdict == "inconclusive" and any("only 12 held-out images" in x for x in small.reasons)
-    # too few samples for the test to notice a fifth of copies
-    r = judge(ok, genuine[:3])
+    # too few samples for the test to notice even half of them being copies
+    r = judge(ok, genuine[:2])
     assert r.verdict == "inconclusive" and any("too few samples" in x for x in r.reasons)
+    assert r.report["test"]["min_detectable_rate"] is None
+    t = judge(ok, genuine).report["test"]
+    assert 0 < t["min_detectable_rate"] <= 0.2 and t["p_at_detectable_rate"] < 0.05
 
 
 def test_audit_run_uses_exactly_the_runs_split(tmp_path, cohort2d):

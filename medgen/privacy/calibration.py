@@ -214,8 +214,8 @@ class AnatomyGate:
 
     A sample is `blank` when (nearly) constant, `noise` when its lag-1 spatial autocorrelation is
     below every held-out image's by a wide margin, `atypical` when its best pixel-rank
-    (Spearman) correlation with the training set is below its floor (a wrong modality, a failed
-    model's output).
+    (Spearman) correlation with the training set, over the image's axis flips, is below its floor
+    (a wrong modality, a failed model's output).
     Floors: the lowest held-out value lowered by three times its distance to the median (at
     least GATE_MARGIN). A copy is never gated: it resembles a training image at least as much as
     a held-out patient does.
@@ -229,22 +229,31 @@ class AnatomyGate:
 
     @classmethod
     def fit(cls, fits: Sequence[DetectorFit], train: torch.Tensor, holdout: torch.Tensor, similarity: str, device=None) -> "AnatomyGate":
-        """Floors from the held-out set; reuses the pixel-rank detector's fit when it is one of `fits`."""
+        """Floors from the held-out set; reuses the pixel-rank detector's training embeddings when
+        it is one of `fits`."""
         from medgen.privacy.detector import PixelDetector
 
         rank = next((f for f in fits if isinstance(f.detector, PixelDetector) and f.detector.ranks), None)
-        if rank is not None:
-            detector, e_t, best = rank.detector, rank.train_embeddings, rank.holdout_train_best
-        else:
-            detector = PixelDetector(train.ndim - 2, ranks=True)
-            e_t = detector.embed(train)
-            best = pairwise_topk(detector.embed(holdout), e_t, k=1, metric=similarity, device=device)[0][:, 0].float().cpu()
-        return cls(detector, e_t, _floor(best), _floor(smoothness(holdout)), similarity)
+        detector = rank.detector if rank is not None else PixelDetector(train.ndim - 2, ranks=True)
+        e_t = rank.train_embeddings if rank is not None else detector.embed(train)
+        gate = cls(detector, e_t, 0.0, _floor(smoothness(holdout)), similarity)
+        gate.similarity_floor = _floor(gate.best_similarity(holdout, device=device))
+        return gate
 
-    def classify(self, images: torch.Tensor, embeddings: torch.Tensor | None = None, device=None) -> list[str]:
-        e = embeddings if embeddings is not None else self.detector.embed(images)
-        best, _ = pairwise_topk(e, self.train_embeddings, k=1, metric=self.similarity, device=device)
-        best = best[:, 0].float().cpu()
+    def best_similarity(self, images: torch.Tensor, device=None) -> torch.Tensor:
+        """(N,) best pixel-rank similarity with a training image over the image's axis flips:
+        mirrored anatomy is still anatomy (a flipped copy must not be called atypical)."""
+        from medgen.privacy.detector import flip_sets
+
+        best = None
+        for axes in flip_sets(images.ndim - 2):
+            e = self.detector.embed(images.flip(axes) if axes else images)
+            v = pairwise_topk(e, self.train_embeddings, k=1, metric=self.similarity, device=device)[0][:, 0].float().cpu()
+            best = v if best is None else torch.maximum(best, v)
+        return best
+
+    def classify(self, images: torch.Tensor, device=None) -> list[str]:
+        best = self.best_similarity(images, device=device)
         smooth = smoothness(images)
         spread = images.float().flatten(1).std(1)
         out = []
@@ -338,7 +347,7 @@ class CopyAudit:
         similarity: str = "pearson",
         detector_options: dict | None = None,
         control_families: Sequence[str] | None = None,
-        control_per_family: int = 2,
+        control_per_family: int = 3,
         min_control_recall: float = 1.0,
         min_holdout: int = MIN_HOLDOUT,
         subjects: dict[str, Sequence[str]] | None = None,
@@ -408,20 +417,17 @@ class CopyAudit:
         if tuple(images.shape[1:]) != self.image_shape:
             raise DataError(f"images have shape (C, *S) = {tuple(images.shape[1:])}, the audit was calibrated on {self.image_shape}; pass a data config with data.shape (and data.channels) so all sets are cropped/padded alike")
         sims, idxs, margins, embeddings = [], [], [], []
-        rank_embeddings = None
         for f in self.fits:
             e = f.detector.embed(images, device=device).float().cpu()
             if not torch.isfinite(e).all():
                 raise DataError(f"detector {f.name} produced non-finite embeddings")
             embeddings.append(e)
-            if f.detector is self.gate.detector:
-                rank_embeddings = e
             v, i = pairwise_topk(e, f.train_embeddings, k=1, metric=self.similarity, device=device)
             sims.append(v[:, 0].float().cpu())
             idxs.append(i[:, 0].cpu())
             margins.append(sims[-1] - f.threshold)
         scores = Scores([f.name for f in self.fits], torch.stack(sims, 1), torch.stack(idxs, 1), torch.stack(margins, 1),
-                        self.gate.classify(images, rank_embeddings, device=device))
+                        self.gate.classify(images, device=device))
         return (scores, embeddings) if keep_embeddings else scores
 
     def summary(self) -> dict[str, Any]:

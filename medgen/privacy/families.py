@@ -35,8 +35,9 @@ import torch.nn.functional as F
 
 TRAINING_AUGMENTATIONS = ("shift", "flip", "scale", "intensity", "noise")
 VALIDATION_FAMILIES = ("blur", "gamma", "blend", "downup", "autoencoder", "zoom", "rotation", "elastic")
-# families the audit's positive control draws from by default: no autoencoder needed
-CONTROL_FAMILIES = ("blur", "gamma", "blend", "downup", "elastic")
+# The audit's positive control draws from these: the families the default detectors caught in
+# every harness run in 2D and 3D (blur and resampling missed 1 of 36 copies in 3D; eval/RESULTS.md)
+CONTROL_FAMILIES = ("gamma", "blend", "elastic")
 
 
 def _uniform(lo: float, hi: float, g: torch.Generator) -> float:

@@ -110,6 +110,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     r = report
     t = r["test"]
     ct = "not computed" if r.get("c_t") is None else f"{r['c_t']:.3f}"
+    detectable = "none up to 100%" if t["min_detectable_rate"] is None else f"{100 * t['min_detectable_rate']:.0f}%"
     lines = [
         "# Memorization audit",
         "",
@@ -149,6 +150,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"| null rate | {t['null_rate_pct']:.2f}% | held-out images above tau (leave-one-out) |",
         f"| excess over the null | {t['excess_pct']:.2f}% | synthetic rate (anatomical samples) minus null rate |",
         f"| p-value | {t['p_value']:.4g} | one-sided Fisher exact test; with {100 * t['detectable_rate']:.0f}% copies it would be {t['p_at_detectable_rate']:.3g} |",
+        f"| smallest detectable copy rate | {detectable} | the share of copies at which this test (these sample and held-out sizes, this null) becomes significant |",
         f"| not anatomy | {r['n_not_anatomy']} | {r['not_anatomy']} |",
         f"| AuthPct (dgm-eval) | {r['authpct']:.2f}% | share of samples farther from their nearest training image than that image's own nearest training neighbour; low = copying |",
         f"| C_T (Meehan et al. 2020) | {ct} | Z-score; strongly negative (< -3) = data copying, positive = underfitting |",

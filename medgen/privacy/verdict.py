@@ -3,7 +3,8 @@
 - `inconclusive` when the audit could not have seen copies: any reason of the calibrated audit
   (collapsed or saturated detector, no convergence, held-out images shared with training, too
   few held-out images, a failed positive control; `medgen.privacy.calibration`), or a test too
-  weak to notice `detectable_rate` of copies among these many samples.
+  weak to notice even `detectable_rate` (half) of the samples being copies. The report gives the
+  smallest copy rate the test could have noticed (`min_detectable_rate`).
 - `fail` when synthetic samples exceed tau significantly more often than genuinely new images
   do: one-sided Fisher exact test of the synthetic rate against the null rate at `alpha`; or when
   the excess rate (synthetic minus null) is above a `max_copy_rate` policy.
@@ -35,7 +36,10 @@ from medgen.privacy.memorization import copy_rate_test, summary
 VERDICTS = ("pass", "fail", "inconclusive")
 EXIT_CODES = {"pass": 0, "fail": 1, "inconclusive": 3}
 ALPHA = 0.05
-DETECTABLE_RATE = 0.2
+# Inconclusive when the test could not notice even this share of copies (the report also gives
+# the smallest share it could notice): with Dar's tau the null rate grows with N_train / N_holdout
+# (a max over more candidates), so small held-out sets leave little power.
+DETECTABLE_RATE = 0.5
 
 
 @dataclass
@@ -127,10 +131,20 @@ class RateTest:
     def p_value(self) -> float:
         return copy_rate_test(self.n_flagged, self.n_tested, self.null_flagged, self.null_n)
 
+    def p_if_copied(self, rate: float) -> float:
+        """The p-value the test would give if a share `rate` of the samples were copies (flagged)
+        on top of the null rate: its power at that copy rate, in one number."""
+        expected = int(round(self.n_tested * (self.null_rate + rate * (1 - self.null_rate))))
+        return copy_rate_test(expected, self.n_tested, self.null_flagged, self.null_n)
+
     @property
     def p_at_detectable_rate(self) -> float:
-        expected = int(round(self.n_tested * (self.null_rate + self.detectable_rate * (1 - self.null_rate))))
-        return copy_rate_test(expected, self.n_tested, self.null_flagged, self.null_n)
+        return self.p_if_copied(self.detectable_rate)
+
+    @property
+    def min_detectable_rate(self) -> float | None:
+        """The smallest copy rate (1% steps) the test would call significant; None if none."""
+        return next((r / 100 for r in range(1, 101) if self.p_if_copied(r / 100) < self.alpha), None)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -140,6 +154,7 @@ class RateTest:
             "excess_pct": round(100.0 * (self.rate - self.null_rate), 4),
             "null_flagged": self.null_flagged, "null_n": self.null_n, "n_tested": self.n_tested,
             "detectable_rate": self.detectable_rate, "p_at_detectable_rate": round(self.p_at_detectable_rate, 6),
+            "min_detectable_rate": self.min_detectable_rate,
         }
 
 
