@@ -20,11 +20,11 @@ from medgen.privacy.families import VALIDATION_FAMILIES
 from medgen.privacy.planting import family_copies
 from medgen.privacy.verdict import judge
 
-# Union recall per validation family: the lowest over the harness's three detector seeds
+# Union recall per validation family (flagged and matched to the source): the lowest over the harness's three detector seeds
 # (eval/RESULTS.md, `python eval/audit_harness.py --dims 2|3`, same cohort, sizes and protocol).
 HARNESS_MIN_RECALL = {
     2: {"blur": 1.0, "gamma": 1.0, "blend": 1.0, "downup": 1.0, "autoencoder": 6 / 12, "zoom": 1 / 12, "rotation": 8 / 12, "elastic": 1.0},
-    3: {"blur": 1.0, "gamma": 1.0, "blend": 1.0, "downup": 1.0, "autoencoder": 0.0, "zoom": 1.0, "rotation": 4 / 12, "elastic": 1.0},
+    3: {"blur": 11 / 12, "gamma": 1.0, "blend": 1.0, "downup": 11 / 12, "autoencoder": 0.0, "zoom": 3 / 12, "rotation": 4 / 12, "elastic": 1.0},
 }
 SETTINGS = {2: {"size": 32, "n_train": 30, "steps": 400}, 3: {"size": 16, "n_train": 45, "steps": 600}}  # = eval/audit_harness.py
 K = 12
