@@ -1,26 +1,28 @@
 """The memorization audit: did the generative model copy training patients?
 
-Method (Dar et al. 2024, "Unconditional latent diffusion models memorize patient imaging data"):
-embed training, held-out and synthetic images with a copy detector; calibrate a threshold tau as
-the `percentile`-th percentile of each training image's best Pearson correlation with the
-held-out set (what "a different patient that looks alike" scores); flag a synthetic image as a
-copy when its best correlation with the training set exceeds tau. Beside it: AuthPct
-(dgm-eval), C_T (Meehan et al. 2020) and Carlini et al. 2023's relative l2 in pixel space.
+Method (Dar et al. 2024, "Unconditional latent diffusion models memorize patient imaging data",
+code Cardio-AI/memorization-ldm): embed training, held-out and synthetic images with copy
+detectors; per detector, calibrate tau as the `percentile`-th percentile of each training image's
+best Pearson correlation with the held-out set; a synthetic sample is a copy when its best
+correlation with the training set exceeds tau. medgen adds what makes the verdict trustworthy
+(`medgen.privacy.calibration`, `medgen.privacy.verdict`): a union of detectors, a positive
+control, an anatomy gate, the null rate of genuinely new images and a significance test, and
+`inconclusive` whenever the audit could not have seen copies. Beside it: AuthPct (dgm-eval),
+C_T (Meehan et al. 2020) and Carlini et al. 2023's relative l2 in pixel space.
 
-`audit_images` computes on tensors; `run_audit` reads folders and writes the report directory.
+`audit_images` computes on tensors; `run_audit` reads folders (or a run's split) and writes the
+report directory.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
 import os
 import platform
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,61 +32,18 @@ import torch.nn.functional as F
 
 from medgen.errors import DataError, RunError
 from medgen.io import atomic_dir, atomic_write_json
-from medgen.privacy.memorization import (
-    SIMILARITIES,
-    authpct,
-    best_match,
-    c_t_statistic,
-    carlini_relative_l2,
-    copy_threshold,
-    expected_false_copy_pct,
-)
+from medgen.privacy.calibration import DEFAULT_DETECTORS, CopyAudit
+from medgen.privacy.memorization import authpct, c_t_statistic, carlini_relative_l2
+from medgen.privacy.report import write_figures, write_markdown
+from medgen.privacy.verdict import ALPHA, AuditResult, judge
 
 log = logging.getLogger(__name__)
 
 # Longest side of the images for Carlini's pixel-space criterion (area-downsampled beyond it).
 PIXEL_MAX_SIZE = {2: 128, 3: 64}
-SIMILARITY_SATURATED = 1.0 - 1e-6
 
 
-@dataclass
-class AuditResult:
-    """Everything the report is written from. Per-sample tensors are on the CPU."""
-
-    report: dict[str, Any]
-    train_holdout_best: torch.Tensor  # (Nt,) best similarity of each training image to the holdout
-    synthetic_best: torch.Tensor  # (Ns,) best similarity of each synthetic image to training
-    synthetic_nearest: torch.Tensor  # (Ns,) index of that training image
-    is_copy: torch.Tensor  # (Ns,) bool
-    carlini_ratio: torch.Tensor  # (Ns,) relative l2 (Carlini et al. 2023)
-    warnings: list[str] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------- checks
-
-
-def _name(names: Sequence[str] | None, i: int, what: str) -> str:
-    return str(names[i]) if names is not None else f"{what}[{i}]"
-
-
-def _check_images(x: torch.Tensor, what: str, names: Sequence[str] | None, min_count: int) -> None:
-    if not isinstance(x, torch.Tensor) or x.ndim not in (4, 5):
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise DataError(f"{what} images: expected a (N, C, H, W) or (N, C, D, H, W) tensor, got {shape}")
-    if x.shape[0] < min_count:
-        raise DataError(f"{what} set has {x.shape[0]} image(s); the audit needs at least {min_count}")
-    bad = (~torch.isfinite(x.flatten(1))).any(1).nonzero().flatten()
-    if len(bad):
-        raise DataError(f"{what} image {_name(names, int(bad[0]), what)} holds NaN or Inf values ({len(bad)} such image(s))")
-
-
-def _image_hashes(x: torch.Tensor) -> list[str]:
-    return [hashlib.sha1(img.contiguous().numpy().tobytes()).hexdigest() for img in x.float().cpu()]
-
-
-def _summary(v: torch.Tensor) -> dict[str, float]:
-    a = v.double().numpy()
-    return {k: round(float(f(a)), 6) for k, f in (("mean", np.mean), ("median", np.median), ("p05", lambda x: np.percentile(x, 5)), ("p95", lambda x: np.percentile(x, 95)), ("min", np.min), ("max", np.max))}
+# ----------------------------------------------------------------------------- computation
 
 
 def _pixels(x: torch.Tensor, spatial_dims: int) -> torch.Tensor:
@@ -98,190 +57,82 @@ def _pixels(x: torch.Tensor, spatial_dims: int) -> torch.Tensor:
     return x
 
 
-# ----------------------------------------------------------------------------- computation
+def reference_measures(train: torch.Tensor, holdout: torch.Tensor, synthetic: torch.Tensor, *, carlini_n: int = 50,
+                       carlini_alpha: float = 0.5, carlini_delta: float = 1 / 3, device=None, seed: int = 0) -> tuple[dict[str, Any], torch.Tensor, list[str]]:
+    """AuthPct and C_T (Euclidean distances on downsampled pixels, as dgm-eval computes them on
+    features; the SSL embedding is not used because NT-Xent spreads the *training* images apart,
+    Wang & Isola 2020, which biases the train->train distances AuthPct compares against) and
+    Carlini et al. 2023's relative l2 in pixel space. Returns (report part, ratios (Ns,), warnings)."""
+    from medgen.privacy.detector import PixelDetector
+
+    spatial_dims = train.ndim - 2
+    ref = PixelDetector(spatial_dims)
+    r_t, r_h, r_s = (ref.embed(x) for x in (train, holdout, synthetic))
+    auth = authpct(r_t, r_s, device=device)
+    ct, ct_reason = c_t_statistic(r_t, r_h, r_s, seed=seed, device=device)
+    p_s, p_t = _pixels(synthetic, spatial_dims), _pixels(train, spatial_dims)  # (N, C, *S')
+    ratio, _ = carlini_relative_l2(p_s.flatten(1), p_t.flatten(1), n=carlini_n, alpha=carlini_alpha, device=device)
+    extracted = ratio < carlini_delta
+    part = {
+        "authpct": round(auth, 4),
+        "c_t": None if ct is None else round(ct, 4),
+        "reference_space": f"pixels downsampled to {ref.size} px (longest side)",
+        "carlini": {
+            "n": min(carlini_n, train.shape[0]), "alpha": carlini_alpha, "delta": carlini_delta,
+            "n_extracted": int(extracted.sum()), "extracted_pct": round(100.0 * float(extracted.double().mean()), 4),
+            "median_ratio": round(float(ratio.median()), 6), "pixel_shape": list(p_s.shape[1:]),
+        },
+    }
+    return part, ratio, [f"C_T not computed: {ct_reason}"] if ct_reason else []
 
 
 def audit_images(
     train: torch.Tensor,
     holdout: torch.Tensor,
     synthetic: torch.Tensor,
-    detector,
+    detector: Any = DEFAULT_DETECTORS,
     *,
     similarity: str = "pearson",
     percentile: float = 95.0,
-    max_copy_rate: float = 0.0,
-    carlini_n: int = 50,
-    carlini_alpha: float = 0.5,
+    alpha: float = ALPHA,
+    max_copy_rate: float | None = None,
+    min_control_recall: float = 1.0,
+    control_families: Sequence[str] | None = None,
+    detector_options: dict | None = None,
     carlini_delta: float = 1 / 3,
+    subjects: dict[str, Sequence[str]] | None = None,
     names: dict[str, Sequence[str]] | None = None,
     device=None,
     seed: int = 0,
 ) -> AuditResult:
     """Audit `synthetic` against `train` with `holdout` as the calibration set.
 
-    Images are (N, C, *S) tensors in [-1, 1] with one shape across the three sets; `detector`
-    has `embed(images) -> (N, D)` and `recipe` (see `medgen.privacy.detector`). `names` maps
-    "train"/"holdout"/"synthetic" to per-image names used in messages.
+    Images are (N, C, *S) tensors in [-1, 1] with one shape across the three sets. `detector`:
+    detector names ("ssl,pixel-rank" default), an object with `embed(images) -> (N, D)` and
+    `recipe`, or a list (see `medgen.privacy.detector.build_detectors`). `subjects`/`names` map
+    "train"/"holdout"/"synthetic" to per-image subject ids / names used in checks and messages.
+    Returns the judged result with AuthPct, C_T and Carlini's measure in its report.
 
-    Degenerate input raises `DataError` (empty or non-finite sets, mismatched shapes, a holdout
-    that is entirely the training set) or adds a warning to the result (duplicates between
-    train and holdout, which are dropped from calibration; tiny sets; saturated similarities).
+    Bad input raises `DataError` (empty or non-finite sets, mismatched shapes, a held-out set that
+    is entirely the training set); everything that makes the audit blind gives `inconclusive`.
     """
-    from medgen.privacy.detector import default_device
-
     names = names or {}
-    device = default_device(device)  # nearest-neighbour searches run here (cuda when present)
-    warnings: list[str] = []
-    if similarity not in SIMILARITIES:
-        raise DataError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
-    if not 0 < percentile <= 100:
-        raise DataError(f"--percentile must be in (0, 100], got {percentile}")
-    if not 0 <= max_copy_rate <= 1:
-        raise DataError(f"--max-copy-rate is a fraction of synthetic samples in [0, 1] (0.01 = 1%), got {max_copy_rate}")
-    _check_images(train, "training", names.get("train"), 2)
-    _check_images(holdout, "held-out", names.get("holdout"), 2)
-    _check_images(synthetic, "synthetic", names.get("synthetic"), 1)
-    shapes = {"train": tuple(train.shape[1:]), "holdout": tuple(holdout.shape[1:]), "synthetic": tuple(synthetic.shape[1:])}
-    if len(set(shapes.values())) != 1:
+    shapes = {k: tuple(v.shape[1:]) for k, v in (("train", train), ("holdout", holdout), ("synthetic", synthetic)) if isinstance(v, torch.Tensor)}
+    if len(set(shapes.values())) > 1:  # before any detector is trained
         raise DataError(f"image shapes (C, *S) differ between sets: {shapes}; pass a data config with data.shape (and data.channels) so all sets are cropped/padded alike")
-    spatial_dims = train.ndim - 2
-
-    # A held-out image identical to a training image is not a "different patient": it would put
-    # tau at 1 and hide every copy. Drop such images from calibration (and say so).
-    train_hashes = set(_image_hashes(train))
-    dup = [i for i, h in enumerate(_image_hashes(holdout)) if h in train_hashes]
-    if dup:
-        examples = ", ".join(_name(names.get("holdout"), i, "holdout") for i in dup[:3])
-        if len(dup) > holdout.shape[0] - 2:
-            raise DataError(f"the held-out set overlaps the training set: {len(dup)} of {holdout.shape[0]} held-out images are identical to training images (e.g. {examples}); the threshold must be calibrated on images of patients NOT used for training")
-        warnings.append(f"{len(dup)} held-out image(s) are identical to training images (e.g. {examples}) and were left out of the threshold calibration; check that the held-out set holds only patients not used for training")
-        dropped = set(dup)
-        keep = torch.tensor([i for i in range(holdout.shape[0]) if i not in dropped])
-        holdout = holdout[keep]
-        if names.get("holdout") is not None:
-            names = {**names, "holdout": [names["holdout"][int(i)] for i in keep]}
-    n_t, n_h, n_s = train.shape[0], holdout.shape[0], synthetic.shape[0]
-    if n_t * (1 - percentile / 100) < 5:
-        warnings.append(f"only {n_t} training images: the {percentile:g}th percentile of {n_t} values rests on fewer than 5 values above it, so the threshold is noisy; use at least {int(np.ceil(500 / max(100 - percentile, 1e-9)))} training images")
-    if n_h < 20:
-        warnings.append(f"only {n_h} held-out images: each training image's best held-out match is a max over few candidates, so tau is low and more genuine samples get flagged; use 100+ held-out images")
-
-    # Embeddings (N, D) on the CPU; similarities through the chunked kNN (GPU when present).
-    e_t, e_h, e_s = (detector.embed(x, device=device).float().cpu() for x in (train, holdout, synthetic))
-    for e, what in ((e_t, "train"), (e_h, "holdout"), (e_s, "synthetic")):
-        bad = (~torch.isfinite(e)).any(1).nonzero().flatten()
-        if len(bad):
-            raise DataError(f"detector {getattr(detector, 'name', '?')} produced non-finite embeddings for {len(bad)} {what} image(s), e.g. {_name(names.get(what), int(bad[0]), what)}")
-        centred = e - e.mean(1, keepdim=True) if similarity == "pearson" else e
-        flat = (centred.norm(dim=1) <= 1e-8 * (1 + e.abs().amax(1))).nonzero().flatten()
-        if len(flat):
-            warnings.append(f"{len(flat)} {what} image(s) have a constant embedding (e.g. {_name(names.get(what), int(flat[0]), what)}; a blank image under the pixel detector): their {similarity} similarity is undefined and counted as 0")
-    if e_t.shape[0] > 1 and (e_t - e_t[:1]).abs().max() <= 1e-6 * (1 + e_t.abs().max()):
-        warnings.append("all training images have the same embedding (identical images?): the audit cannot tell training images apart and its result is meaningless")
-
-    th_best, _ = best_match(e_t, e_h, similarity, device)  # (Nt,)
-    tau = copy_threshold(th_best, percentile)
-    s_best, s_idx = best_match(e_s, e_t, similarity, device)  # (Ns,)
-    is_copy = s_best > tau
-    if tau >= SIMILARITY_SATURATED:
-        warnings.append(f"the threshold is at the maximum similarity ({tau:.6f}): held-out images match training images perfectly under this detector, so no synthetic image can exceed it; the held-out set likely duplicates the training set or the images are identical")
-
-    n_copies = int(is_copy.sum())
-    memorized = torch.unique(s_idx[is_copy])
-    copy_rate = n_copies / n_s
-    verdict = "pass" if copy_rate <= max_copy_rate else "fail"
-    expected = expected_false_copy_pct(percentile, n_t, n_h)
-
-    # Reference measures. AuthPct and C_T use Euclidean distances on features as dgm-eval does:
-    # the detector's embedding for the pixel and registry detectors, but downsampled pixels for
-    # the SSL detector, whose NT-Xent training spreads the *training* images apart (uniformity,
-    # Wang & Isola 2020) and so biases train->train distances, which AuthPct compares against.
-    # Carlini's criterion is defined in pixel space.
-    if getattr(detector, "name", None) == "ssl":
-        from medgen.privacy.detector import PixelDetector
-
-        ref = PixelDetector(spatial_dims)
-        r_t, r_h, r_s = (ref.embed(x) for x in (train, holdout, synthetic))
-        reference_space = f"pixels downsampled to {ref.size} px (longest side)"
-    else:
-        r_t, r_h, r_s = e_t, e_h, e_s
-        reference_space = f"{getattr(detector, 'name', 'detector')} embedding"
-    auth = authpct(r_t, r_s, device=device)
-    ct, ct_reason = c_t_statistic(r_t, r_h, r_s, seed=seed, device=device)
-    if ct_reason:
-        warnings.append(f"C_T not computed: {ct_reason}")
-    p_s, p_t = _pixels(synthetic, spatial_dims), _pixels(train, spatial_dims)  # (N, C, *S')
-    ratio, _ = carlini_relative_l2(p_s.flatten(1), p_t.flatten(1), n=carlini_n, alpha=carlini_alpha, device=device)
-    extracted = ratio < carlini_delta
-
-    for v, what in ((th_best, "train->holdout"), (s_best, "synthetic->train")):
-        if not torch.isfinite(v).all():  # cannot happen with the guards above; never report NaN
-            raise DataError(f"{what} similarities are not finite")
-
-    report = {
-        "threshold": round(tau, 6),
-        "percentile": percentile,
-        "similarity": similarity,
-        "n_train": n_t,
-        "n_holdout": n_h,
-        "n_synthetic": n_s,
-        "n_copies": n_copies,
-        "n_copies_pct": round(100.0 * copy_rate, 4),
-        "n_mem": int(len(memorized)),
-        "n_mem_pct": round(100.0 * len(memorized) / n_t, 4),
-        "max_copy_rate": max_copy_rate,
-        "verdict": verdict,
-        "expected_false_copy_pct": round(expected, 4),
-        "detector": detector.recipe,
-        "train_holdout_best": _summary(th_best),
-        "synthetic_train_best": _summary(s_best),
-        "authpct": round(auth, 4),
-        "c_t": None if ct is None else round(ct, 4),
-        "reference_space": reference_space,
-        "carlini": {
-            "n": min(carlini_n, n_t), "alpha": carlini_alpha, "delta": carlini_delta,
-            "n_extracted": int(extracted.sum()), "extracted_pct": round(100.0 * float(extracted.double().mean()), 4),
-            "median_ratio": round(float(ratio.median()), 6),
-            "pixel_shape": list(p_s.shape[1:]),
-        },
-        "spatial_dims": spatial_dims,
-        "image_shape": list(shapes["train"]),
-        "warnings": warnings,
-    }
-    for w in warnings:
+    audit = CopyAudit.fit(
+        train, holdout, detector, percentile=percentile, similarity=similarity, detector_options=detector_options,
+        control_families=control_families, min_control_recall=min_control_recall, subjects=subjects, names=names, device=device, seed=seed,
+    )
+    result = judge(audit, synthetic, alpha=alpha, max_copy_rate=max_copy_rate, names=names.get("synthetic"), device=device)
+    part, ratio, warnings = reference_measures(train, holdout, synthetic, carlini_delta=carlini_delta, device=device, seed=seed)
+    result.report.update(part)
+    result.report["warnings"] += warnings
+    result.warnings += warnings
+    result.carlini_ratio = ratio
+    for w in result.warnings:
         log.warning("audit: %s", w)
-    return AuditResult(report, th_best, s_best, s_idx, is_copy, ratio, warnings)
-
-
-# ----------------------------------------------------------------------------- detector choice
-
-
-def resolve_detector(detector, train: torch.Tensor, out_dir: Path | None, options: dict | None = None, device=None):
-    """`detector` is an object with `embed`, or "ssl" (trained now on `train`, saved to
-    `out_dir/detector`), "pixel", a folder written by `medgen audit train-detector`, or a name or
-    TorchScript path of the evaluation feature registry."""
-    from medgen.privacy import detector as det
-
-    options = dict(options or {})
-    spatial_dims = train.ndim - 2
-    if hasattr(detector, "embed"):
-        return detector
-    if detector == "ssl":
-        trained = det.train_detector(train, spatial_dims=spatial_dims, device=device, **options)
-        if out_dir is not None:
-            trained.save(out_dir / "detector")
-        return trained
-    if detector == "pixel":
-        return det.PixelDetector(spatial_dims, options.get("image_size"))
-    if Path(str(detector)).is_dir() and (det.is_detector_dir(detector) or det.is_detector_dir(Path(detector) / "detector")):
-        loaded = det.load_detector(detector)
-        if loaded.spatial_dims != spatial_dims:
-            raise DataError(f"detector {detector} was trained on {loaded.spatial_dims}D images but the audit images are {spatial_dims}D")
-        return loaded
-    features = det.FeatureDetector(str(detector), weights=options.get("weights"), device=device)
-    if getattr(features.extractor, "fit", None) is not None:  # in-domain extractors (pca) fit on the training set
-        features.extractor.fit(train)
-    return features
+    return result
 
 
 # ----------------------------------------------------------------------------- files
@@ -318,11 +169,19 @@ def _check_output(out: Path, inputs: dict[str, Path | None], what: str) -> None:
 
 
 def _pairs_csv(result: AuditResult, synth_names: Sequence[str], train_names: Sequence[str]) -> str:
+    """One row per synthetic sample: the contract columns (synthetic, nearest_train, similarity,
+    is_copy; nearest image and similarity under the deciding detector), which detector(s) flagged
+    it, why it is not anatomy if so, and every detector's similarity and nearest image."""
+    sc = result.scores
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["synthetic", "nearest_train", "similarity", "is_copy"])
+    w.writerow(["synthetic", "nearest_train", "similarity", "is_copy", "flagged_by", "not_anatomy"]
+               + [c for d in sc.detectors for c in (f"similarity_{d}", f"nearest_train_{d}")])
+    best, nearest, is_copy = sc.best, sc.nearest_train, sc.is_copy
     for i in range(len(synth_names)):
-        w.writerow([synth_names[i], train_names[int(result.synthetic_nearest[i])], f"{float(result.synthetic_best[i]):.6f}", "true" if bool(result.is_copy[i]) else "false"])
+        per = [v for k in range(len(sc.detectors)) for v in (f"{float(sc.similarity[i, k]):.6f}", train_names[int(sc.nearest[i, k])])]
+        w.writerow([synth_names[i], train_names[int(nearest[i])], f"{float(best[i]):.6f}", "true" if bool(is_copy[i]) else "false",
+                    sc.flagged_by(i), sc.not_anatomy[i]] + per)
     return buf.getvalue()
 
 
@@ -378,16 +237,73 @@ def _load(spec, data_cfg, what: str):
     return images, samples
 
 
+def run_split(run: str | os.PathLike, holdout_splits: Sequence[str] = ("holdout",), data: str | os.PathLike | None = None) -> tuple[list, list, dict | None]:
+    """The training and held-out samples of a training run, from its `split.json`, and the run's
+    data config (from `model/config.json`) so all sets are preprocessed as in training.
+
+    `holdout_splits`: which unseen splits calibrate tau ("holdout", and "val" when the run did
+    not select checkpoints on it). `data`: the dataset folder when it moved since training.
+    """
+    from medgen.data import load_split, scan_dataset
+
+    run = Path(run)
+    split_file = run / "split.json"
+    if not split_file.is_file():
+        raise RunError(f"{run} has no split.json; --run expects a folder written by `medgen train autoencoder|diffusion`")
+    split = load_split(split_file)
+    meta = json.loads(split_file.read_text())
+    data_cfg = None
+    model_cfg = run / "model" / "config.json"
+    if model_cfg.is_file():
+        data_cfg = json.loads(model_cfg.read_text()).get("data")
+    source = Path(data) if data is not None else Path(str(meta.get("data") or (data_cfg or {}).get("path") or ""))
+    if not str(source) or not source.exists():
+        raise RunError(f"{run}: the run's dataset {str(source) or '(not recorded)'} is not there; pass --data DIR with the dataset it was trained on")
+    unknown = [s for s in holdout_splits if s not in ("holdout", "val")]
+    if unknown:
+        raise RunError(f"--holdout-splits takes holdout and/or val, got {unknown}")
+    samples = scan_dataset(source)
+    by_subject = {}
+    for s in samples:
+        by_subject.setdefault(s.subject_id, []).append(s)
+    train_ids = split.get("train", [])
+    holdout_ids = [i for name in holdout_splits for i in split.get(name, [])]
+    missing = [i for i in train_ids + holdout_ids if i not in by_subject]
+    if missing:
+        raise DataError(f"{len(missing)} subject(s) of {split_file} are not in {source} (e.g. {missing[:3]}); pass --data DIR with the dataset the run was trained on")
+    pick = lambda ids: [s for i in ids for s in by_subject[i]]  # noqa: E731
+    if data_cfg is not None:
+        data_cfg = {**data_cfg, "path": str(source)}
+    return pick(train_ids), pick(holdout_ids), data_cfg
+
+
+def _check_outputs(out: Path, filter_out: Path | None, roots: dict[str, Path | None], overwrite: bool) -> None:
+    _check_output(out, roots, "audit folder")
+    if filter_out is not None:
+        _check_output(filter_out, roots, "--filter-out folder")
+        if _inside(filter_out, out):
+            raise RunError(f"--filter-out {filter_out} overlaps the audit folder {out}; choose a separate folder")
+        if filter_out.exists() and not overwrite:
+            raise RunError(f"{filter_out} already exists; pass --overwrite to replace it")
+    if out.exists() and not overwrite:
+        raise RunError(f"{out} already exists; pass --overwrite to replace it")
+
+
 def run_audit(
-    train,
-    holdout,
-    synthetic,
-    out: str | os.PathLike,
+    train=None,
+    holdout=None,
+    synthetic=None,
+    out: str | os.PathLike | None = None,
     *,
-    detector: Any = "ssl",
+    run: str | os.PathLike | None = None,
+    holdout_splits: Sequence[str] = ("holdout",),
+    data: str | os.PathLike | None = None,
+    detector: Any = DEFAULT_DETECTORS,
     similarity: str = "pearson",
     percentile: float = 95.0,
-    max_copy_rate: float = 0.0,
+    alpha: float = ALPHA,
+    max_copy_rate: float | None = None,
+    min_control_recall: float = 1.0,
     filter_out: str | os.PathLike | None = None,
     overwrite: bool = False,
     data_cfg: Any = None,
@@ -401,52 +317,57 @@ def run_audit(
     similarity_histogram.png, top_pairs.png, and detector/ when the SSL detector is trained here.
 
     `train`, `holdout`, `synthetic`: dataset folders, manifest.csv files or lists of
-    `medgen.data.Sample`, read with `medgen.data.load_images(..., data_cfg)`. Returns the report
-    dict (also in report.json). `filter_out`: a folder that receives copies of the synthetic
-    files not flagged. Raises `DataError`/`RunError` for bad input or outputs that exist.
+    `medgen.data.Sample`, read with `medgen.data.load_images(..., data_cfg)`. Or `run`: a training
+    run whose split.json gives the training and held-out (`holdout_splits`) subjects and whose
+    data config preprocesses all three sets (unless `data_cfg` is given). Returns the report dict
+    (also in report.json; `report["verdict"]` is pass, fail or inconclusive). `filter_out`: a
+    folder that receives copies of the synthetic files not flagged, whatever the verdict.
+    Raises `DataError`/`RunError` for bad input or outputs that exist.
     """
-    from medgen.privacy.report import write_figures, write_markdown
-
+    if out is None or synthetic is None:
+        raise RunError("run_audit needs synthetic= and out=")
+    run_info = None
+    if run is not None:
+        if train is not None or holdout is not None:
+            raise RunError("pass either --run or --train/--holdout, not both")
+        train, holdout, run_cfg = run_split(run, holdout_splits, data)
+        data_cfg = data_cfg if data_cfg is not None else run_cfg
+        run_info = {"run": str(run), "holdout_splits": list(holdout_splits)}
+    elif train is None or holdout is None:
+        raise RunError("pass --train and --holdout, or --run RUN_DIR")
     out = Path(out)
+    filter_out = Path(filter_out) if filter_out is not None else None
     roots = {"train": _root_of(train), "holdout": _root_of(holdout), "synthetic": _root_of(synthetic)}
-    _check_output(out, roots, "audit folder")
-    if filter_out is not None:
-        filter_out = Path(filter_out)
-        _check_output(filter_out, roots, "--filter-out folder")
-        if _inside(filter_out, out):
-            raise RunError(f"--filter-out {filter_out} overlaps the audit folder {out}; choose a separate folder")
-        if filter_out.exists() and not overwrite:
-            raise RunError(f"{filter_out} already exists; pass --overwrite to replace it")
-    if out.exists() and not overwrite:
-        raise RunError(f"{out} already exists; pass --overwrite to replace it")
+    _check_outputs(out, filter_out, roots, overwrite)
 
     x_t, s_t = _load(train, data_cfg, "training")
     x_h, s_h = _load(holdout, data_cfg, "held-out")
     x_s, s_s = _load(synthetic, data_cfg, "synthetic")
     n_t, n_h, n_s = ([_display_name(Path(s.path), roots[k]) for s in ss] for k, ss in (("train", s_t), ("holdout", s_h), ("synthetic", s_s)))
-    subjects = {s.subject_id for s in s_t} & {s.subject_id for s in s_h}
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        det = resolve_detector(detector, x_t, tmp, detector_options, device)
         result = audit_images(
-            x_t, x_h, x_s, det, similarity=similarity, percentile=percentile, max_copy_rate=max_copy_rate,
-            carlini_delta=carlini_delta, names={"train": n_t, "holdout": n_h, "synthetic": n_s}, device=device, seed=seed,
+            x_t, x_h, x_s, detector, similarity=similarity, percentile=percentile, alpha=alpha, max_copy_rate=max_copy_rate,
+            min_control_recall=min_control_recall, detector_options=detector_options, carlini_delta=carlini_delta,
+            subjects={"train": [s.subject_id for s in s_t], "holdout": [s.subject_id for s in s_h]},
+            names={"train": n_t, "holdout": n_h, "synthetic": n_s}, device=device, seed=seed,
         )
-        if subjects:
-            result.warnings.append(f"{len(subjects)} subject id(s) appear in both the training and the held-out set (e.g. {sorted(subjects)[:3]}); if these are the same patients, tau is inflated and copies can be missed")
         report = result.report
+        for fit in result.audit.fits:
+            if getattr(fit.detector, "name", None) == "ssl" and getattr(fit.detector, "source", "") is None:
+                fit.detector.save(tmp / "detector")  # trained here: keep it for re-use with --detector
+                report["detectors"][fit.name]["saved_to"] = "detector/"
         report["inputs"] = {k: str(v) if isinstance(v, (str, os.PathLike)) else f"{len(v)} files under {roots[k]}" for k, v in (("train", train), ("holdout", holdout), ("synthetic", synthetic))}
+        if run_info is not None:
+            report["inputs"].update(run_info)
         report["versions"] = _versions()
-        if isinstance(detector, str) and detector == "ssl":
-            report["detector"]["saved_to"] = "detector/"
         (tmp / "pairs.csv").write_text(_pairs_csv(result, n_s, n_t))
-        figures = write_figures(result, x_t, x_s, n_t, n_s, tmp, top_k=top_k)
-        report["figures"] = figures
+        report["figures"] = write_figures(result, x_t, x_s, n_t, n_s, tmp, top_k=top_k)
         if filter_out is not None:
             report["filter_out"] = filter_synthetic(s_s, result.is_copy, filter_out, roots["synthetic"], overwrite=overwrite)
         atomic_write_json(tmp / "report.json", report)
         write_markdown(report, tmp / "report.md")
-    log.info("audit: %s (%d of %d synthetic flagged, tau=%.4f) -> %s", report["verdict"], report["n_copies"], report["n_synthetic"], report["threshold"], out)
+    log.info("audit: %s (%d of %d synthetic flagged, p = %.3g) -> %s", report["verdict"], report["n_copies"], report["n_synthetic"], report["test"]["p_value"], out)
     return report
 
 

@@ -2,8 +2,11 @@
 
 Two forms share one subcommand:
 
-    medgen audit --train DIR --holdout DIR --synthetic DIR --out AUDIT_DIR [--detector ssl|pixel|FEATURES|DETECTOR_DIR] ...
+    medgen audit --train DIR --holdout DIR --synthetic DIR --out AUDIT_DIR [--detector ssl,pixel-rank] ...
+    medgen audit --run RUN_DIR --synthetic DIR --out AUDIT_DIR ...
     medgen audit train-detector --train DIR --out DETECTOR_DIR [--steps N] ...
+
+Exit codes: 0 pass, 1 fail, 3 inconclusive (2: an error a user can fix).
 
 The flat form is the parent parser's own options; `train-detector` is an optional nested
 subcommand (argparse subparsers with required=False), so each form gets its own --help.
@@ -16,6 +19,8 @@ from pathlib import Path
 
 from medgen.errors import RunError
 from medgen.io import ensure_new_output
+
+DEFAULT_DETECTORS = "ssl,pixel-rank"  # = medgen.privacy.calibration.DEFAULT_DETECTORS (the CLI does not import torch to parse)
 
 
 def _data_cfg(config: Path | None):
@@ -32,7 +37,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=128, help="images per step; the other images of the batch are the negatives")
     g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-3 in 2D, 5e-4 in 3D)")
     g.add_argument("--temperature", type=float, default=0.07, help="NT-Xent temperature (Dar et al. 2024: 0.07)")
-    g.add_argument("--image-size", type=int, default=None, help="longest side the images are area-resized to (default 64 in 2D, 32 in 3D)")
+    g.add_argument("--image-size", type=int, default=None, help="longest side the images are area-resized to (default 32 in 2D, 32 in 3D)")
     g.add_argument("--embed-dim", type=int, default=None, help="embedding size (default 128 in 2D, 32 in 3D)")
 
 
@@ -44,22 +49,30 @@ def _training_options(args: argparse.Namespace) -> dict:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "audit",
-        help="memorization audit: flag synthetic samples that copy training images",
-        description="Flag synthetic samples that copy training images (Dar et al. 2024): embed with a copy detector, "
-        "calibrate tau on train->held-out similarities, flag synthetic samples whose best training similarity exceeds tau. "
-        "Use `medgen audit train-detector --help` to train the SSL detector separately.",
+        help="memorization audit: flag synthetic samples that copy training images (exit 0 pass, 1 fail, 3 inconclusive)",
+        description="Flag synthetic samples that copy training images (Dar et al. 2024): embed with copy detectors, "
+        "calibrate each tau on train->held-out similarities, flag synthetic samples whose best training similarity exceeds a tau. "
+        "The verdict is 'fail' when samples exceed tau significantly more often than held-out patients do, 'inconclusive' when "
+        "the audit could not have seen copies (failed positive control, collapsed detector, shared subjects, too few images). "
+        "Exit codes: 0 pass, 1 fail, 3 inconclusive, 2 error. Use `medgen audit train-detector --help` to train the SSL detector separately.",
     )
     p.add_argument("--train", type=Path, help="training images the model saw (folder or manifest.csv)")
     p.add_argument("--holdout", type=Path, help="held-out images of patients NOT used for training (calibrates tau)")
+    p.add_argument("--run", type=Path, default=None, help="a training run: its split.json gives the training and held-out subjects and its data config preprocesses all sets (instead of --train/--holdout)")
+    p.add_argument("--holdout-splits", default="holdout", help="with --run: the unseen splits that calibrate tau, holdout and/or val (comma-separated; default holdout)")
+    p.add_argument("--data", type=Path, default=None, help="with --run: the dataset folder, when it moved since training")
     p.add_argument("--synthetic", type=Path, help="synthetic images to audit (folder or manifest.csv)")
     p.add_argument("--out", type=Path, help="audit folder to write (report.json, report.md, pairs.csv, figures)")
-    p.add_argument("--detector", default="ssl", help="ssl (train on --train now; default), pixel, a folder from `medgen audit train-detector`, or a feature extractor of the evaluation registry (name or TorchScript path)")
+    p.add_argument("--detector", default=DEFAULT_DETECTORS, help="comma-separated detectors, flagged when any flags (default ssl,pixel-rank): ssl (trained on --train now), "
+                   "pixel-rank, pixel, a folder from `medgen audit train-detector`, or a feature extractor of the evaluation registry (name or TorchScript path)")
     p.add_argument("--similarity", choices=("pearson", "cosine"), default="pearson")
-    p.add_argument("--percentile", type=float, default=95.0, help="tau = this percentile of train->held-out best similarities (default 95)")
-    p.add_argument("--max-copy-rate", type=float, default=0.0, help="largest fraction of flagged synthetic samples that still passes (default 0; 0.01 = 1%%)")
-    p.add_argument("--filter-out", type=Path, default=None, help="write copies of the synthetic files NOT flagged to this folder (inputs are never moved)")
+    p.add_argument("--percentile", type=float, default=95.0, help="tau = this percentile of train->held-out best similarities (default 95, Dar et al.)")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the test of the synthetic rate against the null rate (default 0.05)")
+    p.add_argument("--max-copy-rate", type=float, default=None, help="policy: also fail when the excess rate above the null (a fraction, 0.01 = 1%%) is larger (default: the test alone decides)")
+    p.add_argument("--min-control-recall", type=float, default=1.0, help="share of the positive control that must be flagged, else inconclusive (default 1: all)")
+    p.add_argument("--filter-out", type=Path, default=None, help="write copies of the synthetic files NOT flagged to this folder, whatever the verdict (inputs are never moved)")
     p.add_argument("--top-k", type=int, default=8, help="pairs shown in top_pairs.png")
-    p.add_argument("--config", type=Path, default=None, help="YAML whose data: section preprocesses all three sets (e.g. data.shape)")
+    p.add_argument("--config", type=Path, default=None, help="YAML whose data: section preprocesses all three sets (e.g. data.shape); with --run: instead of the run's")
     p.add_argument("--weights", default=None, help="weights file for a registry feature extractor")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0)
@@ -81,24 +94,39 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _audit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from medgen.privacy.audit import run_audit
+    from medgen.privacy.verdict import EXIT_CODES
 
-    missing = [f"--{k}" for k in ("train", "holdout", "synthetic", "out") if getattr(args, k) is None]
+    required = ("synthetic", "out") if args.run is not None else ("train", "holdout", "synthetic", "out")
+    missing = [f"--{k}" for k in required if getattr(args, k) is None]
     if missing:
-        parser.error(f"the following arguments are required: {', '.join(missing)} (or use `medgen audit train-detector`)")
-    ensure_new_output(args.out, args.overwrite, "audit folder", inputs={f"--{k}": getattr(args, k) for k in ("train", "holdout", "synthetic")})
-    options = _training_options(args) if args.detector == "ssl" else {"image_size": args.image_size, "weights": args.weights}
+        parser.error(f"the following arguments are required: {', '.join(missing)} (or use --run RUN_DIR, or `medgen audit train-detector`)")
+    if args.run is not None and (args.train is not None or args.holdout is not None):
+        parser.error("--run takes the training and held-out subjects from the run; drop --train/--holdout")
+    ensure_new_output(args.out, args.overwrite, "audit folder",
+                      inputs={f"--{k}": getattr(args, k) for k in ("train", "holdout", "synthetic", "run")})
+    options = {**_training_options(args), "weights": args.weights}
     report = run_audit(
-        args.train, args.holdout, args.synthetic, args.out,
-        detector=args.detector, similarity=args.similarity, percentile=args.percentile, max_copy_rate=args.max_copy_rate,
-        filter_out=args.filter_out, overwrite=args.overwrite, data_cfg=_data_cfg(args.config), detector_options=options,
-        top_k=args.top_k, device=None if args.device == "auto" else args.device, seed=args.seed,
+        args.train, args.holdout, args.synthetic, args.out, run=args.run, data=args.data,
+        holdout_splits=[x.strip() for x in args.holdout_splits.split(",") if x.strip()],
+        detector=args.detector, similarity=args.similarity, percentile=args.percentile, alpha=args.alpha, max_copy_rate=args.max_copy_rate,
+        min_control_recall=args.min_control_recall, filter_out=args.filter_out, overwrite=args.overwrite, data_cfg=_data_cfg(args.config),
+        detector_options=options, top_k=args.top_k, device=None if args.device == "auto" else args.device, seed=args.seed,
     )
-    print(f"verdict: {report['verdict']}  copies: {report['n_copies']}/{report['n_synthetic']} ({report['n_copies_pct']:.2f}%)  "
-          f"memorized training images: {report['n_mem_pct']:.2f}%  tau: {report['threshold']:.4f}")
+    print(verdict_line(report))
     print(f"report: {args.out / 'report.md'}")
+    for r in report["reasons"]:
+        print(f"inconclusive: {r}")
     for w in report["warnings"]:
         print(f"warning: {w}")
-    return 0 if report["verdict"] == "pass" else 1
+    return EXIT_CODES[report["verdict"]]
+
+
+def verdict_line(report: dict) -> str:
+    t, c = report["test"], report.get("control") or {}
+    control = f"  control: {100 * c['recall']:.0f}%" if c else ""
+    return (f"verdict: {report['verdict']}  copies: {report['n_copies']}/{report['n_synthetic']} ({report['n_copies_pct']:.2f}%)  "
+            f"null: {t['null_rate_pct']:.2f}%  p: {t['p_value']:.3g}  memorized training images: {report['n_mem_pct']:.2f}%  "
+            f"not anatomy: {report['n_not_anatomy']}{control}")
 
 
 def _train_detector(args: argparse.Namespace) -> int:
@@ -121,60 +149,57 @@ def _train_detector(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- demo
 
 
-def _demo_split(ctx) -> tuple[list, list]:
-    """Training and calibration samples of the cohort: the split a run of the demo wrote
-    (split.json; held-out and validation subjects were both unseen by the model), else a
-    seeded subject split made here."""
-    from medgen.data import load_split, make_splits, scan_dataset
+def _demo_split(ctx) -> tuple[list, list, dict | None]:
+    """Training and calibration samples of the cohort and the data config: the split of the
+    demo's run (held-out and validation subjects were both unseen by the model), else a seeded
+    subject split made here."""
+    from medgen.data import make_splits, scan_dataset
+    from medgen.privacy.audit import run_split
 
-    samples = scan_dataset(ctx.cohort)
-    split = None
     for key in ("diffusion_run", "autoencoder_run"):
         run = ctx.state.get(key)
         if run is not None and (Path(run) / "split.json").is_file():
-            split = load_split(Path(run) / "split.json")
-            break
-    if split is None:
-        split = make_splits(samples, val=0.0, holdout=0.5, seed=0)
-    train_ids = set(split.get("train", []))
-    unseen = set(split.get("holdout", [])) | set(split.get("val", []))
-    return [s for s in samples if s.subject_id in train_ids], [s for s in samples if s.subject_id in unseen]
+            return run_split(run, holdout_splits=("holdout", "val"))
+    samples = scan_dataset(ctx.cohort)
+    split = make_splits(samples, val=0.0, holdout=0.5, seed=0)
+    train_ids, unseen = set(split["train"]), set(split["holdout"])
+    return [s for s in samples if s.subject_id in train_ids], [s for s in samples if s.subject_id in unseen], None
 
 
-def _planted_set(train, holdout, out: Path) -> Path:
+def _planted_set(train, holdout, data_cfg, out: Path) -> Path:
     """A stand-in synthetic set when no samples exist: held-out images (genuine non-copies) plus
     exact and lightly transformed copies of training images."""
     from medgen.data import load_images
     from medgen.privacy.planting import plant_copies, write_images
 
-    x_t, _ = load_images(train)
-    x_h, _ = load_images(holdout)
+    x_t, _ = load_images(train, data_cfg)
+    x_h, _ = load_images(holdout, data_cfg)
     images, kinds, _ = plant_copies(x_t, x_h, k=max(1, min(len(x_t) // 4, 8)), seed=0)
     write_images(images, out, [f"{i:03d}_{kind.replace(':', '_')}" for i, kind in enumerate(kinds)])
     return out
 
 
 def demo_stage(ctx) -> None:
-    """Audit the demo's synthetic samples (ctx.state["samples"]) against its training split."""
+    """Audit the demo's synthetic samples (ctx.state["samples"]) against its training split.
+    Every verdict is a result, not an error: the stage reports it and the demo goes on."""
     from medgen.privacy.audit import run_audit
 
     if ctx.cohort is None:
         raise RunError("the audit stage needs the cohort stage first")
-    train, holdout = _demo_split(ctx)
+    train, holdout, data_cfg = _demo_split(ctx)
     samples = ctx.state.get("samples")
     if samples is None:
-        samples = _planted_set(train, holdout, ctx.out / "audit_planted")
+        samples = _planted_set(train, holdout, data_cfg, ctx.out / "audit_planted")
         print(f"  no synthetic samples in this demo run; auditing a planted set instead: {samples}")
     # CPU-sized detector training: quick < 60 s for the stage, full < 5 min
     steps = {(2, True): 100, (3, True): 200, (2, False): 500, (3, False): 300}[(ctx.dims, bool(ctx.quick))]
     report = run_audit(
-        train, holdout, samples, ctx.out / "audit", detector="ssl", overwrite=True,
+        train, holdout, samples, ctx.out / "audit", data_cfg=data_cfg, overwrite=True,
         detector_options={"steps": steps, "batch_size": 64 if ctx.dims == 2 else 32}, filter_out=ctx.out / "samples_filtered",
     )
     ctx.state["audit_dir"] = ctx.out / "audit"
     ctx.state["audit_report"] = ctx.out / "audit" / "report.json"
     ctx.state["audit_verdict"] = report["verdict"]
-    print(f"  audit: {report['verdict']}, {report['n_copies']}/{report['n_synthetic']} flagged ({report['n_copies_pct']:.1f}%), "
-          f"tau {report['threshold']:.4f}, AuthPct {report['authpct']:.1f}%  -> {ctx.out / 'audit' / 'report.md'}")
-    if ctx.quick:
-        print("  (quick mode: a few held-out subjects and a briefly trained detector make tau low and the flags noisy; see the report's warnings)")
+    print(f"  audit: {verdict_line(report)}  -> {ctx.out / 'audit' / 'report.md'}")
+    for r in report["reasons"]:
+        print(f"  inconclusive: {r}")

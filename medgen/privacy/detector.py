@@ -12,8 +12,11 @@ Three kinds share one interface (`embed(images) -> (N, D)`, `recipe`, `name`):
   GroupNorm ResNet that runs 2D and 3D from one definition and trains on a few hundred images);
   augmentations are batched on the device with `affine_grid`/`grid_sample`, which is what makes
   training fast enough to run on the fly.
-- `PixelDetector`: correlation on area-downsampled images (the pixel-space baseline).
+- `PixelDetector`: correlation on area-downsampled images: Pearson ("pixel", the baseline) or
+  Spearman on pixel ranks ("pixel-rank", the SSL detector's partner in the default union).
 - `FeatureDetector`: any extractor of the evaluation registry (`medgen.metrics.features`).
+
+`build_detectors("ssl,pixel-rank", train)` builds them from names.
 """
 
 from __future__ import annotations
@@ -43,10 +46,28 @@ CONFIG_FILE = "config.json"
 # on the built-in cohort (30 training images) a (16..128) encoder separated copies from other
 # subjects better than a (32..256) one, which over-fits the training images. 3D needs a lower
 # learning rate: at 2e-3 NT-Xent collapsed to a constant embedding (loss log(2B - 1)).
+# Input resolution: Dar et al. embed 512^2 X-rays (ResNet-50, ImageNet weights, 10k images) and
+# 3D volumes at native size; trained on the fly on tens to hundreds of images, a finer input
+# makes the encoder key on fine detail it never saw perturbed: on the 64^2 cohort an encoder at
+# 64^2 flagged 0% of blurred / resampled copies and 33% of rotated ones, at 32^2 83-92%
+# (eval/RESULTS.md). Images are area-downsampled to this longest side.
 ENCODER_DEFAULTS = {
-    2: {"widths": (16, 32, 64, 128), "blocks": (1, 1, 1, 1), "embed_dim": 128, "image_size": 64, "lr": 2e-3},
+    2: {"widths": (16, 32, 64, 128), "blocks": (1, 1, 1, 1), "embed_dim": 128, "image_size": 32, "lr": 2e-3},
     3: {"widths": (16, 32, 64, 128), "blocks": (1, 1, 1, 1), "embed_dim": 32, "image_size": 32, "lr": 5e-4},
 }
+
+
+# Longest side of the pixel detectors' images: the Pearson baseline keeps more detail; the rank
+# detector works at a coarser scale, where blur, resampling and small deformations barely move
+# a copy while other patients still differ (chosen on the 2D cohort, eval/RESULTS.md).
+PIXEL_SIZE = {2: 32, 3: 16}
+PIXEL_RANK_SIZE = {2: 16, 3: 12}
+# Gaussian sigma (input pixels) before the rank detector downsamples. 3D: ranks of flat background
+# are ranks of noise, and 16^3 -> 12^3 barely averages it, so any smooth volume ranked like the
+# least noisy training volume rather than its source (blurred copies "flagged" against the wrong
+# volume, blurred other subjects flagged too); 1 voxel fixes that. 2D (32^2 -> 16^2 averages 4
+# pixels): smoothing gained nothing and cost blends (100% -> 89%). eval/RESULTS.md.
+RANK_SMOOTH = {2: 0.0, 3: 1.0}
 
 
 def _conv(spatial_dims: int) -> type[nn.Module]:
@@ -254,10 +275,11 @@ class SSLCopyDetector:
         self.image_size = image_size
         self.flip_invariant = flip_invariant
         self.train_info = dict(train_info or {})
+        self.source: str | None = None  # the folder it was loaded from; None: trained in this process
 
     @property
     def recipe(self) -> dict[str, Any]:
-        return {"detector": "ssl", "encoder": self.encoder.config, "image_size": self.image_size, "flip_invariant": self.flip_invariant, "training": self.train_info}
+        return {"detector": "ssl", "source": self.source, "encoder": self.encoder.config, "image_size": self.image_size, "flip_invariant": self.flip_invariant, "training": self.train_info}
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor, batch_size: int = 256, device: str | torch.device | None = None) -> torch.Tensor:
@@ -319,26 +341,53 @@ def load_detector(path: str | os.PathLike) -> SSLCopyDetector:
         encoder.load_state_dict(state)
     except RuntimeError as e:
         raise WeightsError(f"{p / WEIGHTS_FILE}: weights do not match {p / CONFIG_FILE} ({str(e).splitlines()[0]})") from None
-    return SSLCopyDetector(encoder, config.get("image_size"), config.get("training"), flip_invariant=bool(config.get("flip_invariant", True)))
+    detector = SSLCopyDetector(encoder, config.get("image_size"), config.get("training"), flip_invariant=bool(config.get("flip_invariant", True)))
+    detector.source = str(p)
+    return detector
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """(N, D) -> (N, D) float ranks 0..D-1 within each row, ties sharing their mean rank (the
+    convention of Spearman's rho and `scipy.stats.rankdata`)."""
+    s = x.contiguous().sort(1).values
+    lo = torch.searchsorted(s, x.contiguous(), right=False)  # elements strictly below
+    hi = torch.searchsorted(s, x.contiguous(), right=True)  # elements below or equal
+    return (lo + hi - 1).float() / 2
 
 
 class PixelDetector:
-    """Pixel-space baseline: the embedding is the area-downsampled image itself (longest side
-    `size`), so Pearson correlation between embeddings is image correlation at low resolution."""
+    """Pixel-space detector: the embedding is the area-downsampled image itself (longest side
+    `size`), so Pearson correlation between embeddings is image correlation at low resolution.
 
-    name = "pixel"
+    With `ranks` (the "pixel-rank" detector) each embedding is replaced by its pixels' ranks, so
+    the similarity is Spearman's rank correlation: unchanged by any monotone intensity change
+    (gamma, contrast, windowing) and, at low resolution, by blur and resampling. It complements
+    the SSL detector, which is only invariant to what it was trained on (eval/RESULTS.md).
+    """
 
-    def __init__(self, spatial_dims: int, size: int | None = None):
+    def __init__(self, spatial_dims: int, size: int | None = None, ranks: bool = False, smooth: float | None = None):
         self.spatial_dims = spatial_dims
-        self.size = size if size is not None else (32 if spatial_dims == 2 else 16)
+        self.ranks = ranks
+        self.name = "pixel-rank" if ranks else "pixel"
+        default = PIXEL_RANK_SIZE if ranks else PIXEL_SIZE
+        self.size = size if size is not None else default[spatial_dims]
+        self.smooth = (RANK_SMOOTH[spatial_dims] if ranks else 0.0) if smooth is None else smooth  # sigma, input pixels
 
     @property
     def recipe(self) -> dict[str, Any]:
-        return {"detector": "pixel", "size": self.size}
+        return {"detector": self.name, "size": self.size, "ranks": self.ranks, "smooth": self.smooth}
 
     @torch.no_grad()
-    def embed(self, images: torch.Tensor, batch_size: int = 1024, device=None) -> torch.Tensor:
-        out = [to_detector_input(images[s : s + batch_size], self.spatial_dims, self.size).flatten(1) for s in range(0, images.shape[0], batch_size)]
+    def embed(self, images: torch.Tensor, batch_size: int = 256, device=None) -> torch.Tensor:
+        from medgen.privacy.families import gaussian_blur
+
+        out = []
+        for s in range(0, images.shape[0], batch_size):
+            x = images[s : s + batch_size].float().mean(1, keepdim=True)  # (B, 1, *S)
+            if self.smooth > 0:
+                x = gaussian_blur(x[:, 0], self.smooth)[:, None]  # the batch as channels: one blur each
+            e = to_detector_input(x, self.spatial_dims, self.size).flatten(1)  # (B, S'^d)
+            out.append(average_ranks(e) if self.ranks else e)
         return torch.cat(out)
 
 
@@ -464,3 +513,42 @@ def train_detector(
     }
     log.info("copy detector: %d steps, NT-Xent %.3f -> %.3f, %.0f images/s", steps, info["initial_loss"], info["final_loss"], info["images_per_second"])
     return SSLCopyDetector(encoder.cpu(), image_size, info)
+
+
+# ----------------------------------------------------------------------------- choice
+
+
+def build_detectors(spec: Any, train: torch.Tensor, *, options: dict | None = None, device=None, seed: int = 0) -> list:
+    """Detectors from `spec`: an object with `embed`, a list, or a comma-separated string of
+
+    - "ssl": the SSL detector, trained now on `train` (`options`: `train_detector` keywords);
+    - "pixel-rank": Spearman correlation at low resolution; "pixel": Pearson correlation;
+    - a folder written by `medgen audit train-detector` (or an audit folder holding detector/);
+    - a name or TorchScript path of the evaluation feature registry (`options["weights"]`).
+    """
+    options = dict(options or {})
+    spatial_dims = train.ndim - 2
+    parts = spec if isinstance(spec, (list, tuple)) else [spec] if hasattr(spec, "embed") else [p.strip() for p in str(spec).split(",") if p.strip()]
+    if not parts:
+        raise DataError(f"no detector in {spec!r}; use e.g. ssl,pixel-rank")
+    out = []
+    for part in parts:
+        if hasattr(part, "embed"):
+            out.append(part)
+        elif part == "ssl":
+            ssl_options = {k: v for k, v in options.items() if k != "weights"}
+            ssl_options.setdefault("seed", seed)
+            out.append(train_detector(train, spatial_dims=spatial_dims, device=device, **ssl_options))
+        elif part in ("pixel", "pixel-rank"):
+            out.append(PixelDetector(spatial_dims, ranks=part == "pixel-rank"))
+        elif Path(str(part)).is_dir() and (is_detector_dir(part) or is_detector_dir(Path(part) / "detector")):
+            loaded = load_detector(part)
+            if loaded.spatial_dims != spatial_dims:
+                raise DataError(f"detector {part} was trained on {loaded.spatial_dims}D images but the audit images are {spatial_dims}D")
+            out.append(loaded)
+        else:
+            features = FeatureDetector(str(part), weights=options.get("weights"), device=device)
+            if getattr(features.extractor, "fit", None) is not None:  # in-domain extractors (pca) fit on the training set
+                features.extractor.fit(train)
+            out.append(features)
+    return out

@@ -19,6 +19,15 @@ from medgen.metrics.knn import pairwise_topk
 SIMILARITIES = ("pearson", "cosine")
 
 
+def summary(v: torch.Tensor) -> dict[str, float]:
+    """mean, median, 5th/95th percentile, min and max of a 1-D tensor ({} when empty)."""
+    a = v.double().numpy()
+    if a.size == 0:
+        return {}
+    stats = (("mean", np.mean), ("median", np.median), ("p05", lambda x: np.percentile(x, 5)), ("p95", lambda x: np.percentile(x, 95)), ("min", np.min), ("max", np.max))
+    return {k: round(float(f(a)), 6) for k, f in stats}
+
+
 def best_match(query: torch.Tensor, ref: torch.Tensor, similarity: str = "pearson", device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """For each query row its most similar reference row: (values (N,), indices (N,)).
 
@@ -46,12 +55,55 @@ def copy_threshold(train_to_holdout_best, percentile: float = 95.0) -> float:
     return float(np.percentile(v, percentile))
 
 
-def expected_false_copy_pct(percentile: float, n_train: int, n_holdout: int) -> float:
-    """% of genuinely new samples expected above tau when similarities of unrelated pairs are
-    exchangeable: tau is the p-quantile of a max over n_holdout pairs, a new sample takes a max
-    over n_train pairs, so P(max > tau) = 1 - (p/100)^(n_train / n_holdout). An approximation
-    (real pairs are not independent) that tells a reader what "no memorization" looks like."""
-    return 100.0 * (1.0 - (percentile / 100.0) ** (n_train / n_holdout))
+def leave_one_out_thresholds(top2_values: torch.Tensor, top2_indices: torch.Tensor, n_holdout: int, percentile: float = 95.0) -> torch.Tensor:
+    """tau recalibrated without each held-out image in turn: (Nh,).
+
+    top2_values, top2_indices: (Nt, 2), each training image's two best held-out matches. Without
+    held-out image j, a training row whose best match was j falls back to its second best, so
+    tau_(-j) = percentile of those row maxima. Scoring held-out image j against tau_(-j) makes it
+    as independent of the threshold as a synthetic sample is (the null rate of the audit).
+    """
+    best = top2_values[:, 0].double().numpy()
+    second = top2_values[:, 1].double().numpy()
+    argbest = top2_indices[:, 0].numpy()
+    tau = copy_threshold(best, percentile)
+    out = np.full(n_holdout, tau)
+    # tau interpolates the order statistics at ranks floor(h) and ceil(h), h = (Nt - 1) p / 100.
+    # Lowering values that lie strictly below the floor(h)-th leaves both unchanged, so only
+    # held-out images that are the best match of a row at or above it can move tau.
+    low = np.partition(best, int(math.floor((best.size - 1) * percentile / 100)))[int(math.floor((best.size - 1) * percentile / 100))]
+    for j in np.unique(argbest[best >= low]):
+        rows = argbest == j
+        values = best.copy()
+        values[rows] = second[rows]
+        out[j] = np.percentile(values, percentile)
+    return torch.from_numpy(out)
+
+
+def copy_rate_test(n_flagged: int, n: int, null_flagged: int, null_n: int) -> float:
+    """One-sided p-value that synthetic samples exceed tau more often than genuinely new images:
+    Fisher's exact test of the 2x2 table (flagged, not flagged) x (synthetic, held-out), i.e. the
+    exact permutation test of the two rates, which accounts for the null rate being estimated
+    from `null_n` held-out images. H1: the synthetic rate is higher."""
+    from scipy.stats import fisher_exact
+
+    if n == 0 or null_n == 0:
+        return 1.0
+    table = [[n_flagged, n - n_flagged], [null_flagged, null_n - null_flagged]]
+    return float(fisher_exact(table, alternative="greater")[1])
+
+
+def effective_rank(embeddings: torch.Tensor) -> float:
+    """Effective rank (Roy & Vetterli 2007) of the centred rows: exp of the entropy of the
+    normalised singular values; 0 for identical rows, 1 for rows on a line, D for isotropic."""
+    x = embeddings.double()
+    x = x - x.mean(0, keepdim=True)
+    s = torch.linalg.svdvals(x)
+    if s.numel() == 0 or float(s.sum()) <= 1e-12 * (1 + float(embeddings.abs().max())):
+        return 0.0
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
 
 
 def authpct(train: torch.Tensor, generated: torch.Tensor, device=None) -> float:

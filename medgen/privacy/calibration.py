@@ -1,0 +1,474 @@
+"""A calibrated copy audit: detectors, their thresholds, the null rate and the positive control,
+fitted once on the training and held-out sets and then used to score any synthetic images.
+
+Per detector (Dar et al. 2024): tau = the `percentile`-th percentile of each training image's best
+similarity with the held-out set (patients the model never saw); a sample is above tau when its
+best similarity with the training set exceeds it. Several detectors are combined as a union, each
+with its own tau at the same percentile.
+
+Beside the thresholds, `CopyAudit.fit` measures what a verdict needs to be trusted:
+
+- the **null rate**: how often a genuinely new image scores above tau. Each held-out image is
+  scored against the training set (the direction of synthetic -> train) and against a tau
+  calibrated without it (leave-one-out), so it is as independent of tau as a synthetic sample.
+- the **positive control**: transformed copies of a few training images, from copy families the
+  detectors never train on (`medgen.privacy.families`), scored like synthetic samples; each must
+  be flagged with its own training image as the match. If the audit misses them, it could not
+  have seen copies.
+- the **anatomy gate**: blank images, noise and images unlike any patient are reported apart and
+  never counted as copies (an SSL embedding of noise can sit anywhere, even next to a patient).
+- **health**: collapsed embeddings, a saturated tau, a detector that did not converge, held-out
+  images that duplicate training images or share their subjects, a held-out set too small.
+  Each makes the verdict `inconclusive` (`reasons`).
+
+`medgen.privacy.verdict.judge(audit, synthetic)` gives the verdict; it can be called again on
+further samples, which are judged against the same tau, null and control.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from medgen.errors import DataError
+from medgen.privacy.memorization import SIMILARITIES, copy_threshold, effective_rank, leave_one_out_thresholds, summary
+from medgen.metrics.knn import pairwise_topk
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DETECTORS = "ssl,pixel-rank"
+SATURATION = 1e-4  # tau within this of the largest possible similarity (1): nothing can exceed it
+MIN_EFFECTIVE_RANK = 2.0  # below: the embedding is (close to) a line or a point
+MIN_HOLDOUT = 20
+GATE_MARGIN = 0.05  # the least distance below the lowest held-out value for "not anatomy"
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def image_name(names: Sequence[str] | None, i: int, what: str) -> str:
+    return str(names[i]) if names is not None else f"{what}[{i}]"
+
+
+def image_hashes(x: torch.Tensor) -> list[str]:
+    """Content hash of each image (N, C, *S): equal tensors, equal hashes."""
+    return [hashlib.sha1(img.contiguous().numpy().tobytes()).hexdigest() for img in x.float().cpu()]
+
+
+def smoothness(images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """(N, C, *S) -> (N,) lag-1 spatial autocorrelation of the channel mean, averaged over the
+    axes: about 0.9-1 for anatomy at any resolution, about 0 for white noise."""
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start : start + batch_size].float().mean(1)  # (B, *S)
+        per_axis = []
+        for axis in range(1, x.ndim):
+            a = x.narrow(axis, 0, x.shape[axis] - 1).flatten(1)
+            b = x.narrow(axis, 1, x.shape[axis] - 1).flatten(1)
+            a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+            per_axis.append((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12))
+        out.append(torch.stack(per_axis).mean(0))
+    return torch.cat(out)
+
+
+def _floor(holdout_values: torch.Tensor) -> float:
+    """A value no genuine patient should fall under: the lowest held-out value, lowered by three
+    times the spread between it and the median (at least GATE_MARGIN)."""
+    v = holdout_values.double()
+    low, median = float(v.min()), float(v.median())
+    return low - max(GATE_MARGIN, 3 * (median - low))
+
+
+# ----------------------------------------------------------------------------- per-detector fit
+
+
+@dataclass
+class DetectorFit:
+    """One detector calibrated on the held-out set."""
+
+    name: str
+    detector: Any
+    train_embeddings: torch.Tensor  # (Nt, D)
+    threshold: float  # tau
+    train_holdout_best: torch.Tensor  # (Nt,) each training image's best held-out similarity
+    holdout_train_best: torch.Tensor  # (Nh,) each held-out image's best training similarity
+    holdout_thresholds: torch.Tensor  # (Nh,) tau calibrated without that held-out image
+    effective_rank: float  # of the centred training embeddings (Roy & Vetterli 2007)
+
+    @property
+    def holdout_flagged(self) -> torch.Tensor:  # (Nh,) bool
+        return self.holdout_train_best > self.holdout_thresholds
+
+    def health(self) -> list[str]:
+        """Reasons this detector cannot be trusted (empty when it can)."""
+        reasons = []
+        dim = self.train_embeddings.shape[1]
+        if self.effective_rank < MIN_EFFECTIVE_RANK:
+            reasons.append(f"detector {self.name}: the training embeddings collapsed (effective rank {self.effective_rank:.2f} of {dim} dimensions), so it cannot tell images apart")
+        if self.threshold >= 1 - SATURATION:
+            reasons.append(f"detector {self.name}: tau = {self.threshold:.6f} is at the largest possible similarity, so no copy can exceed it (held-out images duplicate training images, or the embedding cannot tell images apart)")
+        info = getattr(self.detector, "train_info", None) or {}
+        if "final_loss" in info and "batch_size" in info:
+            chance = math.log(max(2 * int(info["batch_size"]) - 1, 2))  # NT-Xent of an embedding that ignores the image
+            if info["final_loss"] > 0.5 * chance:
+                reasons.append(f"detector {self.name}: training did not converge (NT-Xent {info['initial_loss']:.3f} -> {info['final_loss']:.3f}, chance level {chance:.3f}); train longer (--steps) or on more images")
+        return reasons
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "threshold": round(self.threshold, 6),
+            "recipe": self.detector.recipe,
+            "effective_rank": round(self.effective_rank, 3),
+            "embedding_dim": int(self.train_embeddings.shape[1]),
+            "null_pct": round(100.0 * float(self.holdout_flagged.double().mean()), 4),
+            "train_holdout_best": summary(self.train_holdout_best),
+            "holdout_train_best": summary(self.holdout_train_best),
+        }
+
+
+def _fit_detector(detector, train: torch.Tensor, holdout: torch.Tensor, similarity: str, percentile: float, device) -> DetectorFit:
+    name = getattr(detector, "name", type(detector).__name__)
+    e_t = detector.embed(train, device=device).float().cpu()  # (Nt, D)
+    e_h = detector.embed(holdout, device=device).float().cpu()  # (Nh, D)
+    for e, what in ((e_t, "training"), (e_h, "held-out")):
+        bad = (~torch.isfinite(e)).any(1).nonzero().flatten()
+        if len(bad):
+            raise DataError(f"detector {name} produced non-finite embeddings for {len(bad)} {what} image(s) (e.g. index {int(bad[0])})")
+    top_v, top_i = pairwise_topk(e_t, e_h, k=2, metric=similarity, device=device)  # (Nt, 2): best two held-out matches
+    top_v, top_i = top_v.float().cpu(), top_i.cpu()
+    tau = copy_threshold(top_v[:, 0], percentile)
+    hb, _ = pairwise_topk(e_h, e_t, k=1, metric=similarity, device=device)  # (Nh, 1)
+    return DetectorFit(
+        name=name, detector=detector, train_embeddings=e_t, threshold=tau, train_holdout_best=top_v[:, 0],
+        holdout_train_best=hb[:, 0].float().cpu(),
+        holdout_thresholds=leave_one_out_thresholds(top_v, top_i, e_h.shape[0], percentile),
+        effective_rank=effective_rank(e_t),
+    )
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+@dataclass
+class Scores:
+    """Images scored against the training set by every detector of an audit."""
+
+    detectors: list[str]
+    similarity: torch.Tensor  # (N, K) best similarity with a training image, per detector
+    nearest: torch.Tensor  # (N, K) index of that training image
+    margin: torch.Tensor  # (N, K) similarity - tau of that detector
+    not_anatomy: list[str]  # per image: "" (anatomy), "blank", "noise" or "atypical"
+
+    def __len__(self) -> int:
+        return self.similarity.shape[0]
+
+    @property
+    def flagged(self) -> torch.Tensor:  # (N, K) above each detector's own tau
+        return self.margin > 0
+
+    @property
+    def anatomical(self) -> torch.Tensor:  # (N,) bool
+        return torch.tensor([r == "" for r in self.not_anatomy], dtype=torch.bool)
+
+    @property
+    def is_copy(self) -> torch.Tensor:  # (N,) bool: anatomy above tau of at least one detector
+        return self.anatomical & self.flagged.any(1)
+
+    @property
+    def deciding(self) -> torch.Tensor:  # (N,) the detector furthest above (or least below) its tau
+        return self.margin.argmax(1)
+
+    @property
+    def best(self) -> torch.Tensor:  # (N,) similarity under the deciding detector
+        return self.similarity.gather(1, self.deciding[:, None])[:, 0]
+
+    @property
+    def nearest_train(self) -> torch.Tensor:  # (N,) nearest training image under the deciding detector
+        return self.nearest.gather(1, self.deciding[:, None])[:, 0]
+
+    def caught(self, sources: Sequence[int]) -> torch.Tensor:
+        """(N,) bool: image i is a copy and a detector that flags it points at training image
+        sources[i] (a copy flagged only for resembling some other image is not caught)."""
+        src = torch.as_tensor(list(sources), dtype=torch.long)[:, None]  # (N, 1)
+        return self.is_copy & (self.flagged & (self.nearest == src)).any(1)
+
+    def flagged_by(self, i: int) -> str:
+        """Names of the detectors that flag copy i, joined by '+' ("" when it is not a copy)."""
+        if not bool(self.is_copy[i]):
+            return ""
+        return "+".join(n for n, f in zip(self.detectors, self.flagged[i].tolist()) if f)
+
+
+# ----------------------------------------------------------------------------- anatomy gate
+
+
+@dataclass
+class AnatomyGate:
+    """Tells anatomy from images that are no patient at all, calibrated on the held-out set.
+
+    A sample is `blank` when (nearly) constant, `noise` when its lag-1 spatial autocorrelation is
+    below every held-out image's by a wide margin, `atypical` when its best pixel-rank
+    (Spearman) correlation with the training set, over the image's axis flips, is below its floor
+    (a wrong modality, a failed model's output).
+    Floors: the lowest held-out value lowered by three times its distance to the median (at
+    least GATE_MARGIN). A copy is never gated: it resembles a training image at least as much as
+    a held-out patient does.
+    """
+
+    detector: Any  # a pixel-rank PixelDetector
+    train_embeddings: torch.Tensor
+    similarity_floor: float
+    smoothness_floor: float
+    similarity: str = "pearson"
+
+    @classmethod
+    def fit(cls, fits: Sequence[DetectorFit], train: torch.Tensor, holdout: torch.Tensor, similarity: str, device=None) -> "AnatomyGate":
+        """Floors from the held-out set; reuses the pixel-rank detector's training embeddings when
+        it is one of `fits`."""
+        from medgen.privacy.detector import PixelDetector
+
+        rank = next((f for f in fits if isinstance(f.detector, PixelDetector) and f.detector.ranks), None)
+        detector = rank.detector if rank is not None else PixelDetector(train.ndim - 2, ranks=True)
+        e_t = rank.train_embeddings if rank is not None else detector.embed(train)
+        gate = cls(detector, e_t, 0.0, _floor(smoothness(holdout)), similarity)
+        gate.similarity_floor = _floor(gate.best_similarity(holdout, device=device))
+        return gate
+
+    def best_similarity(self, images: torch.Tensor, device=None) -> torch.Tensor:
+        """(N,) best pixel-rank similarity with a training image over the image's axis flips:
+        mirrored anatomy is still anatomy (a flipped copy must not be called atypical)."""
+        from medgen.privacy.detector import flip_sets
+
+        best = None
+        for axes in flip_sets(images.ndim - 2):
+            e = self.detector.embed(images.flip(axes) if axes else images)
+            v = pairwise_topk(e, self.train_embeddings, k=1, metric=self.similarity, device=device)[0][:, 0].float().cpu()
+            best = v if best is None else torch.maximum(best, v)
+        return best
+
+    def classify(self, images: torch.Tensor, device=None) -> list[str]:
+        best = self.best_similarity(images, device=device)
+        smooth = smoothness(images)
+        spread = images.float().flatten(1).std(1)
+        out = []
+        for sd, sm, b in zip(spread.tolist(), smooth.tolist(), best.tolist()):
+            out.append("blank" if sd < 1e-3 else "noise" if sm < self.smoothness_floor else "atypical" if b < self.similarity_floor else "")
+        return out
+
+    def summary(self) -> dict[str, float]:
+        return {"rank_similarity_floor": round(self.similarity_floor, 4), "smoothness_floor": round(self.smoothness_floor, 4), "size": self.detector.size}
+
+
+# ----------------------------------------------------------------------------- the audit
+
+
+@dataclass
+class Control:
+    """The positive control: transformed copies of training images, scored like samples."""
+
+    families: list[str]  # per control image
+    sources: list[int]  # training index copied
+    scores: Scores
+    min_recall: float
+
+    @property
+    def caught(self) -> torch.Tensor:  # (N,) flagged, and matched to the training image it copies
+        return self.scores.caught(self.sources)
+
+    @property
+    def recall(self) -> float:
+        return float(self.caught.double().mean())
+
+    def summary(self) -> dict[str, Any]:
+        hit = self.caught.tolist()
+        by_family: dict[str, list[bool]] = {}
+        for fam, h in zip(self.families, hit):
+            by_family.setdefault(fam, []).append(h)
+        return {
+            "n": len(self.families), "recall": round(self.recall, 4), "min_recall": self.min_recall,
+            "passed": self.recall >= self.min_recall,
+            "by_family": {f: round(sum(v) / len(v), 4) for f, v in by_family.items()},
+            "missed": [{"family": f, "source": s} for f, s, h in zip(self.families, self.sources, hit) if not h],
+        }
+
+
+@dataclass
+class CopyAudit:
+    """Fitted detectors and calibrated thresholds; scores and judges synthetic images.
+
+        audit = CopyAudit.fit(train, holdout)        # (N, C, *S) tensors in [-1, 1]
+        result = judge(audit, synthetic)             # medgen.privacy.verdict: verdict, rates, p-value
+        later = judge(audit, more_synthetic)         # same tau, null and control
+        scores = audit.score(images)                 # per-sample similarities and flags
+    """
+
+    fits: list[DetectorFit]
+    gate: AnatomyGate
+    percentile: float
+    similarity: str
+    n_train: int
+    n_holdout: int
+    image_shape: tuple[int, ...]
+    control: Control | None = None
+    reasons: list[str] = field(default_factory=list)  # why a verdict would be inconclusive
+    warnings: list[str] = field(default_factory=list)
+    holdout_dropped: int = 0
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.image_shape) - 1
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return {f.name: f.threshold for f in self.fits}
+
+    @property
+    def holdout_flagged(self) -> torch.Tensor:  # (Nh,) bool: above tau (leave-one-out) of any detector
+        return torch.stack([f.holdout_flagged for f in self.fits], 1).any(1)
+
+    @property
+    def null_rate(self) -> float:
+        return float(self.holdout_flagged.double().mean())
+
+    @classmethod
+    def fit(
+        cls,
+        train: torch.Tensor,
+        holdout: torch.Tensor,
+        detectors: Any = DEFAULT_DETECTORS,
+        *,
+        percentile: float = 95.0,
+        similarity: str = "pearson",
+        detector_options: dict | None = None,
+        control_families: Sequence[str] | None = None,
+        control_per_family: int = 3,
+        min_control_recall: float = 1.0,
+        min_holdout: int = MIN_HOLDOUT,
+        subjects: dict[str, Sequence[str]] | None = None,
+        names: dict[str, Sequence[str]] | None = None,
+        device=None,
+        seed: int = 0,
+    ) -> "CopyAudit":
+        """Build (train when "ssl") the detectors and calibrate them.
+
+        `train`, `holdout`: (N, C, *S) in [-1, 1], one shape. `detectors`: a comma-separated
+        string of detector names ("ssl", "pixel-rank", "pixel", a detector folder, a feature
+        extractor; see `medgen.privacy.detector.build_detectors`), an object with `embed`, or a
+        list of either. `subjects` maps "train"/"holdout" to per-image subject ids (shared ids
+        make the verdict inconclusive); `names` to per-image names for messages.
+        """
+        from medgen.privacy.detector import build_detectors, default_device
+        from medgen.privacy.families import CONTROL_FAMILIES
+
+        names, subjects = names or {}, subjects or {}
+        device = default_device(device)
+        if similarity not in SIMILARITIES:
+            raise DataError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        if not 0 < percentile <= 100:
+            raise DataError(f"--percentile must be in (0, 100], got {percentile}")
+        if not 0 <= min_control_recall <= 1:
+            raise DataError(f"--min-control-recall is a fraction in [0, 1], got {min_control_recall}")
+        check_images(train, "training", names.get("train"), 2)
+        check_images(holdout, "held-out", names.get("holdout"), 2)
+        if train.shape[1:] != holdout.shape[1:]:
+            raise DataError(f"image shapes (C, *S) differ: training {tuple(train.shape[1:])}, held-out {tuple(holdout.shape[1:])}; pass a data config with data.shape (and data.channels) so all sets are cropped/padded alike")
+        holdout, dropped, reasons, warnings = _check_split(train, holdout, subjects, names, min_holdout, percentile)
+        n_t, n_h = train.shape[0], holdout.shape[0]
+        built = build_detectors(detectors, train, options=detector_options, device=device, seed=seed)
+        fits = [_fit_detector(d, train, holdout, similarity, percentile, device) for d in built]
+        if len({f.name for f in fits}) != len(fits):
+            raise DataError(f"detectors must differ: got {[f.name for f in fits]}")
+        for f in fits:
+            reasons.extend(f.health())
+        gate = AnatomyGate.fit(fits, train, holdout, similarity, device)
+
+        audit = cls(fits, gate, percentile, similarity, n_t, n_h, tuple(train.shape[1:]), reasons=reasons, warnings=warnings, holdout_dropped=dropped)
+        families = list(control_families) if control_families is not None else list(CONTROL_FAMILIES)
+        if families and control_per_family > 0:
+            audit.control = audit._positive_control(train, families, control_per_family, min_control_recall, device, seed)
+            if audit.control.recall < min_control_recall:
+                summary = audit.control.summary()
+                missed = ", ".join(f"{m['family']} (training image {m['source']})" for m in summary["missed"][:5])
+                reasons.append(f"positive control failed: {100 * audit.control.recall:.0f}% of {summary['n']} transformed training copies were flagged (at least {100 * min_control_recall:.0f}% needed); missed: {missed}")
+        for r in reasons:
+            log.warning("audit: inconclusive: %s", r)
+        return audit
+
+    def _positive_control(self, train, families, per_family, min_recall, device, seed) -> Control:
+        from medgen.privacy.families import make_copies
+
+        g = torch.Generator().manual_seed(seed + 1)
+        n = len(families) * per_family
+        order = torch.randperm(train.shape[0], generator=g).tolist()
+        sources = [order[i % len(order)] for i in range(n)]  # distinct while the training set allows
+        fams = [families[i // per_family] for i in range(n)]
+        images = torch.cat([make_copies(train, fam, sources[i * per_family : (i + 1) * per_family], seed=seed + i) for i, fam in enumerate(families)])
+        return Control(fams, sources, self.score(images, device=device), min_recall)
+
+    def score(self, images: torch.Tensor, device=None, keep_embeddings: bool = False):
+        """Score images (N, C, *S) against the training set with every detector and the gate.
+        Returns `Scores`, or (Scores, [per-detector embeddings (N, D)]) with `keep_embeddings`."""
+        if tuple(images.shape[1:]) != self.image_shape:
+            raise DataError(f"images have shape (C, *S) = {tuple(images.shape[1:])}, the audit was calibrated on {self.image_shape}; pass a data config with data.shape (and data.channels) so all sets are cropped/padded alike")
+        sims, idxs, margins, embeddings = [], [], [], []
+        for f in self.fits:
+            e = f.detector.embed(images, device=device).float().cpu()
+            if not torch.isfinite(e).all():
+                raise DataError(f"detector {f.name} produced non-finite embeddings")
+            embeddings.append(e)
+            v, i = pairwise_topk(e, f.train_embeddings, k=1, metric=self.similarity, device=device)
+            sims.append(v[:, 0].float().cpu())
+            idxs.append(i[:, 0].cpu())
+            margins.append(sims[-1] - f.threshold)
+        scores = Scores([f.name for f in self.fits], torch.stack(sims, 1), torch.stack(idxs, 1), torch.stack(margins, 1),
+                        self.gate.classify(images, device=device))
+        return (scores, embeddings) if keep_embeddings else scores
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "detectors": {f.name: f.summary() for f in self.fits},
+            "anatomy_gate": self.gate.summary(),
+            "control": None if self.control is None else self.control.summary(),
+        }
+
+
+def check_images(x: torch.Tensor, what: str, names: Sequence[str] | None, min_count: int) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim not in (4, 5):
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise DataError(f"{what} images: expected a (N, C, H, W) or (N, C, D, H, W) tensor, got {shape}")
+    if x.shape[0] < min_count:
+        raise DataError(f"{what} set has {x.shape[0]} image(s); the audit needs at least {min_count}")
+    bad = (~torch.isfinite(x.flatten(1))).any(1).nonzero().flatten()
+    if len(bad):
+        raise DataError(f"{what} image {image_name(names, int(bad[0]), what)} holds NaN or Inf values ({len(bad)} such image(s))")
+
+
+def _check_split(train: torch.Tensor, holdout: torch.Tensor, subjects: dict, names: dict, min_holdout: int, percentile: float) -> tuple[torch.Tensor, int, list[str], list[str]]:
+    """(holdout without training duplicates, number dropped, reasons, warnings) for a calibration split.
+
+    Held-out images identical to a training image (content hash) are left out of calibration:
+    they would put tau at 1 and hide every copy. All of them identical: refused."""
+    reasons, warnings = [], []
+    train_hashes = set(image_hashes(train))
+    dup = [i for i, h in enumerate(image_hashes(holdout)) if h in train_hashes]
+    if dup:
+        examples = ", ".join(image_name(names.get("holdout"), i, "holdout") for i in dup[:3])
+        if len(dup) > holdout.shape[0] - 2:
+            raise DataError(f"the held-out set overlaps the training set: {len(dup)} of {holdout.shape[0]} held-out images are identical to training images (e.g. {examples}); the threshold must be calibrated on images of patients NOT used for training")
+        holdout = holdout[torch.tensor(sorted(set(range(holdout.shape[0])) - set(dup)))]
+        reasons.append(f"{len(dup)} held-out image(s) are identical to training images (e.g. {examples}); they were left out of the calibration, but a held-out set that shares images with the training set cannot be trusted to hold only unseen patients")
+    shared = sorted(set(subjects.get("train") or ()) & set(subjects.get("holdout") or ()))
+    if shared:
+        reasons.append(f"{len(shared)} subject id(s) are in both the training and the held-out set (e.g. {shared[:3]}): tau must be calibrated on patients the model never saw")
+    n_t, n_h = train.shape[0], holdout.shape[0]
+    if n_h < min_holdout:
+        reasons.append(f"only {n_h} held-out images (at least {min_holdout} needed): tau and the null rate rest on too few patients to tell copies from look-alikes")
+    if n_t * (1 - percentile / 100) < 5:
+        warnings.append(f"only {n_t} training images: the {percentile:g}th percentile rests on fewer than 5 values above it, so tau is noisy")
+    return holdout, len(dup), reasons, warnings
