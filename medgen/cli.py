@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "medgen.train.encode",
     "medgen.sample.commands",
     "medgen.privacy.commands",
+    "medgen.recon.commands",
 )
 
 

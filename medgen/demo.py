@@ -27,6 +27,7 @@ STAGES: list[tuple[str, str]] = [
     ("diffusion", "medgen.train.diffusion:demo_stage"),
     ("eval", "medgen.metrics.commands:demo_stage"),
     ("audit", "medgen.privacy.commands:demo_stage"),
+    ("probe", "medgen.recon.commands:demo_stage"),
 ]
 
 
