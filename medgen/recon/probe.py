@@ -48,6 +48,7 @@ from medgen.recon.settings import METHODS, WHITE_BOX, ProbeSettings
 log = logging.getLogger(__name__)
 
 N_CALIBRATION = 8  # clean images that choose TV's lambda
+TRANSFER_MIN_DB = 0.1  # smaller PSNR differences do not count as a transferred attack, significant or not
 
 def _seed(base: int, image: int, sample: int) -> int:
     """Seed of posterior sample `sample` of evaluation image `image` (shared by all its measurements)."""
@@ -210,7 +211,7 @@ def _changes(method: str, R: int, result: MethodResult) -> list[dict]:
 def _transfer(method: str, R: int, result: MethodResult) -> list[dict]:
     """Does the surrogate's perturbation hurt this method more than random ones of the same norm?
     Paired over (image, posterior sample): d = PSNR(random) - PSNR(worst-case); it transfers when the
-    mean of d exceeds twice its standard error."""
+    mean of d exceeds twice its standard error and `TRANSFER_MIN_DB` (a visible effect)."""
     out = []
     conds = result.conditions
     p = result.metrics["psnr"]
@@ -222,7 +223,8 @@ def _transfer(method: str, R: int, result: MethodResult) -> list[dict]:
         se = float(d.std(unbiased=True) / d.numel() ** 0.5) if d.numel() > 1 else float("inf")
         out.append({"method": method, "acceleration": int(R), "eps": c.eps, "psnr_drop_worst_case": round(float(-(p[i] - p[0]).mean()), 4),
                     "psnr_drop_random": round(float(-(p[j] - p[0]).mean()), 4), "difference": round(float(d.mean()), 4),
-                    "stderr": round(se, 4) if se != float("inf") else None, "transfers": bool(float(d.mean()) > 2 * se)})
+                    "stderr": round(se, 4) if se != float("inf") else None,
+                    "transfers": bool(float(d.mean()) > max(2 * se, TRANSFER_MIN_DB))})
     return out
 
 

@@ -130,7 +130,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         lines += ["", "## Does the surrogate's perturbation transfer?", "",
                   "Paired over images and posterior samples: the PSNR drop under the surrogate's worst-case perturbation "
                   "against the drop under a random one of the same norm; *transfers* when the difference exceeds twice its "
-                  "standard error.", "",
+                  "standard error and 0.1 dB.", "",
                   "| method | R | eps | drop, worst-case | drop, random | difference ± s.e. | transfers |", "|---|---|---|---|---|---|---|"]
         for t in transfer:
             se = "n/a" if t["stderr"] is None else f"{t['stderr']:.2f}"

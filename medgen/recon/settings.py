@@ -30,7 +30,7 @@ class ProbeSettings:
     tv_iterations: int = 50
     tv_prox_iterations: int = 10
     n_images: int = 16
-    batch_size: int = 64  # reconstructions per forward batch (memory only; results do not depend on it)
+    batch_size: int = 64  # reconstructions per forward batch (memory; results agree to float rounding)
     seed: int = 0
     mask_seed: int = 0
 
