@@ -73,7 +73,7 @@ def test_eps_zero_gives_back_the_clean_reconstruction_exactly(prior_run, surroga
     physics = mri_physics(kspace_mask((32, 32), 4))
     k = fully_sampled(physics).A(to_complex(x))
     sur = load_surrogate(surrogate_dir)
-    recons = Reconstructors(physics, settings, PixelPrior(prior_run), sur, tv_lambda=1e-3)
+    recons = Reconstructors(physics, settings, PixelPrior(prior_run), sur, tv_lambda=1e-3, dps_weight=3.0)
     delta, _ = worst_case_perturbation(recons.deterministic("surrogate"), k, physics.mask, [0.0], steps=3)
     assert torch.equal(delta, torch.zeros_like(delta))
     conditions = [Condition("none", None, 0.0, None), Condition("worst-case", "surrogate", 0.0, delta)]

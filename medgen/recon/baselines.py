@@ -23,7 +23,7 @@ import torch
 from medgen.recon.kspace import magnitude
 from medgen.recon.metrics import psnr
 
-TV_LAMBDA_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+TV_LAMBDA_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 
 
 def tv_reconstruct(physics, y: torch.Tensor, lam: float, *, iterations: int = 60, prox_iterations: int = 10) -> torch.Tensor:
@@ -42,4 +42,4 @@ def calibrate_tv_lambda(physics, y: torch.Tensor, truth: torch.Tensor, grid: Seq
     scores = [float(psnr(magnitude(tv_reconstruct(physics, y, lam, **tv_kwargs)), truth).mean()) for lam in grid]
     best = max(range(len(grid)), key=scores.__getitem__)
     return {"lambda": float(grid[best]), "grid": [float(v) for v in grid], "psnr": [round(s, 3) for s in scores],
-            "n_images": int(y.shape[0])}
+            "n_images": int(y.shape[0]), "at_grid_edge": best in (0, len(grid) - 1)}

@@ -70,7 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--attack-steps", type=int, default=d.attack_steps, help="Adam steps of the attack (default 200; Han et al.: 2000)")
     m.add_argument("--n-images", type=int, default=d.n_images, help="held-out images to evaluate (default 16)")
     m.add_argument("--coils", type=int, default=d.coils, help="1 (default): single-coil MRI; N: multi-coil with N birdcage coils")
-    m.add_argument("--dps-weight", type=float, default=d.dps_weight, help="DPS guidance weight (deepinv DPSDataFidelity, norm guidance)")
+    m.add_argument("--dps-weight", default=d.dps_weight, help="DPS guidance weight (deepinv DPSDataFidelity, norm guidance); "
+                   "auto (default): the best of a grid on clean calibration images")
     m.add_argument("--projection-lambda", type=float, default=d.projection_lambda, help="Song et al. 2022's lambda (1: replace measured lines)")
     m.add_argument("--tv-iterations", type=int, default=d.tv_iterations)
     m.add_argument("--batch-size", type=int, default=d.batch_size, help="reconstructions per forward batch (memory only)")
@@ -157,6 +158,67 @@ def print_summary(report: dict, indent: str = "") -> None:
 # ----------------------------------------------------------------------------- demo
 
 
+# quick: the smoke run (~30 s on 2 cores); full: ~4 min on 2 cores, on the 64 px cohort resampled to 32 px
+DEMO_SETTINGS = {
+    True: {"prior": ["train.max_steps=30", "model.channels=[8,16]", "model.attention_levels=[false,false]",
+                     "model.head_channels=8", "model.norm_groups=4", "train.batch_size=8", "sample.n_preview=2", "sample.steps=2"],
+           "surrogate": ["train.steps=30", "train.batch_size=8", "network.channels_per_scale=[8,16]"],
+           "probe": {"accelerations": [8], "eps": [0.0, 0.04, 0.08], "n_images": 2, "posterior_samples": 2, "steps": 5,
+                     "attack_steps": 5, "tv_iterations": 5}},
+    False: {"prior": [], "surrogate": ["train.steps=200", "network.channels_per_scale=[16,32,64]"],
+            "probe": {"accelerations": [4, 8], "eps": [0.0, 0.02, 0.04, 0.08], "n_images": 8, "posterior_samples": 2,
+                      "steps": 25, "attack_steps": 50, "tv_iterations": 30}},
+}
+
+
+def _demo_prior(ctx, data_cfg: dict) -> Path:
+    """A 2D pixel-space run of this demo (the diffusion stage without an autoencoder), else a small
+    one trained now with configs/demo_probe_2d.yaml."""
+    from medgen.config import load_config
+    from medgen.demo import demo_config
+    from medgen.recon.prior import check_pixel_prior
+    from medgen.train.diffusion import DEFAULTS, train_diffusion
+
+    run = ctx.state.get("diffusion_run")
+    if run is not None and not data_cfg:
+        try:
+            check_pixel_prior(run)
+            return Path(run)
+        except ConfigError:
+            pass  # a latent run: train a pixel prior below
+    overrides = [f"data.path={ctx.cohort}", "train.tracker=none", *DEMO_SETTINGS[bool(ctx.quick)]["prior"]]
+    if data_cfg.get("spacing"):
+        overrides.append(f"data.spacing={list(data_cfg['spacing'])}")
+    steps = next((int(o.split("=")[1]) for o in overrides if o.startswith("train.max_steps=")), None)
+    if steps:
+        overrides += [f"train.checkpoint_every={steps}", f"train.preview_every={steps}"]
+    cfg = load_config(demo_config("demo_probe_2d.yaml"), overrides, DEFAULTS)
+    return train_diffusion(cfg, Path(ctx.out) / "probe_prior")
+
+
 def demo_stage(ctx) -> None:
-    """Train a small pixel prior and a surrogate on the 2D cohort, then write the probe report."""
-    print("  probe: not implemented yet")
+    """Train a small pixel prior and a surrogate on the 2D cohort, then write the probe report
+    (ctx.state["probe_report"]). 3D demos skip it: the probe reconstructs 2D slices."""
+    from medgen.recon.probe import run_probe
+    from medgen.recon.settings import ProbeSettings
+    from medgen.recon.surrogate import save_surrogate, surrogate_config, train_surrogate
+
+    if ctx.dims != 2:
+        print("  probe: skipped (the MRI probe reconstructs 2D slices with a 2D pixel-space prior; run `medgen demo --dims 2`)")
+        return
+    if ctx.cohort is None:
+        raise ConfigError("the probe stage needs the cohort stage first")
+    settings = DEMO_SETTINGS[bool(ctx.quick)]
+    size = ctx.cohort_settings()["size"]
+    data_cfg = {"spacing": [size / 32, size / 32]} if size > 32 else {}  # probe 32 px slices
+    prior = _demo_prior(ctx, data_cfg)
+    cfg = surrogate_config(settings["surrogate"], acceleration=8, mask="equispaced", data={**data_cfg, "path": str(ctx.cohort)})
+    surrogate = save_surrogate(train_surrogate(cfg), Path(ctx.out) / "probe_surrogate", overwrite=True)
+    report = run_probe(prior, ctx.cohort, Path(ctx.out) / "probe", surrogate=surrogate, settings=ProbeSettings(**settings["probe"]),
+                       data_cfg=data_cfg or None, overwrite=True)
+    ctx.state["probe_report"] = Path(ctx.out) / "probe" / "report.json"
+    print(f"  probe: prior {prior}, surrogate {surrogate}")
+    print_summary(report, indent="    ")
+    print(f"  report: {Path(ctx.out) / 'probe' / 'report.md'}")
+    if ctx.quick:
+        print("  (quick mode: a prior and surrogate trained for seconds; the numbers only show that the stage runs)")

@@ -42,8 +42,14 @@ from medgen.recon.kspace import (
     zero_filled,
 )
 from medgen.recon.metrics import psnr, recon_metrics
-from medgen.recon.sampling import DIFFUSION_METHODS, dps_reconstruct, projection_reconstruct, sample_generators
-from medgen.recon.settings import METHODS, WHITE_BOX, ProbeSettings
+from medgen.recon.sampling import (
+    DIFFUSION_METHODS,
+    calibrate_dps_weight,
+    dps_reconstruct,
+    projection_reconstruct,
+    sample_generators,
+)
+from medgen.recon.settings import WHITE_BOX, ProbeSettings
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +115,10 @@ class Reconstructors:
     """measured k-space (n, *k) -> (n, 1, H, W) magnitude reconstructions, one function per method;
     stochastic ones take the per-element seeds too."""
 
-    def __init__(self, physics, settings: ProbeSettings, prior=None, surrogate=None, tv_lambda: float | None = None):
+    def __init__(self, physics, settings: ProbeSettings, prior=None, surrogate=None, tv_lambda: float | None = None,
+                 dps_weight: float | None = None):
         self.physics, self.s, self.prior, self.surrogate, self.tv_lambda = physics, settings, prior, surrogate, tv_lambda
+        self.dps_weight = settings.dps_weight if dps_weight is None else dps_weight
 
     def deterministic(self, method: str) -> Callable[[torch.Tensor], torch.Tensor]:
         from medgen.recon.baselines import tv_reconstruct
@@ -131,7 +139,7 @@ class Reconstructors:
         if method == "projection":
             x = projection_reconstruct(prior.denoiser, prior.sde, p, y, gens, steps=s.steps, lam=s.projection_lambda)
         else:
-            x = dps_reconstruct(prior.denoiser, prior.sde, p, y, gens, steps=s.steps, weight=s.dps_weight)
+            x = dps_reconstruct(prior.denoiser, prior.sde, p, y, gens, steps=s.steps, weight=self.dps_weight)
         return magnitude(x)
 
 
@@ -258,11 +266,13 @@ def run_probe(prior: str | os.PathLike, data: str | os.PathLike, out: str | os.P
 
     s = settings or ProbeSettings()
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RunError(f"{out} already holds files; pass --overwrite to replace it")
+    if out.exists() and not overwrite:
+        raise RunError(f"{out} already exists; pass --overwrite to replace it")
     s.validate()
     prior_dir = Path(prior)
-    check_pixel_prior(prior_dir)
+    prior_config = check_pixel_prior(prior_dir)
+    if data_cfg is None and (prior_config.get("data") or {}).get("spacing"):
+        data_cfg = {"spacing": prior_config["data"]["spacing"]}  # the prior's resolution
     dev = default_device(device)
     x_all, samples = load_slices(data, data_cfg)
     H, W = x_all.shape[-2:]
@@ -270,8 +280,8 @@ def run_probe(prior: str | os.PathLike, data: str | os.PathLike, out: str | os.P
     if prior_model.image_shape != (H, W):
         ph, pw = prior_model.image_shape
         raise ConfigError(f"--prior {prior_dir} generates {ph}x{pw} images but the slices of {data} are {H}x{W} after "
-                          f"preprocessing; bring them to {ph}x{pw} with --config (a YAML whose data: section sets shape or "
-                          f"spacing) or use a prior trained at {H}x{W}")
+                          f"preprocessing ({data_cfg or 'native size'}); bring them to {ph}x{pw} with --config (a YAML whose data: "
+                          f"section sets shape or spacing) or use a prior trained at {H}x{W}")
     s.validate(width=W)
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -304,7 +314,7 @@ def run_probe(prior: str | os.PathLike, data: str | os.PathLike, out: str | os.P
         log.info("probe: %d evaluation images (%d excluded as training images), %s, R=%s, eps=%s, methods %s",
                  len(eval_idx), len(samples) - len(unseen), dev, list(s.accelerations), s.eps, list(s.methods))
 
-        results, changes, transfer, panels, masks, tv_calibration, seconds = [], [], [], {}, {}, {}, {}
+        results, changes, transfer, panels, masks, tv_calibration, dps_calibration, seconds = [], [], [], {}, {}, {}, {}, {}
         eps_pos = [e for e in s.eps if e > 0]
         for R in s.accelerations:
             cf = center_fraction_for(R) if s.center_fraction is None else float(s.center_fraction)
@@ -324,7 +334,15 @@ def run_probe(prior: str | os.PathLike, data: str | os.PathLike, out: str | os.P
                     iterations=s.tv_iterations, prox_iterations=s.tv_prox_iterations)
                 tv_calibration[str(R)]["images"] = calibration_note
                 lam = tv_calibration[str(R)]["lambda"]
-            recons = Reconstructors(physics, s, prior_model, sur, lam)
+            dps_weight = s.dps_weight
+            if "dps" in s.methods and dps_weight == "auto":
+                x_cal = x_all[calib_idx].to(dev)
+                dps_calibration[str(R)] = calibrate_dps_weight(
+                    prior_model.denoiser, prior_model.sde, physics, apply_mask(full.A(to_complex(x_cal)), physics.mask), x_cal,
+                    steps=s.steps, seeds=[_seed(s.seed + 1, i, 0) for i in range(len(calib_idx))])
+                dps_calibration[str(R)]["images"] = calibration_note
+                dps_weight = dps_calibration[str(R)]["weight"]
+            recons = Reconstructors(physics, s, prior_model, sur, lam, dps_weight)
 
             # ---- perturbations: found on the surrogate (transferred), white-box on TV, random control
             gen = torch.Generator().manual_seed(s.seed * 7 + R)
@@ -378,7 +396,7 @@ def run_probe(prior: str | os.PathLike, data: str | os.PathLike, out: str | os.P
                            "control": "Gaussian direction on full k-space with the worst-case delta's norm (per image, eps)"},
                 "methods": list(s.methods),
                 "posterior": {"samples": s.posterior_samples, "steps": s.steps, "sampler": "deepinv DDPMSolver on the prior's schedule",
-                              "dps_weight": s.dps_weight, "projection_lambda": s.projection_lambda, "seed": s.seed},
+                              "dps_weight": dps_calibration or s.dps_weight, "projection_lambda": s.projection_lambda, "seed": s.seed},
                 "tv": {"solver": "deepinv.optim.PGD + L2 + TVPrior", "iterations": s.tv_iterations,
                        "prox_iterations": s.tv_prox_iterations, "lambda": tv_calibration},
                 "prior": prior_model.recipe,

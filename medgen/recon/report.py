@@ -98,6 +98,13 @@ def _table(rows: list[dict], R: int) -> list[str]:
     return lines
 
 
+def _dps_weight(value: Any) -> str:
+    if not isinstance(value, dict):
+        return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+    return "; ".join(f"R={k}: {v['weight']:g} (chosen on {v['images']}" + (", at the edge of the grid" if v.get("at_grid_edge") else "")
+                     + ")" for k, v in value.items())
+
+
 def write_markdown(report: dict[str, Any], path: Path) -> None:
     setup = report["setup"]
     rows = report["results"]
@@ -151,8 +158,10 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
                                          for k, v in setup["masks"].items()),
               f"- Attack: Adam lr {setup['attack']['lr']}, {setup['attack']['steps']} steps, keep the worst iterate.",
               f"- Posterior sampling: {setup['posterior']['samples']} samples per measurement, {setup['posterior']['steps']} steps; "
-              f"DPS weight {setup['posterior']['dps_weight']}, projection lambda {setup['posterior']['projection_lambda']}.",
-              "- TV lambda (chosen on clean data): " + ("; ".join(f"R={k}: {v['lambda']:g} (on {v['images']})" for k, v in tv.items()) or "n/a"),
+              f"DPS weight {_dps_weight(setup['posterior']['dps_weight'])}, projection lambda {setup['posterior']['projection_lambda']}.",
+              "- TV lambda (chosen on clean data): " + ("; ".join(f"R={k}: {v['lambda']:g} (on {v['images']}"
+                                                    + (", at the edge of the grid" if v.get("at_grid_edge") else "") + ")"
+                                                    for k, v in tv.items()) or "n/a"),
               f"- Surrogate: `{setup['surrogate']['path']}` (trained at R={setup['surrogate']['acceleration']}, {setup['surrogate']['mask']} masks"
               + (", trained by this probe" if setup["surrogate"]["trained_now"] else "") + ").",
               f"- Device: {setup['device']}; versions: " + ", ".join(f"{k} {v}" for k, v in setup["versions"].items()) + ".",

@@ -89,11 +89,16 @@ def projection_reconstruct(denoiser: torch.nn.Module, schedule_sde: DiscreteSche
 
 
 def dps_reconstruct(denoiser: torch.nn.Module, schedule_sde: DiscreteScheduleSDE, physics, y: torch.Tensor,
-                    gens: Sequence[torch.Generator], *, steps: int = 100, weight: float = 1.0) -> torch.Tensor:
-    """DPS through deepinv's PosteriorDiffusion + DPSDataFidelity: (B, 2, H, W) in [0, 1] units."""
+                    gens: Sequence[torch.Generator], *, steps: int = 100, weight: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """DPS through deepinv's PosteriorDiffusion + DPSDataFidelity: (B, 2, H, W) in [0, 1] units.
+
+    weight: the guidance weight, a float or one per element (B,) (the "norm" guidance multiplies each
+    element's residual norm by it, so elements stay independent)."""
     from deepinv.sampling import DPSDataFidelity, PosteriorDiffusion
 
     device = y.device
+    if isinstance(weight, torch.Tensor):
+        weight = weight.to(device=device, dtype=torch.float32)
     sde = schedule_sde.build(denoiser, device)
     taus = schedule_sde.timesteps(steps).to(device)
     model = PosteriorDiffusion(data_fidelity=DPSDataFidelity(denoiser=denoiser, weight=weight, guidance="norm"),
@@ -102,3 +107,26 @@ def dps_reconstruct(denoiser: torch.nn.Module, schedule_sde: DiscreteScheduleSDE
     shape = physics.A_adjoint(y[:1]).shape[1:]
     x_init = _initial_state(sde, taus[0], (len(gens), *shape), gens, device)
     return model(y, physics, x_init=x_init, timesteps=taus, denoise_output=False).float()
+
+
+DPS_WEIGHT_GRID = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+
+
+def calibrate_dps_weight(denoiser: torch.nn.Module, schedule_sde: DiscreteScheduleSDE, physics, y: torch.Tensor,
+                         truth: torch.Tensor, *, steps: int, seeds: Sequence[int], grid: Sequence[float] = DPS_WEIGHT_GRID) -> dict:
+    """The DPS weight with the best mean PSNR of |DPS(y)| against `truth` (B, 1, H, W) on clean data,
+    all grid values in one batch (image i uses seeds[i] for every value). deepinv's weight does not
+    carry Chung et al.'s zeta over (its step scales with the schedule's noise levels), so it is chosen
+    per prior and mask like TV's lambda."""
+    from medgen.recon.kspace import magnitude
+    from medgen.recon.metrics import psnr
+
+    G, B = len(grid), y.shape[0]
+    weights = torch.tensor([float(w) for w in grid]).repeat_interleave(B)  # (G*B,), grid-major
+    x = dps_reconstruct(denoiser, schedule_sde, physics, y.repeat(G, *([1] * (y.ndim - 1))),
+                        sample_generators(list(seeds) * G), steps=steps, weight=weights)
+    scores = psnr(magnitude(x), truth.repeat(G, 1, 1, 1)).view(G, B).mean(1)
+    scores = torch.nan_to_num(scores, nan=-1e9)
+    best = int(scores.argmax())
+    return {"weight": float(grid[best]), "grid": [float(w) for w in grid], "psnr": [round(float(v), 3) for v in scores],
+            "n_images": int(B), "at_grid_edge": best in (0, G - 1)}

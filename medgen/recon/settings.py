@@ -23,7 +23,7 @@ class ProbeSettings:
     methods: Sequence[str] = METHODS
     posterior_samples: int = 4
     steps: int = 100  # posterior sampling steps (DDPM ancestral on the prior's schedule)
-    dps_weight: float = 1.0  # deepinv DPSDataFidelity weight ("norm" guidance)
+    dps_weight: float | str = "auto"  # deepinv DPSDataFidelity weight ("norm" guidance); "auto": chosen on clean data
     projection_lambda: float = 1.0  # Song et al. 2022's lambda (1: replace the measured lines)
     attack_steps: int = 200  # Han et al.: 2000
     attack_lr: float = 0.1
@@ -47,6 +47,13 @@ class ProbeSettings:
         for name in ("posterior_samples", "steps", "n_images", "batch_size", "coils", "tv_iterations"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.dps_weight != "auto":
+            try:
+                self.dps_weight = float(self.dps_weight)
+            except (TypeError, ValueError):
+                raise ConfigError(f"--dps-weight must be 'auto' or a number, got {self.dps_weight!r}") from None
+            if self.dps_weight < 0:
+                raise ConfigError(f"--dps-weight must be >= 0, got {self.dps_weight}")
         if self.attack_steps < 0:
             raise ConfigError(f"--attack-steps must be >= 0, got {self.attack_steps}")
         if not self.accelerations:
