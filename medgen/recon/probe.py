@@ -223,14 +223,15 @@ def _transfer(method: str, R: int, result: MethodResult) -> list[dict]:
     out = []
     conds = result.conditions
     p = result.metrics["psnr"]
+    clean = next(i for i, c in enumerate(conds) if c.perturbation == "none")
     for i, c in enumerate(conds):
         if c.perturbation != "worst-case" or c.source != "surrogate":
             continue
         j = next(j for j, o in enumerate(conds) if o.perturbation == "random" and o.eps == c.eps)
         d = (p[j] - p[i]).flatten()
         se = float(d.std(unbiased=True) / d.numel() ** 0.5) if d.numel() > 1 else float("inf")
-        out.append({"method": method, "acceleration": int(R), "eps": c.eps, "psnr_drop_worst_case": round(float(-(p[i] - p[0]).mean()), 4),
-                    "psnr_drop_random": round(float(-(p[j] - p[0]).mean()), 4), "difference": round(float(d.mean()), 4),
+        out.append({"method": method, "acceleration": int(R), "eps": c.eps, "psnr_drop_worst_case": round(float((p[clean] - p[i]).mean()), 4),
+                    "psnr_drop_random": round(float((p[clean] - p[j]).mean()), 4), "difference": round(float(d.mean()), 4),
                     "stderr": round(se, 4) if se != float("inf") else None,
                     "transfers": bool(float(d.mean()) > max(2 * se, TRANSFER_MIN_DB))})
     return out
@@ -251,6 +252,70 @@ def _panel(result: MethodResult, eps: float) -> dict[str, torch.Tensor]:
     return out
 
 
+def probe_acceleration(R: int, truth: torch.Tensor, x_cal: torch.Tensor, s: ProbeSettings, prior, surrogate,
+                       device: torch.device) -> dict[str, Any]:
+    """Everything at one acceleration: the mask, TV's lambda and the DPS weight on the calibration
+    images' clean data, the perturbations (surrogate -> transferred, white-box TV, random control),
+    every method's batched reconstructions, their rows, changes, transfer verdicts and panel."""
+    from medgen.recon.baselines import calibrate_tv_lambda
+
+    H, W = truth.shape[-2:]
+    cf = center_fraction_for(R) if s.center_fraction is None else float(s.center_fraction)
+    mask = kspace_mask((H, W), R, s.mask, cf, seed=s.mask_seed)
+    physics = mri_physics(mask, s.coils, device)
+    full = fully_sampled(physics)
+    kspace = full.A(to_complex(truth))  # (N, *k) full k-space
+    y_cal = apply_mask(full.A(to_complex(x_cal)), physics.mask)
+    n_center, _ = mask_lines(W, R, cf)
+    out: dict[str, Any] = {"mask": {"kind": s.mask, "acceleration": int(R), "center_fraction": cf, "center_columns": n_center,
+                                    "sampled_columns": int(mask[0].sum()), "effective_acceleration": round(W / float(mask[0].sum()), 3),
+                                    "seed": s.mask_seed},
+                           "tv": None, "dps": None, "seconds": {}, "results": [], "changes": [], "transfer": []}
+    if "tv" in s.methods:
+        out["tv"] = calibrate_tv_lambda(physics, y_cal, x_cal, iterations=s.tv_iterations, prox_iterations=s.tv_prox_iterations)
+    if "dps" in s.methods and s.dps_weight == "auto":
+        out["dps"] = calibrate_dps_weight(prior.denoiser, prior.sde, physics, y_cal, x_cal, steps=s.steps,
+                                          seeds=[_seed(s.seed + 1, i, 0) for i in range(len(x_cal))])
+    recons = Reconstructors(physics, s, prior, surrogate, out["tv"] and out["tv"]["lambda"], out["dps"] and out["dps"]["weight"])
+
+    # perturbations: found on the surrogate (transferred), white-box on TV, random control
+    eps_pos = [e for e in s.eps if e > 0]
+    gen = torch.Generator().manual_seed(s.seed * 7 + R)
+    tic = time.perf_counter()
+    deltas: dict[str, torch.Tensor] = {}
+    if eps_pos:
+        deltas["surrogate"] = worst_case_perturbation(recons.deterministic("surrogate"), kspace, physics.mask, eps_pos,
+                                                      steps=s.attack_steps, lr=s.attack_lr, generator=gen)[0]
+        deltas["random"] = random_perturbation(deltas["surrogate"], gen)
+        if "tv" in s.methods:
+            deltas["tv"] = worst_case_perturbation(recons.deterministic("tv"), kspace, physics.mask, eps_pos,
+                                                   steps=s.attack_steps, lr=s.attack_lr, generator=gen)[0]
+    out["seconds"][f"attack_R{R}"] = round(time.perf_counter() - tic, 2)
+    N = kspace.shape[0]
+
+    def conditions_for(method: str) -> list[Condition]:
+        conds = [Condition("none", None, 0.0, None)]
+        for j, e in enumerate(eps_pos):
+            part = slice(j * N, (j + 1) * N)
+            conds.append(Condition("worst-case", "white-box" if method == "surrogate" else "surrogate", e, deltas["surrogate"][part]))
+            if method == "tv":
+                conds.append(Condition("worst-case", "white-box", e, deltas["tv"][part]))
+            conds.append(Condition("random", None, e, deltas["random"][part]))
+        return conds
+
+    eps_show = max(eps_pos) if eps_pos else 0.0
+    out["panel"] = {"truth": truth[0, 0].cpu(), "eps": eps_show, "methods": {},
+                    "zero_filled": magnitude(zero_filled(physics, apply_mask(kspace, physics.mask)))[0, 0].cpu()}
+    for method in s.methods:
+        res = reconstruct_all(recons, method, kspace, physics.mask, conditions_for(method), truth, s)
+        out["seconds"][f"{method}_R{R}"] = round(res.seconds, 2)
+        out["results"] += _rows(method, R, s.mask, s.eps, res)
+        out["changes"] += _changes(method, R, res)
+        out["transfer"] += _transfer(method, R, res)
+        out["panel"]["methods"][method] = _panel(res, eps_show)
+    return out
+
+
 def run_probe(prior: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *, surrogate: str | os.PathLike | None = None,
               settings: ProbeSettings | None = None, data_cfg: dict | None = None, device: str | torch.device | None = None,
               overwrite: bool = False, surrogate_overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -258,7 +323,6 @@ def run_probe(prior: str | os.PathLike, data: str | os.PathLike, out: str | os.P
     returns the report dict."""
     from medgen.io import atomic_dir, atomic_write_json
     from medgen.privacy.detector import default_device
-    from medgen.recon.baselines import calibrate_tv_lambda
     from medgen.recon.data import load_slices
     from medgen.recon.prior import PixelPrior, check_pixel_prior
     from medgen.recon.report import write_figures, write_markdown
@@ -314,75 +378,22 @@ def run_probe(prior: str | os.PathLike, data: str | os.PathLike, out: str | os.P
         log.info("probe: %d evaluation images (%d excluded as training images), %s, R=%s, eps=%s, methods %s",
                  len(eval_idx), len(samples) - len(unseen), dev, list(s.accelerations), s.eps, list(s.methods))
 
-        results, changes, transfer, panels, masks, tv_calibration, dps_calibration, seconds = [], [], [], {}, {}, {}, {}, {}
-        eps_pos = [e for e in s.eps if e > 0]
-        for R in s.accelerations:
-            cf = center_fraction_for(R) if s.center_fraction is None else float(s.center_fraction)
-            mask = kspace_mask((H, W), R, s.mask, cf, seed=s.mask_seed)
-            physics = mri_physics(mask, s.coils, dev)
-            full = fully_sampled(physics)
-            kspace = full.A(to_complex(truth))  # (N, *k) full k-space
-            n_center, n_outer = mask_lines(W, R, cf)
-            masks[str(R)] = {"kind": s.mask, "acceleration": int(R), "center_fraction": cf, "center_columns": n_center,
-                             "sampled_columns": int(mask[0].sum()), "effective_acceleration": round(W / float(mask[0].sum()), 3),
-                             "seed": s.mask_seed}
-            lam = None
-            if "tv" in s.methods:
-                x_cal = x_all[calib_idx].to(dev)
-                tv_calibration[str(R)] = calibrate_tv_lambda(
-                    physics, apply_mask(full.A(to_complex(x_cal)), physics.mask), x_cal,
-                    iterations=s.tv_iterations, prox_iterations=s.tv_prox_iterations)
-                tv_calibration[str(R)]["images"] = calibration_note
-                lam = tv_calibration[str(R)]["lambda"]
-            dps_weight = s.dps_weight
-            if "dps" in s.methods and dps_weight == "auto":
-                x_cal = x_all[calib_idx].to(dev)
-                dps_calibration[str(R)] = calibrate_dps_weight(
-                    prior_model.denoiser, prior_model.sde, physics, apply_mask(full.A(to_complex(x_cal)), physics.mask), x_cal,
-                    steps=s.steps, seeds=[_seed(s.seed + 1, i, 0) for i in range(len(calib_idx))])
-                dps_calibration[str(R)]["images"] = calibration_note
-                dps_weight = dps_calibration[str(R)]["weight"]
-            recons = Reconstructors(physics, s, prior_model, sur, lam, dps_weight)
-
-            # ---- perturbations: found on the surrogate (transferred), white-box on TV, random control
-            gen = torch.Generator().manual_seed(s.seed * 7 + R)
-            tic = time.perf_counter()
-            deltas: dict[str, torch.Tensor] = {}
-            if eps_pos:
-                deltas["surrogate"] = worst_case_perturbation(recons.deterministic("surrogate"), kspace, physics.mask, eps_pos,
-                                                              steps=s.attack_steps, lr=s.attack_lr, generator=gen)[0]
-                deltas["random"] = random_perturbation(deltas["surrogate"], gen)
-                if "tv" in s.methods:
-                    deltas["tv"] = worst_case_perturbation(recons.deterministic("tv"), kspace, physics.mask, eps_pos,
-                                                           steps=s.attack_steps, lr=s.attack_lr, generator=gen)[0]
-            seconds[f"attack_R{R}"] = round(time.perf_counter() - tic, 2)
-            N = kspace.shape[0]
-
-            def conditions_for(method: str) -> list[Condition]:
-                conds = [Condition("none", None, 0.0, None)]
-                for j, e in enumerate(eps_pos):
-                    part = slice(j * N, (j + 1) * N)
-                    conds.append(Condition("worst-case", "white-box" if method == "surrogate" else "surrogate", e, deltas["surrogate"][part]))
-                    if method == "tv":
-                        conds.append(Condition("worst-case", "white-box", e, deltas["tv"][part]))
-                    conds.append(Condition("random", None, e, deltas["random"][part]))
-                return conds
-
-            zf_clean = magnitude(zero_filled(physics, apply_mask(kspace, physics.mask)))[0, 0].cpu()
-            eps_show = max(eps_pos) if eps_pos else 0.0
-            panels[str(R)] = {"truth": truth[0, 0].cpu(), "zero_filled": zf_clean, "eps": eps_show, "methods": {}}
-            for method in s.methods:
-                res = reconstruct_all(recons, method, kspace, physics.mask, conditions_for(method), truth, s)
-                seconds[f"{method}_R{R}"] = round(res.seconds, 2)
-                results += _rows(method, R, s.mask, s.eps, res)
-                changes += _changes(method, R, res)
-                transfer += _transfer(method, R, res)
-                panels[str(R)]["methods"][method] = _panel(res, eps_show)
+        x_cal = x_all[calib_idx].to(dev)
+        per_R = {R: probe_acceleration(R, truth, x_cal, s, prior_model, sur, dev) for R in s.accelerations}
+        for block in per_R.values():
+            for key in ("tv", "dps"):
+                if block[key]:
+                    block[key]["images"] = calibration_note
+        masks = {str(R): b["mask"] for R, b in per_R.items()}
+        tv_calibration = {str(R): b["tv"] for R, b in per_R.items() if b["tv"]}
+        dps_calibration = {str(R): b["dps"] for R, b in per_R.items() if b["dps"]}
+        seconds = {k: v for b in per_R.values() for k, v in b["seconds"].items()}
+        panels = {str(R): b["panel"] for R, b in per_R.items()}
 
         report = {
-            "results": results,
-            "changes": changes,
-            "transfer": transfer,
+            "results": [r for b in per_R.values() for r in b["results"]],
+            "changes": [r for b in per_R.values() for r in b["changes"]],
+            "transfer": [r for b in per_R.values() for r in b["transfer"]],
             "setup": {
                 "physics": {"operator": "deepinv.physics.MRI" if s.coils == 1 else "deepinv.physics.MultiCoilMRI",
                             "coils": s.coils, "coil_maps": None if s.coils == 1 else "birdcage (sigpy), sum |S|^2 = 1",
