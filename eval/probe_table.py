@@ -42,7 +42,8 @@ def main() -> None:
     ap.add_argument("--posterior-samples", type=int, default=2)
     ap.add_argument("--steps", type=int, default=50, help="posterior sampling steps")
     ap.add_argument("--attack-steps", type=int, default=100)
-    ap.add_argument("--dps-weight", type=float, default=None, help="default: the probe's")
+    ap.add_argument("--dps-weight", type=float, default=None, help="default: the probe's (auto: chosen on clean data)")
+    ap.add_argument("--tv-iterations", type=int, default=50, help="TV-CS PGD iterations (its white-box attack costs most CPU time)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -84,7 +85,7 @@ def main() -> None:
 
     settings = ProbeSettings(accelerations=[8], mask="equispaced", eps=[float(e) for e in args.eps.split(",")],
                              posterior_samples=args.posterior_samples, steps=args.steps, attack_steps=args.attack_steps,
-                             n_images=args.n_images)
+                             n_images=args.n_images, tv_iterations=args.tv_iterations)
     if args.dps_weight is not None:
         settings.dps_weight = args.dps_weight
     tic = time.perf_counter()

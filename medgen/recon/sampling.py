@@ -109,7 +109,7 @@ def dps_reconstruct(denoiser: torch.nn.Module, schedule_sde: DiscreteScheduleSDE
     return model(y, physics, x_init=x_init, timesteps=taus, denoise_output=False).float()
 
 
-DPS_WEIGHT_GRID = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+DPS_WEIGHT_GRID = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 
 
 def calibrate_dps_weight(denoiser: torch.nn.Module, schedule_sde: DiscreteScheduleSDE, physics, y: torch.Tensor,
