@@ -165,7 +165,6 @@ class PixelPrior:
         self.sde = DiscreteScheduleSDE(pipe.schedule)
         self.sha256 = pipe.checkpoint_sha256
         self.image_shape = tuple(int(s) for s in self.config["sample_shape"][1:])  # (H, W)
-        self.data = dict(self.config.get("data") or {})
 
     @property
     def recipe(self) -> dict[str, Any]:
