@@ -162,3 +162,13 @@ def test_bad_input_gets_one_error_line(case, prior_run, surrogate_dir, cohort_2d
     assert err[-1].startswith("medgen: error:") and expected in err[-1], err
     assert not any("Traceback" in line for line in err)
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_stage_skips_3d_with_a_message(tmp_path, capsys):
+    from medgen.demo import DemoContext
+    from medgen.recon.commands import demo_stage
+
+    ctx = DemoContext(out=tmp_path, quick=True, dims=3)
+    demo_stage(ctx)
+    assert "probe: skipped" in capsys.readouterr().out
+    assert "probe_report" not in ctx.state and not any(tmp_path.iterdir())
