@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from medgen.errors import ConfigError, DataError, WeightsError
+from medgen.errors import ConfigError, DataError, TrainingError, WeightsError
 from medgen.recon.kspace import MASK_KINDS, apply_mask, center_fraction_for, check_acceleration, magnitude, to_complex
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,9 @@ def _mask_generator(kind: str, shape, acceleration: int, center_fraction: float,
 def train_surrogate(cfg: dict, device: str | torch.device | None = None) -> Surrogate:
     """Train per `cfg` (SURROGATE_DEFAULTS merged with the user's keys); returns the model (eval)."""
     from medgen.data import make_splits, scan_dataset
+    from medgen.privacy.detector import default_device
     from medgen.recon.data import load_slices
     from medgen.recon.kspace import fully_sampled, mri_physics
-
-    from medgen.privacy.detector import default_device
 
     dev = default_device(device)
     data_cfg = dict(cfg["data"])
@@ -128,7 +127,7 @@ def train_surrogate(cfg: dict, device: str | torch.device | None = None) -> Surr
         zf = physics.A_adjoint(apply_mask(physics.A(truth), mask))
         loss = (net(zf) - truth).abs().mean()
         if not torch.isfinite(loss):
-            raise ConfigError(f"surrogate training diverged at step {step} (loss {loss.item()}); lower train.lr")
+            raise TrainingError(f"surrogate training diverged at step {step} (loss {loss.item()}); lower train.lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
