@@ -30,6 +30,7 @@ STAGES: list[tuple[str, str]] = [
     ("sample", "medgen.sample.commands:demo_stage"),
     ("eval", "medgen.metrics.commands:demo_stage"),
     ("audit", "medgen.privacy.commands:demo_stage"),
+    ("probe", "medgen.recon.commands:demo_stage"),
 ]
 
 

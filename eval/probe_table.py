@@ -1,0 +1,126 @@
+"""The probe table of eval/RESULTS.md: Han et al. 2024's experiment on the built-in cohort, one command.
+
+    python eval/probe_table.py --out runs/probe_table            # CPU-sized defaults (hours on 2 shared cores)
+    python eval/probe_table.py --out runs/probe_table --device cuda --prior-steps 20000 --n-images 32 \
+        --posterior-samples 4 --steps 200 --attack-steps 1000
+
+Builds the 2D cohort (`medgen data synth-brain`), trains a pixel-space prior with
+`configs/demo_diffusion_2d_pixel.yaml` (`medgen train diffusion`; reused when OUT/prior exists, so a
+rerun after a change to the probe costs only the probe; pass --retrain-prior after a change to the
+diffusion code), trains the surrogate (`medgen probe train-surrogate`, R=8 equispaced; reused likewise)
+and runs `medgen probe mri` at R=8, equispaced, eps 0 to 0.08 on held-out subjects. Prints the markdown
+table: PSNR of every method against eps under the surrogate's worst-case perturbation (white-box for
+TV and the surrogate itself too) and under random perturbations of the same norm, and whether the
+surrogate's perturbation transfers to the diffusion reconstructions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("runs/probe_table"))
+    ap.add_argument("--size", type=int, default=64, help="cohort image size (px)")
+    ap.add_argument("--subjects", type=int, default=200)
+    ap.add_argument("--prior", type=Path, default=None, help="use this pixel-space run instead of training one")
+    ap.add_argument("--prior-steps", type=int, default=1500)
+    ap.add_argument("--retrain-prior", action="store_true")
+    ap.add_argument("--surrogate-steps", type=int, default=1000)
+    ap.add_argument("--eps", default="0,0.01,0.02,0.04,0.08")
+    ap.add_argument("--n-images", type=int, default=8)
+    ap.add_argument("--posterior-samples", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=50, help="posterior sampling steps")
+    ap.add_argument("--attack-steps", type=int, default=100)
+    ap.add_argument("--dps-weight", type=float, default=None, help="default: the probe's (auto: chosen on clean data)")
+    ap.add_argument("--tv-iterations", type=int, default=50, help="TV-CS PGD iterations (its white-box attack costs most CPU time)")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from medgen.config import load_config
+    from medgen.data.cohort import synth_brain
+    from medgen.recon.commands import print_summary
+    from medgen.recon.probe import run_probe
+    from medgen.recon.settings import ProbeSettings
+    from medgen.recon.surrogate import save_surrogate, surrogate_config, train_surrogate
+    from medgen.train.diffusion import DEFAULTS, train_diffusion
+
+    device = None if args.device == "auto" else args.device
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    cohort = out / "cohort"
+    if not (cohort / "manifest.csv").is_file():
+        synth_brain(cohort, n=args.subjects, dims=2, size=args.size, seed=0)
+
+    prior = args.prior or out / "prior"
+    if args.prior is None and (args.retrain_prior or not (prior / "model" / "config.json").is_file()):
+        shutil.rmtree(prior, ignore_errors=True)
+        tic = time.perf_counter()
+        cfg = load_config(ROOT / "configs" / "demo_diffusion_2d_pixel.yaml",
+                          [f"data.path={cohort}", f"data.shape=[{args.size},{args.size}]", f"train.max_steps={args.prior_steps}",
+                           f"train.checkpoint_every={args.prior_steps}", f"train.preview_every={args.prior_steps}",
+                           "train.tracker=none", f"train.cpu={device == 'cpu'}"], DEFAULTS)
+        train_diffusion(cfg, prior)
+        timings["prior_s"] = round(time.perf_counter() - tic)
+
+    surrogate = out / "surrogate"
+    if not (surrogate / "config.json").is_file():
+        tic = time.perf_counter()
+        cfg = surrogate_config([f"train.steps={args.surrogate_steps}"], acceleration=8, mask="equispaced",
+                               data={"path": str(cohort)})
+        save_surrogate(train_surrogate(cfg, device), surrogate, overwrite=True)
+        timings["surrogate_s"] = round(time.perf_counter() - tic)
+
+    settings = ProbeSettings(accelerations=[8], mask="equispaced", eps=[float(e) for e in args.eps.split(",")],
+                             posterior_samples=args.posterior_samples, steps=args.steps, attack_steps=args.attack_steps,
+                             n_images=args.n_images, tv_iterations=args.tv_iterations)
+    if args.dps_weight is not None:
+        settings.dps_weight = args.dps_weight
+    tic = time.perf_counter()
+    report = run_probe(prior, cohort, out / "report", surrogate=surrogate, settings=settings, device=device, overwrite=True)
+    timings["probe_s"] = round(time.perf_counter() - tic)
+
+    print()
+    print_summary(report)
+    print()
+    print(markdown_table(report))
+    print(f"\ntimings: {json.dumps(timings)}; report: {out / 'report' / 'report.md'}")
+
+
+def markdown_table(report: dict) -> str:
+    """PSNR (dB) of every method against eps: worst-case (source) / random, and the transfer verdicts."""
+    rows = [r for r in report["results"] if r["acceleration"] == 8]
+    eps = sorted({r["eps"] for r in rows})
+    lines = ["| method | perturbation | " + " | ".join(f"eps={e:g}" for e in eps) + " |", "|---|---|" + "---|" * len(eps)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        kinds = sorted({(r["perturbation"], r["source"]) for r in rows if r["method"] == method and r["perturbation"] != "none"},
+                       key=lambda k: (k[0] != "worst-case", str(k[1])))
+        for kind in kinds:
+            cells = []
+            for e in eps:
+                hit = next(r for r in rows if r["method"] == method and (r["perturbation"], r["source"]) == kind and r["eps"] == e)
+                cells.append(f"{hit['psnr']:.2f}" + (f" ± {hit['psnr_std']:.2f}" if hit["psnr_std"] else ""))
+            lines.append(f"| {method} | {kind[0]}{f' ({kind[1]})' if kind[1] else ''} | " + " | ".join(cells) + " |")
+    lines += ["", "| method | eps | PSNR drop, worst-case | PSNR drop, random | difference ± s.e. | transfers |", "|---|---|---|---|---|---|"]
+    for t in report["transfer"]:
+        if t["acceleration"] == 8:
+            se = "n/a" if t["stderr"] is None else f"{t['stderr']:.2f}"
+            lines.append(f"| {t['method']} | {t['eps']:g} | {t['psnr_drop_worst_case']:.2f} | {t['psnr_drop_random']:.2f} | "
+                         f"{t['difference']:.2f} ± {se} | {'yes' if t['transfers'] else 'no'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""k-space simulation on deepinv's MRI operators, with fastMRI-convention Cartesian masks.
+
+Tensors. deepinv's MRI physics work on complex images stored as two real channels
+(B, 2, H, W) = (real, imaginary); medgen images are one real channel (B, 1, H, W) of magnitudes.
+`to_complex` puts a magnitude image in the real channel (imaginary part 0), `magnitude` returns
+|x|. k-space is (B, 2, H, W) single-coil and (B, 2, N, H, W) for N coils. Both operators are
+centred FFTs with norm="ortho" (deepinv's `MRIMixin.fft`), so a fully sampled single-coil
+operator is unitary; birdcage coil maps are normalised to sum_n |S_n|^2 = 1 so that the fully
+sampled multi-coil operator is an isometry too.
+
+Masks sample whole phase-encoding columns (the last axis, as deepinv and fastMRI do): a block of
+`center_fraction * W` central columns plus equispaced (fastMRI's offset rule) or uniformly random
+outer columns, `W / R` columns in all. fastMRI's pairs are R=4 with centre fraction 0.08 and R=8
+with 0.04; other R keep their product, R * center_fraction = 0.32.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from medgen.errors import ConfigError
+
+MASK_KINDS = ("equispaced", "random")
+FASTMRI_CENTER_FRACTIONS = {4: 0.08, 8: 0.04}
+
+
+def center_fraction_for(acceleration: int) -> float:
+    """fastMRI's centre fraction for R (0.08 at R=4, 0.04 at R=8, else 0.32 / R)."""
+    return FASTMRI_CENTER_FRACTIONS.get(int(acceleration), 0.32 / float(acceleration))
+
+
+def mask_lines(width: int, acceleration: int, center_fraction: float) -> tuple[int, int]:
+    """(central columns, outer columns) deepinv's generators sample for this width and R."""
+    n_center = int(center_fraction * width)
+    return n_center, int(width // acceleration - n_center)
+
+
+def check_acceleration(width: int, acceleration: int, center_fraction: float | None = None) -> None:
+    """Raise ConfigError when R cannot be reached on images `width` columns wide."""
+    if int(acceleration) != acceleration or acceleration < 2:
+        raise ConfigError(f"acceleration must be an integer >= 2, got {acceleration}")
+    cf = center_fraction_for(acceleration) if center_fraction is None else center_fraction
+    n_center, n_outer = mask_lines(width, int(acceleration), cf)
+    if n_center < 1 or n_outer < 1:
+        raise ConfigError(
+            f"acceleration R={acceleration} cannot be reached on images {width} px wide: {width}/{acceleration} gives "
+            f"{width // acceleration} sampled columns, {n_center} of them central (centre fraction {cf:g}) and {n_outer} outer; "
+            f"a Cartesian mask needs at least one of each. Use a smaller --acceleration or wider images")
+
+
+def kspace_mask(shape: Sequence[int], acceleration: int, kind: str = "equispaced", center_fraction: float | None = None,
+                seed: int = 0) -> torch.Tensor:
+    """A (H, W) 0/1 float mask of whole columns from deepinv's mask generators (seeded)."""
+    from deepinv.physics.generator import EquispacedMaskGenerator, RandomMaskGenerator
+
+    if kind not in MASK_KINDS:
+        raise ConfigError(f"mask must be one of {', '.join(MASK_KINDS)}, got {kind!r}")
+    H, W = (int(s) for s in shape)
+    cf = center_fraction_for(acceleration) if center_fraction is None else float(center_fraction)
+    check_acceleration(W, acceleration, cf)
+    generator = {"equispaced": EquispacedMaskGenerator, "random": RandomMaskGenerator}[kind]
+    return generator((H, W), acceleration=int(acceleration), center_fraction=cf).step(batch_size=1, seed=int(seed))["mask"][0, 0]
+
+
+def birdcage_maps(n_coils: int, shape: Sequence[int]) -> torch.Tensor:
+    """(N, H, W) complex64 birdcage sensitivities (sigpy, through deepinv), normalised so that
+    sum_n |S_n|^2 = 1 at every pixel."""
+    from deepinv.physics import MultiCoilMRI
+
+    maps = MultiCoilMRI(img_size=(1, 2, *shape)).simulate_birdcage_csm(n_coils)  # needs sigpy
+    return maps / maps.abs().square().sum(0, keepdim=True).sqrt().clamp_min(1e-8)
+
+
+def mri_physics(mask: torch.Tensor, coils: int = 1, device: torch.device | str = "cpu"):
+    """deepinv's operator A = M F (single coil, `physics.MRI`) or A = M F S (`MultiCoilMRI` with
+    simulated birdcage maps) for a (H, W) mask; the same mask for every image in a batch."""
+    from deepinv.physics import MRI, MultiCoilMRI
+
+    if coils < 1:
+        raise ConfigError(f"coils must be >= 1, got {coils}")
+    mask = mask.to(device=device, dtype=torch.float32)
+    if coils == 1:
+        return MRI(mask=mask, img_size=tuple(mask.shape), device=device)
+    return MultiCoilMRI(mask=mask, coil_maps=birdcage_maps(coils, mask.shape).to(device), img_size=tuple(mask.shape),
+                        device=device)
+
+
+def fully_sampled(physics):
+    """The same operator with every column sampled: it gives the full k-space k = F S x."""
+    from deepinv.physics import MRI
+
+    ones = torch.ones_like(physics.mask[0, 0])
+    if isinstance(physics, MRI):
+        return type(physics)(mask=ones, img_size=tuple(ones.shape), device=ones.device)
+    return type(physics)(mask=ones, coil_maps=physics.coil_maps, img_size=tuple(ones.shape), device=ones.device)
+
+
+def apply_mask(kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """M k: full k-space (B, 2, H, W) or (B, 2, N, H, W) times a mask (H, W), (B, H, W) or
+    (1 | B, 2, H, W), e.g. `physics.mask`."""
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim == 3:
+        mask = mask[:, None]
+    return kspace * (mask[:, :, None] if kspace.ndim == 5 else mask)
+
+
+def to_complex(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) magnitude image -> (B, 2, H, W) complex image with zero imaginary part."""
+    return torch.cat([x, torch.zeros_like(x)], dim=1)
+
+
+def magnitude(x: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W) complex image -> (B, 1, H, W) magnitude."""
+    return x.square().sum(1, keepdim=True).sqrt()
+
+
+def zero_filled(physics, y: torch.Tensor) -> torch.Tensor:
+    """The zero-filled reconstruction A^H y (B, 2, H, W): deepinv's adjoint (coil-combined with
+    conj(S) in the multi-coil case)."""
+    return physics.A_adjoint(y)

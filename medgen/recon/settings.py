@@ -1,0 +1,63 @@
+"""The probe's settings (import-light: the CLI reads their defaults without loading torch or deepinv)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from medgen.errors import ConfigError
+
+METHODS = ("projection", "dps", "tv", "zero-filled", "surrogate")
+WHITE_BOX = ("tv", "surrogate")  # methods attacked with their own gradients
+
+
+@dataclass
+class ProbeSettings:
+    """Every knob of the probe; the CLI's options map one to one."""
+
+    accelerations: Sequence[int] = (4, 8)
+    mask: str = "equispaced"
+    center_fraction: float | None = None  # None: fastMRI's for each R
+    coils: int = 1  # 1: deepinv MRI; N > 1: MultiCoilMRI with N birdcage coils
+    eps: Sequence[float] = (0.0, 0.01, 0.02, 0.04, 0.08)
+    methods: Sequence[str] = METHODS
+    posterior_samples: int = 4
+    steps: int = 100  # posterior sampling steps (DDPM ancestral on the prior's schedule)
+    dps_weight: float | str = "auto"  # deepinv DPSDataFidelity weight ("norm" guidance); "auto": chosen on clean data
+    projection_lambda: float = 1.0  # Song et al. 2022's lambda (1: replace the measured lines)
+    attack_steps: int = 200  # Han et al.: 2000
+    attack_lr: float = 0.1
+    tv_iterations: int = 50
+    tv_prox_iterations: int = 10
+    n_images: int = 16
+    batch_size: int = 64  # reconstructions per forward batch (memory; results agree to float rounding)
+    seed: int = 0
+    mask_seed: int = 0
+
+    def validate(self, width: int | None = None) -> None:
+        from medgen.recon.attack import check_eps
+        from medgen.recon.kspace import MASK_KINDS, check_acceleration
+
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ConfigError(f"--methods: unknown {unknown or 'empty list'}; choose from {', '.join(METHODS)}")
+        if self.mask not in MASK_KINDS:
+            raise ConfigError(f"--mask must be one of {', '.join(MASK_KINDS)}, got {self.mask!r}")
+        self.eps = check_eps(self.eps)
+        for name in ("posterior_samples", "steps", "n_images", "batch_size", "coils", "tv_iterations"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.dps_weight != "auto":
+            try:
+                self.dps_weight = float(self.dps_weight)
+            except (TypeError, ValueError):
+                raise ConfigError(f"--dps-weight must be 'auto' or a number, got {self.dps_weight!r}") from None
+            if self.dps_weight < 0:
+                raise ConfigError(f"--dps-weight must be >= 0, got {self.dps_weight}")
+        if self.attack_steps < 0:
+            raise ConfigError(f"--attack-steps must be >= 0, got {self.attack_steps}")
+        if not self.accelerations:
+            raise ConfigError("--acceleration needs at least one value")
+        if width is not None:
+            for R in self.accelerations:
+                check_acceleration(width, R, self.center_fraction)

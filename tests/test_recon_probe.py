@@ -1,0 +1,174 @@
+"""`medgen probe`: surrogate training, eps = 0 exactness through the batched probe path, the end-to-end
+report with a tiny prior trained on the built-in cohort, and every bad input's error line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from medgen.cli import main as cli
+from medgen.config import load_config
+from medgen.train.diffusion import DEFAULTS, train_diffusion
+
+REPO = Path(__file__).resolve().parents[1]
+ROW_KEYS = {"method", "acceleration", "mask", "eps", "perturbation", "source", "psnr", "ssim", "nmse", "psnr_std", "n_images",
+            "posterior_samples"}
+TINY = ["--acceleration", "4", "--eps", "0,0.05", "--posterior-samples", "2", "--steps", "3", "--attack-steps", "3",
+        "--n-images", "2", "--tv-iterations", "3", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def prior_run(cohort_2d, tmp_path_factory):
+    """A tiny pixel-space prior trained for a few steps on the cohort (32x32)."""
+    cfg = load_config(REPO / "configs" / "demo_diffusion_2d_pixel.yaml",
+                      [f"data.path={cohort_2d}", "train.max_steps=3", "train.checkpoint_every=3", "train.preview_every=3",
+                       "train.batch_size=4", "train.tracker=none", "sample.steps=2", "sample.n_preview=1", "model.channels=[8,16]",
+                       "model.attention_levels=[false,false]", "model.head_channels=8", "model.norm_groups=4"], DEFAULTS)
+    return train_diffusion(cfg, tmp_path_factory.mktemp("prior") / "run")
+
+
+@pytest.fixture(scope="module")
+def surrogate_dir(cohort_2d, tmp_path_factory):
+    out = tmp_path_factory.mktemp("surrogate") / "s"
+    assert cli(["probe", "train-surrogate", "--data", str(cohort_2d), "--out", str(out), "--acceleration", "4", "--device", "cpu",
+                "train.steps=5", "train.batch_size=4", "network.channels_per_scale=[8,16]"]) == 0
+    return out
+
+
+def test_train_surrogate_writes_safetensors_and_json(surrogate_dir, cohort_2d):
+    from medgen.recon.surrogate import load_surrogate
+
+    config = json.loads((surrogate_dir / "config.json").read_text())
+    assert (surrogate_dir / "model.safetensors").is_file()
+    assert config["kind"] == "recon_surrogate" and config["acceleration"] == 4 and config["mask"] == "equispaced"
+    assert config["params"]["channels_per_scale"] == [8, 16] and config["train"]["steps"] == 5
+    assert config["image_shape"] == [32, 32] and config["center_fraction"] == 0.08
+    train = {Path(f) for f in config["train"]["train_files"]}
+    assert train and all(f.is_relative_to(Path(cohort_2d).resolve()) for f in train)
+    sur = load_surrogate(surrogate_dir)
+    y = torch.randn(2, 2, 32, 32)
+    from medgen.recon.kspace import kspace_mask, mri_physics
+
+    assert sur(mri_physics(kspace_mask((32, 32), 4)), y).shape == (2, 1, 32, 32)
+
+
+def test_eps_zero_gives_back_the_clean_reconstruction_exactly(prior_run, surrogate_dir, cohort_2d):
+    """Through the probe's batched path: a zero-budget worst-case delta is exactly 0 and every method
+    (stochastic ones with the same seeds) returns its clean reconstruction bit for bit."""
+    from medgen.recon.attack import worst_case_perturbation
+    from medgen.recon.data import load_slices
+    from medgen.recon.kspace import fully_sampled, kspace_mask, mri_physics, to_complex
+    from medgen.recon.prior import PixelPrior
+    from medgen.recon.probe import Condition, Reconstructors, reconstruct_all
+    from medgen.recon.settings import METHODS, ProbeSettings
+    from medgen.recon.surrogate import load_surrogate
+
+    x, _ = load_slices(cohort_2d)
+    x = x[:2]
+    settings = ProbeSettings(accelerations=[4], posterior_samples=2, steps=3, tv_iterations=3, batch_size=8)
+    physics = mri_physics(kspace_mask((32, 32), 4))
+    k = fully_sampled(physics).A(to_complex(x))
+    sur = load_surrogate(surrogate_dir)
+    recons = Reconstructors(physics, settings, PixelPrior(prior_run), sur, tv_lambda=1e-3, dps_weight=3.0)
+    delta, _ = worst_case_perturbation(recons.deterministic("surrogate"), k, physics.mask, [0.0], steps=3)
+    assert torch.equal(delta, torch.zeros_like(delta))
+    conditions = [Condition("none", None, 0.0, None), Condition("worst-case", "surrogate", 0.0, delta)]
+    for method in METHODS:
+        res = reconstruct_all(recons, method, k, physics.mask, conditions, x, settings)
+        assert torch.equal(res.recon[0], res.recon[1]), method
+        assert res.recon.shape[2] == (2 if method in ("projection", "dps") else 1)
+        # smaller forward batches change the result by float rounding only
+        split = reconstruct_all(recons, method, k, physics.mask, conditions, x, ProbeSettings(**{**vars(settings), "batch_size": 3}))
+        torch.testing.assert_close(split.recon, res.recon, rtol=0, atol=1e-5)
+
+
+def test_probe_mri_end_to_end_writes_every_file(prior_run, surrogate_dir, cohort_2d, tmp_path, capsys):
+    out = tmp_path / "probe"
+    assert cli(["probe", "mri", "--prior", str(prior_run), "--data", str(cohort_2d), "--out", str(out),
+                "--surrogate", str(surrogate_dir), *TINY]) == 0
+    for name in ("report.json", "report.md", "psnr_vs_eps.png", "panels.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    report = json.loads((out / "report.json").read_text())
+    rows = report["results"]
+    assert rows and all(set(r) == ROW_KEYS for r in rows)
+    methods = {"projection", "dps", "tv", "zero-filled", "surrogate"}
+    assert {r["method"] for r in rows} == methods
+    kinds = {(r["method"], r["perturbation"], r["source"]) for r in rows}
+    for m in methods:
+        assert (m, "none", None) in kinds and (m, "random", None) in kinds
+        assert (m, "worst-case", "white-box" if m == "surrogate" else "surrogate") in kinds
+    assert ("tv", "worst-case", "white-box") in kinds
+    assert {r["eps"] for r in rows} == {0.0, 0.05}
+    assert all(r["n_images"] == 2 and r["posterior_samples"] == (2 if r["method"] in ("projection", "dps") else 1) for r in rows)
+    setup = report["setup"]
+    assert setup["prior"]["sha256"] and len(setup["prior"]["sha256"]) == 64
+    assert setup["physics"]["operator"] == "deepinv.physics.MRI" and setup["masks"]["4"]["center_fraction"] == 0.08
+    assert setup["attack"]["lr"] == 0.1 and setup["attack"]["steps"] == 3
+    assert {"torch", "deepinv"} <= set(setup["versions"])
+    assert setup["data"]["excluded_training_images"] > 0  # the prior's and surrogate's training images are not evaluated
+    assert "Does the surrogate's perturbation transfer?" in (out / "report.md").read_text()
+    # an existing report is not replaced without --overwrite
+    assert cli(["probe", "mri", "--prior", str(prior_run), "--data", str(cohort_2d), "--out", str(out), *TINY]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+
+
+def _fake_run(prior_run: Path, tmp_path: Path, name: str, **changes) -> Path:
+    """A copy of the tiny prior whose model config says it is latent or 3D."""
+    run = tmp_path / name
+    shutil.copytree(prior_run / "model", run / "model")
+    config = json.loads((run / "model" / "config.json").read_text())
+    config.update(changes)
+    (run / "model" / "config.json").write_text(json.dumps(config))
+    return run
+
+
+@pytest.mark.parametrize("case", ["latent", "3d", "size", "eps_one", "eps_negative", "acceleration", "empty"])
+def test_bad_input_gets_one_error_line(case, prior_run, surrogate_dir, cohort_2d, tmp_path, capsys):
+    prior, data, extra = prior_run, cohort_2d, []
+    expected = {
+        "latent": "the probe needs a 2D pixel-space prior; this run is latent",
+        "3d": "the probe needs a 2D pixel-space prior; this run is 3D",
+        "size": "generates 32x32 images but the slices",
+        "eps_one": "must lie in [0, 1)",
+        "eps_negative": "must lie in [0, 1)",
+        "acceleration": "cannot be reached on images 32 px wide",
+        "empty": "folder holds no images",
+    }[case]
+    if case == "latent":
+        prior = _fake_run(prior_run, tmp_path, "latent", latent={"scale_factor": 1.0, "autoencoder_sha256": "x"})
+    elif case == "3d":
+        prior = _fake_run(prior_run, tmp_path, "vol", spatial_dims=3, sample_shape=[1, 16, 16, 16])
+    elif case == "size":
+        from medgen.data.cohort import synth_brain
+
+        data = synth_brain(tmp_path / "small", n=3, dims=2, size=16, seed=0)
+    elif case == "eps_one":
+        extra = ["--eps", "0,0.02,1.0"]
+    elif case == "eps_negative":
+        extra = ["--eps=-0.1,0.02"]
+    elif case == "acceleration":
+        extra = ["--acceleration", "64"]
+    elif case == "empty":
+        data = tmp_path / "empty"
+        data.mkdir()
+    code = cli(["probe", "mri", "--prior", str(prior), "--data", str(data), "--out", str(tmp_path / "out"),
+                "--surrogate", str(surrogate_dir), "--device", "cpu", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("medgen: error:") and expected in err[-1], err
+    assert not any("Traceback" in line for line in err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_stage_skips_3d_with_a_message(tmp_path, capsys):
+    from medgen.demo import DemoContext
+    from medgen.recon.commands import demo_stage
+
+    ctx = DemoContext(out=tmp_path, quick=True, dims=3)
+    demo_stage(ctx)
+    assert "probe: skipped" in capsys.readouterr().out
+    assert "probe_report" not in ctx.state and not any(tmp_path.iterdir())
