@@ -172,3 +172,22 @@ def test_demo_stage_skips_3d_with_a_message(tmp_path, capsys):
     demo_stage(ctx)
     assert "probe: skipped" in capsys.readouterr().out
     assert "probe_report" not in ctx.state and not any(tmp_path.iterdir())
+
+
+def test_surrogate_keys_are_checked_against_the_schema(cohort_2d, tmp_path, capsys):
+    """A misspelt or out-of-range surrogate key is one error line naming it (with a suggestion),
+    before any training; the `data:` keys of a training config the surrogate does not read are ignored."""
+    from medgen.errors import ConfigError
+    from medgen.recon.surrogate import surrogate_config, surrogate_data
+
+    with pytest.raises(ConfigError, match=r"train\.step.*train\.steps"):
+        surrogate_config(["train.step=5"], data={"path": str(cohort_2d)})
+    with pytest.raises(ConfigError, match="acceleration"):
+        surrogate_config(["acceleration=1"], data={"path": str(cohort_2d)})
+    cfg = surrogate_config(["train.steps=7"], acceleration=4, data={"path": str(cohort_2d)})
+    assert (cfg["train"]["steps"], cfg["acceleration"], cfg["mask"], cfg["train"]["lr"]) == (7, 4, "equispaced", 1e-3)
+    assert surrogate_data({"shape": [32, 32], "intensity": {"mode": "zscore"}, "channels": 1}) == {"shape": [32, 32]}
+    code = cli(["probe", "train-surrogate", "--data", str(cohort_2d), "--out", str(tmp_path / "s"), "network.channel=[8]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("medgen: error:") and "unknown config key network.channel;" in err[-1] and "channels_per_scale" in err[-1], err
+    assert not (tmp_path / "s").exists()

@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     t = actions.add_parser("train-surrogate", help="train the supervised surrogate U-Net (zero-filled -> ground truth, L1)",
                            description="Train the surrogate (deepinv UNet) on the training split of --data; keys of "
-                                       "medgen.recon.surrogate.SURROGATE_DEFAULTS as key=value, e.g. train.steps=500.")
+                                       "medgen.recon.surrogate.SurrogateConfig as key=value, e.g. train.steps=500.")
     t.add_argument("--data", type=Path, required=True, help="2D images (folder or manifest.csv)")
     t.add_argument("--out", type=Path, required=True, help="surrogate folder to write (model.safetensors + config.json)")
     t.add_argument("--acceleration", type=int, default=None, help="R of the training masks (default 8)")
@@ -97,11 +97,11 @@ def _device(text: str):
 
 
 def _train_surrogate(args: argparse.Namespace) -> int:
-    from medgen.recon.surrogate import save_surrogate, surrogate_config, train_surrogate
+    from medgen.recon.surrogate import save_surrogate, surrogate_config, surrogate_data, train_surrogate
 
     if args.out.exists() and not args.overwrite:
         raise RunError(f"{args.out} already exists; pass --overwrite to replace it")
-    data = {**(_data_cfg(args.config) or {}), "path": str(args.data)}
+    data = {**surrogate_data(_data_cfg(args.config)), "path": str(args.data)}
     cfg = surrogate_config(args.overrides, acceleration=args.acceleration, mask=args.mask, coils=args.coils, data=data)
     model = train_surrogate(cfg, _device(args.device))
     save_surrogate(model, args.out, overwrite=args.overwrite)

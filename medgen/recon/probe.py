@@ -326,7 +326,7 @@ def run_probe(prior: str | os.PathLike, data: str | os.PathLike, out: str | os.P
     from medgen.recon.data import load_slices
     from medgen.recon.prior import PixelPrior, check_pixel_prior
     from medgen.recon.report import write_figures, write_markdown
-    from medgen.recon.surrogate import load_surrogate, save_surrogate, surrogate_config, train_surrogate
+    from medgen.recon.surrogate import load_surrogate, save_surrogate, surrogate_config, surrogate_data, train_surrogate
 
     s = settings or ProbeSettings()
     out = Path(out)
@@ -353,7 +353,7 @@ def run_probe(prior: str | os.PathLike, data: str | os.PathLike, out: str | os.P
         if surrogate is None:
             log.info("no --surrogate given: training one on the training split of %s (medgen probe train-surrogate)", data)
             cfg = surrogate_config(list(surrogate_overrides), acceleration=max(s.accelerations), mask=s.mask, coils=s.coils,
-                                   data={**_surrogate_data(data_cfg), "path": str(data)})
+                                   data={**surrogate_data(data_cfg), "path": str(data)})
             model = train_surrogate(cfg, dev)
             save_surrogate(model, tmp / "surrogate", overwrite=True)
             surrogate_dir = out / "surrogate"
@@ -429,8 +429,3 @@ def run_probe(prior: str | os.PathLike, data: str | os.PathLike, out: str | os.P
         write_figures(report, panels, tmp)
         write_markdown(report, tmp / "report.md")
     return report
-
-
-def _surrogate_data(data_cfg: dict | None) -> dict:
-    """The surrogate's data keys taken from the probe's --config data section."""
-    return {k: v for k, v in dict(data_cfg or {}).items() if k in ("shape", "spacing", "on_bad_file")}

@@ -61,3 +61,4 @@ class ProbeSettings:
         if width is not None:
             for R in self.accelerations:
                 check_acceleration(width, R, self.center_fraction)
+

@@ -13,16 +13,18 @@ arguments, the physics it was trained for, the training files and numbers), load
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from medgen.config import section, setting
+from medgen.data.config import SplitConfig
 from medgen.errors import ConfigError, DataError, TrainingError, WeightsError
 from medgen.recon.kspace import MASK_KINDS, apply_mask, center_fraction_for, check_acceleration, magnitude, to_complex
 
@@ -32,25 +34,54 @@ SURROGATE_KIND = "recon_surrogate"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
-# Every key `medgen probe train-surrogate` understands as key=value, with its default.
-SURROGATE_DEFAULTS: dict[str, Any] = {
-    "acceleration": 8,
-    "mask": "equispaced",  # equispaced | random
-    "center_fraction": None,  # null: fastMRI's (0.08 at R=4, 0.04 at R=8, else 0.32 / R)
-    "coils": 1,  # 1: single-coil MRI; N > 1: MultiCoilMRI with N simulated birdcage coils
-    "network": {  # deepinv.models.UNet
-        "channels_per_scale": [32, 64, 128],  # one entry per scale; H and W must divide by 2^(scales - 1)
-        "batch_norm": True,
-    },
-    "train": {"steps": 2000, "batch_size": 16, "lr": 1.0e-3, "seed": 0, "log_every": 100},
-    "data": {  # the `data:` keys of medgen's readers; intensities are min-max scaled per image
-        "path": None,
-        "shape": None,  # crop/pad target [H, W] (null keeps)
-        "spacing": None,  # resample target in mm (null keeps)
-        "split": {"val": 0.1, "holdout": 0.1, "seed": 0},
-        "on_bad_file": "error",
-    },
-}
+# ----------------------------------------------------------------------------- the surrogate's config
+# `medgen probe train-surrogate ... key=value` is checked against this schema like a training config
+# (medgen/config.py: unknown keys with suggestions, types, ranges); the trained surrogate's
+# config.json holds the resolved keys.
+
+
+@dataclass
+class SurrogateNetwork:
+    """`network:` deepinv.models.UNet (zero-filled image -> ground truth)."""
+
+    channels_per_scale: list[int] = setting([32, 64, 128], ge=1)  # one entry per scale; H and W must divide by 2^(scales - 1)
+    batch_norm: bool = True
+
+
+@dataclass
+class SurrogateTrain:
+    """`train:` Adam on the L1 loss, a fresh mask of the configured kind per step."""
+
+    steps: int = setting(2000, ge=1)
+    batch_size: int = setting(16, ge=1)
+    lr: float = setting(1.0e-3, gt=0)
+    seed: int = setting(0, ge=0)  # network init, masks and batches
+    log_every: int = setting(100, ge=1)
+
+
+@dataclass
+class SurrogateData:
+    """`data:` the keys of medgen's readers the probe uses; intensities are min-max scaled per image."""
+
+    path: str | None = setting(None, exists=True)  # 2D images: folder or manifest.csv
+    shape: list[int] | None = setting(None, ge=1, length=2)  # crop/pad target [H, W]; null: keep
+    spacing: list[float] | None = setting(None, gt=0, length=2)  # resample to this pixel size in mm first; null: keep
+    canonical: bool = True
+    split: SplitConfig = section(SplitConfig)  # the surrogate trains on the train split only
+    on_bad_file: str = setting("error", choices=("error", "skip"))
+
+
+@dataclass
+class SurrogateConfig:
+    """Every key `medgen probe train-surrogate` understands as key=value, with its default."""
+
+    acceleration: int = setting(8, ge=2)  # R of the training masks
+    mask: str = setting("equispaced", choices=("equispaced", "random"))
+    center_fraction: float | None = setting(None, gt=0, lt=1)  # null: fastMRI's (0.08 at R=4, 0.04 at R=8, else 0.32 / R)
+    coils: int = setting(1, ge=1)  # 1: single-coil MRI; N > 1: MultiCoilMRI with N simulated birdcage coils
+    network: SurrogateNetwork = section(SurrogateNetwork)
+    train: SurrogateTrain = section(SurrogateTrain)
+    data: SurrogateData = section(SurrogateData)
 
 
 def build_network(params: dict) -> torch.nn.Module:
@@ -83,7 +114,7 @@ def _mask_generator(kind: str, shape, acceleration: int, center_fraction: float,
 
 
 def train_surrogate(cfg: dict, device: str | torch.device | None = None) -> Surrogate:
-    """Train per `cfg` (SURROGATE_DEFAULTS merged with the user's keys); returns the model (eval)."""
+    """Train per `cfg` (`surrogate_config`: the schema's defaults and the user's keys); returns the model (eval)."""
     from medgen.data import make_splits, scan_dataset
     from medgen.privacy.detector import default_device
     from medgen.recon.data import load_slices
@@ -188,20 +219,26 @@ def load_surrogate(path: str | os.PathLike, device: str | torch.device = "cpu") 
     return Surrogate(net.to(device).eval().requires_grad_(False), config).eval()
 
 
-def surrogate_config(overrides: list[str] | None = None, **values: Any) -> dict:
-    """SURROGATE_DEFAULTS <- `values` (top-level keys, e.g. acceleration=8) <- dotted overrides."""
-    from medgen.config import load_config, to_dict
+def surrogate_data(data_cfg: dict | None) -> dict:
+    """The keys of a `data:` section (e.g. the probe's --config) that the surrogate's reader uses."""
+    return {k: v for k, v in dict(data_cfg or {}).items() if k in ("shape", "spacing", "on_bad_file", "canonical")}
 
-    base = copy.deepcopy(SURROGATE_DEFAULTS)
-    for key, value in values.items():
-        if isinstance(value, dict):
-            base[key] = {**base.get(key, {}), **value}
-        elif value is not None:
-            base[key] = value
-    cfg = to_dict(load_config(None, list(overrides or []), base))
-    unknown = set(cfg) - set(SURROGATE_DEFAULTS)
-    if unknown:
-        raise ConfigError(f"unknown surrogate keys {sorted(unknown)}; known: {sorted(SURROGATE_DEFAULTS)}")
+
+def surrogate_config(overrides: list[str] | None = None, **values: Any) -> dict:
+    """`SurrogateConfig` defaults <- `values` (top-level keys, e.g. acceleration=8; None: not set)
+    <- dotted overrides, checked against the schema (medgen.recon.settings)."""
+    from medgen.config import merge_config, to_dict
+
+    given = {k: v for k, v in values.items() if v is not None}
+    layers = [(given, "")]
+    if overrides:
+        from omegaconf import OmegaConf
+
+        bad = [item for item in overrides if "=" not in item or item.startswith("=")]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key.sub=value")
+        layers.append((OmegaConf.from_dotlist(list(overrides)), ""))
+    cfg = to_dict(merge_config(SurrogateConfig, layers))
     if not cfg["data"].get("path"):
         raise DataError("the surrogate needs training data: pass --data DIR")
     return cfg
