@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--prior", type=Path, default=None, help="use this pixel-space run instead of training one")
     ap.add_argument("--prior-steps", type=int, default=1500)
     ap.add_argument("--retrain-prior", action="store_true")
+    ap.add_argument("--prior-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override of the prior's config (repeatable), e.g. diffusion.prediction=eps")
     ap.add_argument("--surrogate-steps", type=int, default=1000)
     ap.add_argument("--eps", default="0,0.01,0.02,0.04,0.08")
     ap.add_argument("--n-images", type=int, default=8)
@@ -44,6 +46,7 @@ def main() -> None:
     ap.add_argument("--attack-steps", type=int, default=100)
     ap.add_argument("--dps-weight", type=float, default=None, help="default: the probe's (auto: chosen on clean data)")
     ap.add_argument("--tv-iterations", type=int, default=50, help="TV-CS PGD iterations (its white-box attack costs most CPU time)")
+    ap.add_argument("--methods", default=None, help="comma-separated subset of the probe's methods (default: all)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -71,7 +74,7 @@ def main() -> None:
         cfg = load_config(ROOT / "configs" / "demo_diffusion_2d_pixel.yaml",
                           [f"data.path={cohort}", f"data.shape=[{args.size},{args.size}]", f"train.max_steps={args.prior_steps}",
                            f"train.checkpoint_every={args.prior_steps}", f"train.preview_every={args.prior_steps}",
-                           "train.tracker=none", f"train.cpu={device == 'cpu'}"], DEFAULTS)
+                           "train.tracker=none", f"train.cpu={device == 'cpu'}", *args.prior_set], DEFAULTS)
         train_diffusion(cfg, prior)
         timings["prior_s"] = round(time.perf_counter() - tic)
 
@@ -86,6 +89,8 @@ def main() -> None:
     settings = ProbeSettings(accelerations=[8], mask="equispaced", eps=[float(e) for e in args.eps.split(",")],
                              posterior_samples=args.posterior_samples, steps=args.steps, attack_steps=args.attack_steps,
                              n_images=args.n_images, tv_iterations=args.tv_iterations)
+    if args.methods:
+        settings.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.dps_weight is not None:
         settings.dps_weight = args.dps_weight
     tic = time.perf_counter()
