@@ -17,7 +17,7 @@ from medgen.errors import MedgenError
 # Modules that provide `register(subparsers)`; each adds one top-level subcommand.
 COMMAND_MODULES = (
     "medgen.demo",
-    "medgen.config",
+    "medgen.train.config_show",
     "medgen.data.commands",
     "medgen.metrics.commands",
     "medgen.train.commands",
