@@ -14,8 +14,9 @@ def register(subparsers) -> None:
     p.add_argument("--run", required=True, help="diffusion run directory (medgen train diffusion --out)")
     p.add_argument("--n", type=int, required=True, help="number of samples")
     p.add_argument("--out", required=True, help="sample folder to create")
-    p.add_argument("--sampler", choices=SAMPLERS, default="dpmpp")
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="default: the measured best for the model's space, dpmpp in pixel and latent space (eval/RESULTS.md)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 25, with the default sampler)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
     p.add_argument("--label", type=int, default=None, help="class to generate (conditional models); default: unconditional")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed+i (same samples whatever the batch size)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -18,8 +19,11 @@ import numpy as np
 import torch
 
 from medgen.diffusion import NoiseSchedule, generators, sample_loop
+from medgen.diffusion.sampling import default_sampler, noise_risk
 from medgen.errors import ConfigError, RunError
 from medgen.io import atomic_dir, ensure_new_output, sha256_file
+
+log = logging.getLogger(__name__)
 
 MANIFEST_FIELDS = ("file", "label", "seed", "sampler", "steps", "guidance", "checkpoint_sha256")
 
@@ -40,6 +44,7 @@ class DiffusionPipeline:
         self.spatial_dims = len(self.sample_shape) - 1
         self.spacing = config.get("spacing")
         self.clip_x0 = not config.get("latent")  # pixel data live in [-1, 1]; latents are unbounded
+        self._warned: set[str] = set()
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device | None = None) -> "DiffusionPipeline":
@@ -78,17 +83,30 @@ class DiffusionPipeline:
             raise ConfigError(f"label must be one int or {n} ints in [0, {self.num_classes - 1}], got {label}")
         return labels
 
+    def sampling(self, sampler: str | None = None, steps: int | None = None, eta: float = 0.0) -> tuple[str, int]:
+        """(sampler, steps), None meaning the measured default for this model's space; logs a
+        warning when the combination is expected to leave noise in the samples."""
+        default = default_sampler(latent=self.autoencoder is not None)
+        sampler, steps = sampler or default[0], steps or default[1]
+        risk = noise_risk(sampler, self.schedule, pixel=self.autoencoder is None, eta=eta)
+        if risk and risk not in self._warned:  # once per pipeline, not once per batch
+            self._warned.add(risk)
+            log.warning("sampling: %s", risk)
+        return sampler, steps
+
     @torch.no_grad()
-    def sample(self, n: int, sampler: str = "dpmpp", steps: int = 25, guidance: float = 1.0,
+    def sample(self, n: int, sampler: str | None = None, steps: int | None = None, guidance: float = 1.0,
                label: int | Sequence[int] | None = None, seed: int = 0, batch_size: int = 16, eta: float = 0.0,
                progress: bool = False) -> torch.Tensor:
         """`n` samples (n, C, *S) float32 on the CPU in [-1, 1] (decoded in latent mode).
 
+        sampler, steps: None picks the measured default for the model's space (`default_sampler`).
         label: None (unconditional; a conditional model uses its null class), one class for all,
         or one per sample. guidance: classifier-free guidance scale (1 = plain conditional).
         """
         if n < 1 or batch_size < 1:
             raise ConfigError(f"n and batch_size must be >= 1 (got {n}, {batch_size})")
+        sampler, steps = self.sampling(sampler, steps, eta)
         labels = self._labels(label, n)
         amp = torch.bfloat16 if self.device.type == "cuda" else None
         out = []
@@ -140,7 +158,7 @@ def _write_nifti(path: Path, vol: torch.Tensor, spacing: Sequence[float] | None)
     nib.save(nib.Nifti1Image(arr.astype(np.float32), affine), str(path))
 
 
-def write_samples(pipeline: DiffusionPipeline, out: str | os.PathLike, n: int, sampler: str = "dpmpp", steps: int = 25,
+def write_samples(pipeline: DiffusionPipeline, out: str | os.PathLike, n: int, sampler: str | None = None, steps: int | None = None,
                   guidance: float = 1.0, label: int | None = None, seed: int = 0, batch_size: int = 16,
                   bit_depth: int = 8, overwrite: bool = False, eta: float = 0.0, progress: bool = False) -> Path:
     """Generate `n` samples into a new sample directory (complete or not at all)."""
@@ -150,6 +168,7 @@ def write_samples(pipeline: DiffusionPipeline, out: str | os.PathLike, n: int, s
     if bit_depth not in (8, 16):
         raise ConfigError(f"bit depth must be 8 or 16, got {bit_depth}")
     out = ensure_new_output(out, overwrite, "sample")
+    sampler, steps = pipeline.sampling(sampler, steps, eta)
     x = pipeline.sample(n, sampler=sampler, steps=steps, guidance=guidance, label=label, seed=seed,
                         batch_size=batch_size, eta=eta, progress=progress)
     with atomic_dir(out, overwrite=True) as tmp:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from medgen.config import to_dict
-from medgen.diffusion import DiffusionLoss, NoiseSchedule, generators, sample_loop
+from medgen.diffusion import DiffusionLoss, NoiseSchedule, default_sampler, generators, sample_loop
 from medgen.errors import ConfigError, RunError
 from medgen.io import atomic_write_bytes, atomic_write_json, sha256_file
 from medgen.models.unet import build_denoiser
@@ -92,7 +92,8 @@ DEFAULTS: dict[str, Any] = {
         "cond_drop_prob": 0.1,  # per-sample label dropout for classifier-free guidance
     },
     "ema": {"decay": 0.9999, "warmup": True, "power": 0.6667, "update_after": 0},
-    "sample": {"sampler": "dpmpp", "steps": 25, "guidance": 1.0, "n_preview": 8},
+    # previews; sampler/steps null: the measured default per space (medgen.diffusion.default_sampler)
+    "sample": {"sampler": None, "steps": None, "guidance": 1.0, "n_preview": 8},
     "train": {
         "max_steps": 100000,
         "batch_size": 16,
@@ -417,8 +418,9 @@ def write_preview(path: Path, raw, ema, schedule, shape, cfg, num_classes, autoe
     net = _ema_copy(raw, ema).to(device)
     n = int(cfg.sample.n_preview)
     labels = torch.arange(n) % num_classes if num_classes > 0 else None
-    z = sample_loop(net, schedule, shape, generators(range(n)), sampler=str(cfg.sample.sampler),
-                    steps=int(cfg.sample.steps), labels=labels, guidance=float(cfg.sample.guidance),
+    sampler, steps = default_sampler(latent=autoencoder is not None)
+    z = sample_loop(net, schedule, shape, generators(range(n)), sampler=str(cfg.sample.sampler or sampler),
+                    steps=int(cfg.sample.steps or steps), labels=labels, guidance=float(cfg.sample.guidance),
                     null_label=net.null_label if num_classes > 0 else None, clip_x0=autoencoder is None, device=device)
     x = decode(autoencoder, z, info["latent"]) if autoencoder is not None else z
     atomic_write_bytes(path, grid_png(x.clamp(-1, 1)))
@@ -542,7 +544,7 @@ def demo_stage(ctx) -> None:
     losses = [r["loss"] for r in read_metrics(run) if "loss" in r]
     pipe = load_pipeline(run, device="cpu" if not torch.cuda.is_available() else None)
     n = (8 if ctx.dims == 2 else 4) if ctx.quick else (64 if ctx.dims == 2 else 16)
-    samples = write_samples(pipe, Path(ctx.out) / "samples", n, steps=25, overwrite=True)
+    samples = write_samples(pipe, Path(ctx.out) / "samples", n, overwrite=True)
     ctx.state["samples"] = samples
     print(f"  diffusion: {run} ({'latent' if ae_run else 'pixel'} mode), loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     print(f"  samples: {n} in {samples} (grid: {samples / 'grid.png'})")
