@@ -84,7 +84,7 @@ DEFAULTS: dict[str, Any] = {
         "beta_start": 0.00085,
         "beta_end": 0.012,
         "zero_terminal_snr": False,  # Lin et al. 2024; needs prediction v or x0
-        "prediction": "eps",  # eps | v | x0
+        "prediction": "v",  # v | eps | x0; v: every sampler clean in pixel space (eval/RESULTS.md "Samplers")
     },
     "loss": {
         "type": "l2",  # l2 | l1
