@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo demo-quick test test-all test-slow bench clean
+.PHONY: install demo demo-quick test test-fast test-slow bench clean
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" --durations=15
+
+test-slow: install
+	$(PY) -m pytest -q -m slow --durations=15
 
 bench: install
 	for b in eval/bench_*.py; do $(PY) $$b || exit 1; done

@@ -5,7 +5,7 @@ Variants (batch 1 volume of 128^3 on a GPU with bf16 autocast, 32^3 fp32 on CPU)
 - `medgen:gan`  the whole step the trainer runs once the GAN is on, through the trainer's own
   builders and step functions (`medgen.train.autoencoder.generator_loss` / `discriminator_loss`)
   with the networks and loss weights of configs/medical_diffusion_vqgan_3d.yaml: encoder, EMA
-  quantizer (16384 x 8-d codes), decoder, L1 + LPIPS-style VGG16 loss on slices + commitment +
+  quantizer (16384 x 8-d codes), decoder, L1 + LPIPS (VGG16) on a depth slice + commitment +
   hinge GAN + feature matching against a 3D PatchGAN (volume) and a 2D PatchGAN (random slices),
   backward, generator Adam step; then the discriminator hinge step and its Adam step;
 - `medgen:ae`   generator only (encoder, quantizer, decoder, L1 + commitment, backward, Adam);
@@ -44,6 +44,7 @@ from medgen.train.autoencoder import (  # noqa: E402
     LossWeights,
     build_autoencoder,
     build_discriminator,
+    build_perceptual,
     plain_train_step,
 )
 from medgen.train.losses import reconstruction_loss  # noqa: E402
@@ -112,16 +113,13 @@ def make_step(variant: str, size: int, device, amp_dtype, compile_: bool):
         weights = dataclasses.replace(weights, rec=1.0)
         return plain_train_step(fwd, x, weights, opt_g, autocast), [ae]
 
-    import torchvision
-
-    from medgen.models.perceptual import PerceptualLoss
+    from medgen.models.perceptual import random_backbone_state
 
     disc = build_discriminator(cfg.discriminator, 3, 1).to(device)
     if channels_last:
         to_channels_last(disc)  # 3D volume convs and 2D slice convs
-    # random-init VGG16: same cost as the pretrained one, nothing to download
-    perceptual = PerceptualLoss("vgg16", torchvision.models.vgg16(weights=None).state_dict(), spatial_dims=3,
-                                slices=int(cfg.loss.perceptual_slices)).to(device)
+    # random-init LPIPS: same cost as the pretrained one, nothing to download
+    perceptual = build_perceptual(cfg.loss, 3, random_backbone_state(str(cfg.loss.perceptual))).to(device)
     opt_d = torch.optim.Adam(disc.parameters(), lr=3e-4, betas=(0.5, 0.9))
     dfwd = torch.compile(disc) if compile_ else disc
     step = plain_train_step(fwd, x, weights, opt_g, autocast, perceptual, dfwd, opt_d, ae.last_layer)

@@ -17,6 +17,7 @@ from medgen.errors import MedgenError
 # Modules that provide `register(subparsers)`; each adds one top-level subcommand.
 COMMAND_MODULES = (
     "medgen.demo",
+    "medgen.config",
     "medgen.data.commands",
     "medgen.metrics.commands",
     "medgen.train.commands",
@@ -27,7 +28,10 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from medgen import __version__
+
     parser = argparse.ArgumentParser(prog="medgen", description="Generative medical imaging: train, sample, evaluate, audit.")
+    parser.add_argument("--version", action="version", version=f"medgen {__version__}")
     parser.add_argument("--verbose", "-v", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:

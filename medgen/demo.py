@@ -16,15 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from medgen.errors import RunError
+from medgen.errors import ConfigError, RunError
+from medgen.io import OUTPUT_MARKER, atomic_write_json, ensure_new_output, foreign_entries, holds_cwd, mark_output
 
-MARKER = ".medgen-demo"
+LEGACY_MARKER = ".medgen-demo"  # the marker of demo folders before OUTPUT_MARKER
+SUMMARY = "demo.json"  # timings, each stage's outputs, and the state later stages read
 
 # (name, "module:function") in flow order; a stage's module is imported only when it runs.
 STAGES: list[tuple[str, str]] = [
     ("cohort", "medgen.demo:cohort_stage"),
     ("autoencoder", "medgen.train.autoencoder:demo_stage"),
     ("diffusion", "medgen.train.diffusion:demo_stage"),
+    ("sample", "medgen.sample.commands:demo_stage"),
     ("eval", "medgen.metrics.commands:demo_stage"),
     ("audit", "medgen.privacy.commands:demo_stage"),
 ]
@@ -72,34 +75,115 @@ def _resolve(target: str) -> Callable[[DemoContext], None]:
     return getattr(importlib.import_module(module), func)
 
 
+def _restore(ctx: DemoContext, previous: dict) -> None:
+    """Put an earlier demo's state (run folders, sample folders, numbers) back into `ctx`."""
+    ctx.cohort = Path(previous["cohort"]) if previous.get("cohort") else None
+    paths = set(previous.get("state_paths", []))
+    ctx.state.update({k: Path(v) if k in paths else v for k, v in previous.get("state", {}).items()})
+
+
+def _summary(ctx: DemoContext, timings: dict, outputs: dict, state_keys: dict) -> dict:
+    state = {k: str(v) if isinstance(v, Path) else v for k, v in ctx.state.items()}
+    timings, outputs, state_keys = ({name: d[name] for name, _ in STAGES if name in d} for d in (timings, outputs, state_keys))
+    return {"quick": ctx.quick, "dims": ctx.dims, "stage_seconds": timings, "outputs": outputs, "state_keys": state_keys,
+            "cohort": str(ctx.cohort) if ctx.cohort else None, "state": state,
+            "state_paths": sorted(k for k, v in ctx.state.items() if isinstance(v, Path))}
+
+
+def _previous_demo(out: Path) -> dict | None:
+    try:
+        return json.loads((out / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def run_demo(out: Path, quick: bool = False, dims: int = 2, stages: list[str] | None = None) -> DemoContext:
+    """Run the demo's stages into `out`, the whole flow or only `stages` (in flow order).
+
+    The whole flow replaces an earlier demo in `out` (never files medgen did not write). With
+    `stages`, the earlier demo's other outputs stay: each named stage's own outputs are replaced
+    and the later stages find the earlier ones' results (from demo.json) as if run together.
+    """
+    names = [name for name, _ in STAGES]
+    unknown = [s for s in stages or () if s not in names]
+    if unknown:
+        raise ConfigError(f"--stages {','.join(unknown)}: unknown stage; the stages are {','.join(names)}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not (out / MARKER).exists():
-            raise RunError(f"{out} exists and is not a medgen demo folder; choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("created by medgen demo; the next demo run replaces this folder\n")
     ctx = DemoContext(out=out, quick=quick, dims=dims)
-    timings = {}
+    if (out / LEGACY_MARKER).is_file() and not (out / OUTPUT_MARKER).is_file():
+        mark_output(out, "medgen demo")  # a demo folder of an earlier medgen: all of it is the demo's
+    previous = _previous_demo(out) if stages else None
+    timings: dict[str, float] = {}
+    outputs: dict[str, list[str]] = {}  # stage -> the entries of `out` it wrote
+    state_keys: dict[str, list[str]] = {}  # stage -> the ctx.state keys it set
+    if stages:
+        if previous is not None:
+            if (previous.get("quick"), previous.get("dims")) != (quick, dims):
+                raise ConfigError(f"{out} holds a demo run with --dims {previous.get('dims')}"
+                                  f"{' --quick' if previous.get('quick') else ''}; pass the same options with --stages, "
+                                  f"or run the whole demo")
+            _restore(ctx, previous)
+            timings, outputs = dict(previous.get("stage_seconds", {})), dict(previous.get("outputs", {}))
+            state_keys = dict(previous.get("state_keys", {}))
+        if names[0] not in stages and (ctx.cohort is None or not ctx.cohort.exists()):
+            raise RunError(f"--stages {','.join(stages)} continues an earlier demo, but {out} holds none; "
+                           f"run `medgen demo` first or add {names[0]} to --stages")
+    else:
+        ensure_new_output(out, overwrite=True, what="demo folder")
+        if out.exists():
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    foreign = set(foreign_entries(out))
+    started = time.perf_counter()
     for name, target in STAGES:
         if stages and name not in stages:
             continue
+        for entry in outputs.pop(name, []):  # this stage's outputs of the earlier run
+            in_the_way = sorted(f for f in foreign if f == entry or f.startswith(entry.rstrip("/") + "/"))
+            if in_the_way:
+                raise RunError(f"{out / entry} holds files medgen did not write ({', '.join(in_the_way[:5])}); "
+                               f"move them away to re-run the {name} stage")
+            path = out / entry.rstrip("/")
+            if holds_cwd(path):
+                raise RunError(f"{path} is the current directory or holds it; run the demo from elsewhere")
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        for key in state_keys.pop(name, []):  # the stage sees what the stages before it left, as in a whole run
+            ctx.state.pop(key, None)
+        before, keys_before = {p.name for p in out.iterdir()}, set(ctx.state)
         print(f"[demo] {name}")
         start = time.perf_counter()
         _resolve(target)(ctx)
         timings[name] = round(time.perf_counter() - start, 1)
+        outputs[name] = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
+                               if p.name not in before and p.name not in (SUMMARY, OUTPUT_MARKER))
+        state_keys[name] = sorted(set(ctx.state) - keys_before)
+        atomic_write_json(out / SUMMARY, _summary(ctx, timings, outputs, state_keys))
+        mark_output(out, "medgen demo", exclude=foreign)  # what the demo wrote (the next run may replace it)
         print(f"[demo] {name} done in {timings[name]} s")
-    summary = {"quick": quick, "dims": dims, "stage_seconds": timings, "state": {k: str(v) if isinstance(v, Path) else v for k, v in ctx.state.items()}}
-    (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    print(f"[demo] finished: {out}")
+    print(f"[demo] finished in {time.perf_counter() - started:.0f} s: {out}")
     return ctx
 
 
+def _stages(value: str) -> list[str]:
+    return [s.strip() for s in value.split(",") if s.strip()]
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the whole flow on the built-in brain MRI cohort")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in about a minute a stage")
-    p.add_argument("--dims", type=int, choices=(2, 3), default=2)
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--stages", default=None, help="comma-separated subset of stages to run (in flow order)")
-    p.set_defaults(func=lambda a: run_demo(a.out, a.quick, a.dims, a.stages.split(",") if a.stages else None) and 0)
+    stage_list = ", ".join(name for name, _ in STAGES)
+    p = sub.add_parser(
+        "demo", help="run the whole flow on the built-in brain MRI cohort",
+        description="Run the whole flow on the built-in brain MRI cohort (no downloads): build the cohort, train "
+                    "the autoencoder and the diffusion model, sample, evaluate and audit the samples. The full 2D "
+                    "demo takes about 9 minutes on 2 CPU cores; --quick runs every stage at tiny sizes in a few minutes.",
+        epilog=f"stages, in flow order: {stage_list}. Each writes its own folder(s) in OUT (OUT/cohort, "
+               "OUT/autoencoder, ...); OUT/demo.json records them. A whole run replaces an earlier demo in OUT; "
+               "--stages re-runs only the named stages and keeps the others' outputs.")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few steps: a smoke run of every stage")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=2,
+                   help="2: axial PNG slices and a 2D model (default); 3: NIfTI volumes and a 3D model (slower)")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"),
+                   help="demo folder (default runs/demo); replaced by the next demo run, which never deletes files "
+                        "medgen did not write there")
+    p.add_argument("--stages", type=_stages, default=None, metavar="NAME[,NAME...]",
+                   help=f"run only these stages of an earlier demo in --out, keeping the others' outputs ({stage_list})")
+    p.set_defaults(func=lambda a: run_demo(a.out, a.quick, a.dims, a.stages) and 0)

@@ -17,6 +17,7 @@ from medgen.data import read_image, scan_dataset
 from medgen.data import cohort
 from medgen.data.cohort import preview_figure, subject_labels, synth_brain, synth_subject
 from medgen.errors import ConfigError, RunError
+from medgen.io import OUTPUT_MARKER
 
 SIZE, N = 32, 6
 SUFFIX = {2: ".png", 3: ".nii.gz"}
@@ -103,7 +104,7 @@ def test_manifest_columns_labels_subjects(cohorts, dims):
     assert [r["subject_id"] for r in rows] == [f"sub-{i:04d}" for i in range(N)]
     labels = [int(r["label"]) for r in rows]
     assert labels == subject_labels(N, seed=0) and set(labels) == {0, 1}
-    assert sorted(p.name for p in folder.iterdir()) == sorted([r["path"] for r in rows] + ["manifest.csv"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([r["path"] for r in rows] + ["manifest.csv", OUTPUT_MARKER])
     samples = scan_dataset(folder)  # the data layer reads it back
     assert [s.label for s in samples] == labels
     assert [s.subject_id for s in samples] == [r["subject_id"] for r in rows]
@@ -174,14 +175,16 @@ def test_slices_are_8bit_grayscale_png(cohorts):
 
 def test_refuses_to_overwrite_unless_asked(tmp_path):
     out = tmp_path / "cohort"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    synth_brain(out, n=3, dims=2, size=SIZE)
     with pytest.raises(RunError, match="cohort"):
         synth_brain(out, n=2, dims=2, size=SIZE)
-    assert (out / "keep.txt").read_text() == "mine"
-    synth_brain(out, n=2, dims=2, size=SIZE, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.csv", "sub-0000.png", "sub-0001.png"]
+    synth_brain(out, n=2, dims=2, size=SIZE, overwrite=True)  # medgen's own folder: replaced
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "manifest.csv", "sub-0000.png", "sub-0001.png"]
     assert [p.name for p in tmp_path.iterdir()] == ["cohort"]  # no temp folders left behind
+    (out / "keep.txt").write_text("mine")  # a file medgen did not write stops --overwrite
+    with pytest.raises(RunError, match="holds 1 entry it did not write: keep.txt"):
+        synth_brain(out, n=2, dims=2, size=SIZE, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
 
 
 def test_failure_leaves_no_output(tmp_path, monkeypatch):

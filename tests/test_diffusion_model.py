@@ -307,7 +307,10 @@ def test_pipeline_defaults_and_warns_once(caplog):
     config = {"sample_shape": [1, 8, 8], "latent": None}
     eps = NoiseSchedule(schedule="linear", beta_start=1e-4, beta_end=0.02, prediction="eps")
     pipe = DiffusionPipeline(net, eps, config)
-    assert pipe.sampling() == DEFAULT_SAMPLER["pixel"]
+    s = pipe.sampling_settings()  # a run saved before sample.sampler existed: the measured default
+    assert (s["sampler"], s["steps"]) == DEFAULT_SAMPLER["pixel"]
+    own = DiffusionPipeline(net, eps, {**config, "sampling": {"sampler": "ddpm", "steps": 7}}).sampling_settings()
+    assert (own["sampler"], own["steps"]) == ("ddpm", 7)  # the run's own choice wins over the default
     with caplog.at_level("WARNING", logger="medgen.sample.pipeline"):
         pipe.sample(3, sampler="dpmpp", steps=2, batch_size=1)
         pipe.sample(1, sampler="dpmpp", steps=2)

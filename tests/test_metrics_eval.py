@@ -193,24 +193,65 @@ def test_feature_cache_key_and_hit(tmp_path):
 
 
 # ----------------------------------------------------------------------------- evaluate
+def _assert_in_interval(entry):
+    lo, hi = entry["ci95"]
+    assert lo <= entry["value"] <= hi
+
+
 def test_eval_2d_report_with_inception(tmp_path, monkeypatch):
+    """Every number in report.json against an independent computation: clean-fid's feature
+    pipeline and `frechet_distance` / `kernel_distance`, Naeem et al.'s PRDC re-typed, and
+    MS-SSIM re-typed from Wang et al. on the PNGs read with PIL."""
+    from cleanfid.fid import frechet_distance as cleanfid_fd, kernel_distance
+    from cleanfid.inception_torchscript import InceptionV3W
+    from cleanfid.utils import ResizeDataset
+    from test_metrics_math import _msssim_reference, _naeem_reference
+
     from medgen.cli import main
+    from medgen.metrics.msssim import random_pairs
 
     _write_inception(tmp_path / "w")
     monkeypatch.setenv("MEDGEN_WEIGHTS_DIR", str(tmp_path / "w"))
     real = _blobs(tmp_path / "real", 12, (32, 32), seed=0)
-    fake = _blobs(tmp_path / "fake", 10, (32, 32), seed=1, radius=0.45)
+    fake = _blobs(tmp_path / "fake", 12, (32, 32), seed=1, radius=0.45)
     before = sorted(p.name for p in real.iterdir())
     out = tmp_path / "report"
     assert main(["eval", "--real", str(real), "--fake", str(fake), "--out", str(out), "--bootstrap", "10", "--msssim-pairs", "8"]) == 0
     rep = json.loads((out / "report.json").read_text())
-    assert {"fid", "kid", "precision", "recall", "density", "coverage", "msssim_fake", "msssim_real"} <= set(rep["metrics"])
+    m = rep["metrics"]
+    assert set(m) == {"fid", "kid", "precision", "recall", "density", "coverage", "msssim_fake", "msssim_real"}
     assert rep["recipe"]["features"]["extractor"] == "inception"
     assert rep["recipe"]["features"]["weights_sha256"] == F.sha256_file(tmp_path / "w" / F.INCEPTION_FILE)
-    assert (rep["recipe"]["n_real"], rep["recipe"]["n_fake"]) == (12, 10)
-    assert "torch" in rep["versions"]
-    lo, hi = rep["metrics"]["precision"]["ci95"]
-    assert lo <= rep["metrics"]["precision"]["value"] <= hi
+    assert (rep["recipe"]["n_real"], rep["recipe"]["n_fake"]) == (12, 12)
+
+    net = InceptionV3W(str(tmp_path / "w"), download=False).eval()
+    files = {name: sorted(str(p) for p in folder.glob("*.png")) for name, folder in (("real", real), ("fake", fake))}
+    with torch.no_grad():
+        feats = {name: net(torch.stack(list(ResizeDataset(fs, mode="clean")))).double().numpy() for name, fs in files.items()}
+    r, f = feats["real"], feats["fake"]
+    # FD is invariant under rotations: in an orthonormal basis of the 24 points' span (about the
+    # real mean) it is the same number, and clean-fid's sqrtm takes 24x24 instead of 2048x2048
+    q, _ = np.linalg.qr((np.concatenate([r, f]) - r.mean(0)).T)  # (2048, 24)
+    rq, fq = (r - r.mean(0)) @ q, (f - r.mean(0)) @ q
+    want_fid = cleanfid_fd(rq.mean(0), np.cov(rq, rowvar=False), fq.mean(0), np.cov(fq, rowvar=False))
+    assert m["fid"]["value"] == pytest.approx(want_fid, rel=1e-4)
+    # 12 vs 12 rows: every KID subset is the whole set, so clean-fid's single subset is exact
+    assert m["kid"]["value"] == pytest.approx(1e3 * kernel_distance(r, f, num_subsets=1, max_subset_size=1000), rel=1e-4)
+    assert m["kid"]["scale"] == 1000
+    naeem = {**_naeem_reference(r, f, 3), **{k: v for k, v in _naeem_reference(r, f, 5).items() if k in ("density", "coverage")}}
+    for name in ("precision", "recall", "density", "coverage"):
+        assert m[name]["value"] == pytest.approx(naeem[name], abs=1e-9), name
+    for name in ("fake", "real"):
+        x = [np.asarray(Image.open(p), dtype=np.float64) / 255 for p in files[name]]
+        pairs = random_pairs(12, 8, seed=0).tolist()
+        cfg = rep["recipe"]["msssim"]
+        want = np.mean([_msssim_reference(x[i], x[j], cfg["weights"], cfg["kernel_size"]) for i, j in pairs])
+        assert m[f"msssim_{name}"]["value"] == pytest.approx(want, abs=2e-5)
+    for entry in m.values():
+        _assert_in_interval(entry)
+    md = (out / "report.md").read_text()
+    assert "| fid |" in md and "| kid (x1000) |" in md and "negative" in md
+
     for name in ("report.md", "metrics.png", "samples.png"):
         assert (out / name).is_file()
     assert sorted(p.name for p in real.iterdir()) == before  # inputs untouched
@@ -219,21 +260,40 @@ def test_eval_2d_report_with_inception(tmp_path, monkeypatch):
 
 
 def test_eval_3d_volume_and_2p5d(tmp_path):
+    """PCA features are reported as fd_pca/kid_pca (never `fid`), with values equal to an
+    independent computation: numpy PCA of the real volumes + clean-fid's FD and KID."""
+    from cleanfid.fid import frechet_distance as cleanfid_fd, kernel_distance
+
+    from medgen.data import load_images
     from medgen.metrics.report import evaluate
 
     real = _blobs(tmp_path / "real", 8, (16, 16, 16), seed=0)
     fake = _blobs(tmp_path / "fake", 8, (16, 16, 16), seed=1, radius=0.45)
-    rep = evaluate(real, fake, tmp_path / "r3", bootstrap=5, msssim_pairs=4, metrics=("fid", "prdc", "msssim"))
+    rep = evaluate(real, fake, tmp_path / "r3", bootstrap=5, msssim_pairs=4, metrics=("fid", "kid", "prdc", "msssim"))
     m = rep["metrics"]
-    assert set(m["fid_2.5d"]) >= {"xy", "zx", "yz", "mean"}
-    assert m["fid_2.5d"]["mean"]["value"] == pytest.approx(np.mean([m["fid_2.5d"][p]["value"] for p in ("xy", "zx", "yz")]))
-    assert m["fid_2.5d"]["n_slices"] == {"xy": 16, "zx": 16, "yz": 16}
-    assert m["fid"]["value"] > 0 and rep["recipe"]["features"]["extractor"] == "pca"
-    assert rep["recipe"]["features_2.5d"]["extractor"] == "pca"
-    # a set against itself: every FID is ~0
+    assert not any(k.startswith("fid") or k == "kid" for k in m)
+    assert set(m["fd_pca_2.5d"]) >= {"xy", "zx", "yz", "mean"}
+    assert m["fd_pca_2.5d"]["mean"]["value"] == pytest.approx(np.mean([m["fd_pca_2.5d"][p]["value"] for p in ("xy", "zx", "yz")]))
+    assert m["fd_pca_2.5d"]["n_slices"] == {"xy": 16, "zx": 16, "yz": 16}
+    assert rep["recipe"]["features"]["extractor"] == "pca" and rep["recipe"]["features_2.5d"]["extractor"] == "pca"
+    assert rep["recipe"]["metric_keys"] == {"fid": "fd_pca", "kid": "kid_pca"}
+
+    # 8 real volumes -> 7 components span the centred real set, so any basis of it gives this FD
+    x = load_images(real)[0].flatten(1).double().numpy()
+    y = load_images(fake)[0].flatten(1).double().numpy()
+    _, _, vh = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    r, f = (x - x.mean(0)) @ vh[:7].T, (y - x.mean(0)) @ vh[:7].T
+    want = cleanfid_fd(r.mean(0), np.cov(r, rowvar=False), f.mean(0), np.cov(f, rowvar=False))
+    assert m["fd_pca"]["value"] == pytest.approx(want, rel=1e-6)
+    assert m["kid_pca"]["value"] == pytest.approx(1e3 * kernel_distance(r, f, num_subsets=1, max_subset_size=1000), rel=1e-6)
+    for entry in [m["fd_pca"], m["kid_pca"], *(m["fd_pca_2.5d"][p] for p in ("xy", "zx", "yz", "mean"))]:
+        _assert_in_interval(entry)
+    md = (tmp_path / "r3" / "report.md").read_text()
+    assert "| fd_pca |" in md and "| kid_pca (x1000) |" in md and "| fid" not in md
+    # a set against itself: every FD is ~0
     same = evaluate(real, real, None, bootstrap=0, metrics=("fid",))
-    assert abs(same["metrics"]["fid"]["value"]) < 1e-6
-    assert all(abs(same["metrics"]["fid_2.5d"][p]["value"]) < 1e-6 for p in ("xy", "zx", "yz"))
+    assert abs(same["metrics"]["fd_pca"]["value"]) < 1e-6
+    assert all(abs(same["metrics"]["fd_pca_2.5d"][p]["value"]) < 1e-6 for p in ("xy", "zx", "yz"))
 
 
 def test_eval_bad_inputs(tmp_path):

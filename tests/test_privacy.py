@@ -376,7 +376,7 @@ def test_cli_train_detector_then_audit_end_to_end(audit_folders, tmp_path, capsy
     with pytest.raises(SystemExit):
         main(["audit", "--train", str(audit_folders["train"])])
     assert main(["audit", "--train", str(audit_folders["train"]), "--holdout", str(audit_folders["holdout"]), "--synthetic", str(synth), "--out", str(out), "--detector", "pixel"]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "already holds files" in capsys.readouterr().err
 
 
 def test_ssl_audit_3d_pipeline(tmp_path):

@@ -276,7 +276,7 @@ def synth_brain(
     out = Path(out)
     labels = subject_labels(n, seed, atrophy_fraction)
     suffix = ".nii.gz" if dims == 3 else ".png"
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, what="cohort folder") as tmp:
         rows = []
         for index, label in enumerate(labels):
             name = f"sub-{index:04d}"

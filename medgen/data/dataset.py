@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from medgen.data.preprocess import DataConfig, preprocess
+from medgen.data.preprocess import CROP_WARN_FRACTION, DataConfig, preprocess
 from medgen.data.readers import DICOM_SUFFIXES, is_dicom_series_dir, is_supported, load, suffix_of
 from medgen.errors import DataError
 from medgen.io import atomic_write_json
@@ -148,10 +148,12 @@ def check_samples(samples: Sequence[Sample], cfg: DataConfig, require_same_shape
     spacings, channels, dims = [], set(), set()
     lo, hi = np.inf, -np.inf
     raw_lo, raw_hi = np.inf, -np.inf
+    most_cropped: tuple[float, Sample | None, tuple[int, ...]] = (0.0, None, ())
     for s in samples:
         try:
             loaded = load(s.path)
-            tensor = preprocess(loaded, cfg)
+            report: dict[str, float] = {}
+            tensor = preprocess(loaded, cfg, report=report)
             if require_same_shape and shapes and tuple(tensor.shape[1:]) not in shapes:
                 other_shape, other = next(iter(shapes.items()))
                 raise DataError(f"{s.path}: shape {tuple(tensor.shape[1:])} differs from {other_shape} of {other}; set data.shape to crop/pad all images to one shape")
@@ -173,6 +175,8 @@ def check_samples(samples: Sequence[Sample], cfg: DataConfig, require_same_shape
         channels.add(int(tensor.shape[0]))
         lo, hi = min(lo, float(tensor.min())), max(hi, float(tensor.max()))
         raw_lo, raw_hi = min(raw_lo, float(loaded.array.min())), max(raw_hi, float(loaded.array.max()))
+        if report.get("cropped", 0.0) > most_cropped[0]:
+            most_cropped = (report["cropped"], s, loaded.shape)
         good.append(s)
     if not good:
         raise DataError(f"no readable images among {len(samples)} file(s); first problem: {bad[0][1] if bad else 'none'}")
@@ -191,7 +195,13 @@ def check_samples(samples: Sequence[Sample], cfg: DataConfig, require_same_shape
         "intensity_range": [lo, hi],
         "labels": labels,
         "subjects": len({s.subject_id for s in good}),
+        "cropped": round(most_cropped[0], 4),
     }
+    fraction, sample, source_shape = most_cropped
+    if fraction > CROP_WARN_FRACTION:
+        log.warning("data.shape %s crops %s (%s) to its central %d%% along an axis; set data.resize=true to resize "
+                    "instead, or data.shape to the image size", list(cfg.shape), sample.path,
+                    "x".join(map(str, source_shape)), round(100 * (1 - fraction)))
     return good, bad, summary
 
 
@@ -287,9 +297,9 @@ def datasets_from_config(data_cfg: Any, run_dir: str | os.PathLike | None = None
     if split_file is not None and split_file.exists():
         split = load_split(split_file)
     else:
-        split = make_splits(good, float(cfg.split.get("val", 0.1)), float(cfg.split.get("holdout", 0.1)), int(cfg.split.get("seed", 0)))
+        split = make_splits(good, cfg.split.val, cfg.split.holdout, cfg.split.seed)
         if split_file is not None:
-            save_split(split, good, split_file, {"seed": int(cfg.split.get("seed", 0)), "data": str(cfg.path), "skipped": [str(s.path) for s, _ in bad]})
+            save_split(split, good, split_file, {"seed": cfg.split.seed, "data": str(cfg.path), "skipped": [str(s.path) for s, _ in bad]})
     out = {}
     for name in SPLITS:
         members = set(split.get(name, []))

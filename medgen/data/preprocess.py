@@ -1,7 +1,8 @@
 """torchio preprocessing for 2D and 3D alike, set from the `data:` section of a config.
 
-Order: canonical orientation (3D) -> resample to target spacing -> crop/pad to target shape ->
-channel conversion -> intensity normalisation to [-1, 1] (or z-score).
+Order: canonical orientation (3D) -> resample to target spacing -> centre crop/pad to the target
+shape (or, with `data.resize`, resize to it: the whole field of view, antialiased) -> channel
+conversion -> intensity normalisation to [-1, 1] (or z-score).
 
 2D images go through the same torchio transforms as (C, H, W, 1) volumes, so one code path
 serves both.
@@ -9,96 +10,65 @@ serves both.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Sequence
-
 import numpy as np
 import torch
 
+from medgen.data.config import DataConfig  # noqa: F401  (re-exported: the data API)
 from medgen.data.readers import Loaded
-from medgen.errors import ConfigError, DataError
+from medgen.errors import DataError
 
-INTENSITY_MODES = ("auto", "percentile", "minmax", "fixed", "ct", "zscore", "none")
-
-
-@dataclass
-class DataConfig:
-    """Typed view of the `data:` config section (unknown keys are ignored)."""
-
-    path: str | None = None
-    spatial_dims: int | None = None  # 2 or 3; None: infer from the first file
-    channels: int | None = None  # 1 or 3; None: keep
-    shape: Sequence[int] | None = None  # crop/pad target per spatial axis
-    spacing: Sequence[float] | None = None  # resample target (mm); None keeps
-    canonical: bool = True  # reorient 3D volumes to RAS+
-    intensity: dict[str, Any] = field(default_factory=lambda: {"mode": "auto"})
-    split: dict[str, Any] = field(default_factory=lambda: {"val": 0.1, "holdout": 0.1, "seed": 0})
-    on_bad_file: str = "error"
-    cache: bool = False  # keep preprocessed tensors in memory after the first read
-    num_workers: int = 0
-
-    @classmethod
-    def from_any(cls, cfg: Any) -> "DataConfig":
-        if cfg is None:
-            return cls()
-        if isinstance(cfg, DataConfig):
-            return cfg
-        from medgen.config import to_dict
-
-        raw = dict(to_dict(cfg))
-        known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
-        out = cls(**known)
-        out.validate()
-        return out
-
-    def validate(self) -> None:
-        if self.spatial_dims not in (None, 2, 3):
-            raise ConfigError(f"data.spatial_dims must be 2 or 3, got {self.spatial_dims!r}")
-        if self.channels not in (None, 1, 3):
-            raise ConfigError(f"data.channels must be 1 or 3, got {self.channels!r}")
-        if self.on_bad_file not in ("error", "skip"):
-            raise ConfigError(f"data.on_bad_file must be 'error' or 'skip', got {self.on_bad_file!r}")
-        mode = self.intensity.get("mode", "auto")
-        if mode not in INTENSITY_MODES:
-            raise ConfigError(f"data.intensity.mode must be one of {INTENSITY_MODES}, got {mode!r}")
-        if mode == "ct" and len(self.intensity.get("window", ())) != 2:
-            raise ConfigError("data.intensity.mode=ct needs data.intensity.window: [low, high] in HU, e.g. [-1000, 1000]")
-        if mode == "fixed" and len(self.intensity.get("in_range", ())) != 2:
-            raise ConfigError("data.intensity.mode=fixed needs data.intensity.in_range: [low, high], e.g. [0, 255]")
-        for name in ("shape", "spacing"):
-            value = getattr(self, name)
-            if value is not None and self.spatial_dims is not None and len(value) != self.spatial_dims:
-                raise ConfigError(f"data.{name}={list(value)} has {len(value)} entries but data.spatial_dims={self.spatial_dims}")
+# Cropping more than this fraction of an axis is reported (check_samples warns once per dataset).
+CROP_WARN_FRACTION = 0.1
 
 
 def _intensity_transform(cfg: DataConfig, source_dtype: np.dtype):
     import torchio as tio
 
     spec = cfg.intensity
-    mode = spec.get("mode", "auto")
+    mode = spec.mode
     if mode == "auto":  # integer sources (8/16-bit PNG) by their dtype range, float sources by percentiles
         if np.issubdtype(source_dtype, np.integer) and np.iinfo(source_dtype).bits <= 16 and not np.issubdtype(source_dtype, np.signedinteger):
             info = np.iinfo(source_dtype)
             return tio.RescaleIntensity(out_min_max=(-1, 1), in_min_max=(float(info.min), float(info.max)))
         mode = "percentile"
     if mode == "percentile":
-        lower, upper = float(spec.get("lower", 0.5)), float(spec.get("upper", 99.5))
-        return tio.RescaleIntensity(out_min_max=(-1, 1), percentiles=(lower, upper))
+        return tio.RescaleIntensity(out_min_max=(-1, 1), percentiles=(float(spec.lower), float(spec.upper)))
     if mode == "minmax":
         return tio.RescaleIntensity(out_min_max=(-1, 1))
     if mode == "fixed":
-        lo, hi = (float(v) for v in spec["in_range"])
+        lo, hi = (float(v) for v in spec.in_range)
         return tio.Compose([tio.Clamp(lo, hi), tio.RescaleIntensity(out_min_max=(-1, 1), in_min_max=(lo, hi))])
     if mode == "ct":  # HU window, e.g. [-1000, 1000] for whole-body CT, [-160, 240] soft tissue
-        lo, hi = (float(v) for v in spec["window"])
+        lo, hi = (float(v) for v in spec.window)
         return tio.Compose([tio.Clamp(lo, hi), tio.RescaleIntensity(out_min_max=(-1, 1), in_min_max=(lo, hi))])
     if mode == "zscore":
         return tio.ZNormalization()
     return None
 
 
-def preprocess(loaded: Loaded, cfg: DataConfig) -> torch.Tensor:
-    """Loaded image -> float32 tensor (C, *spatial) ready for a network."""
+def _resize(image, target_shape: tuple[int, ...]):
+    """Resize a torchio image to `target_shape`, keeping the field of view (tio.Resize's
+    arithmetic), antialiased when shrinking: torchio's Gaussian-prefiltered resampling for
+    volumes; torch's antialiased bilinear for 2D images, (C, H, W, 1) here, whose singleton
+    axis ITK's smoothing filter cannot take (it needs 4 voxels along every axis)."""
+    import torch.nn.functional as F
+    import torchio as tio
+
+    source = image.spatial_shape[: len(target_shape)]
+    spacing = [float(sp) * n / t for sp, n, t in zip(image.spacing, source, target_shape)]
+    if len(target_shape) == 3:
+        return tio.Resample(spacing, antialias=min(source) >= 4)(image)  # off-by-one rounding: CropOrPad next
+    x = image.data[..., 0].float()[None]  # (1, C, H, W)
+    y = F.interpolate(x, size=target_shape, mode="bilinear", antialias=True, align_corners=False)
+    return tio.ScalarImage(tensor=y[0, ..., None], affine=np.diag([*spacing, 1.0, 1.0]))
+
+
+def preprocess(loaded: Loaded, cfg: DataConfig, *, report: dict | None = None) -> torch.Tensor:
+    """Loaded image -> float32 tensor (C, *spatial) ready for a network.
+
+    `report`, when given, receives `cropped`: the largest fraction of a spatial axis that
+    centre-cropping to `data.shape` removed (0 when resizing or padding).
+    """
     import torchio as tio
 
     arr = loaded.array
@@ -119,8 +89,16 @@ def preprocess(loaded: Loaded, cfg: DataConfig) -> torch.Tensor:
     if cfg.spacing is not None:
         target = tuple(float(s) for s in cfg.spacing)
         transforms.append(tio.Resample(target if spatial_dims == 3 else (*target, 1.0)))
+    if transforms:
+        image = tio.Compose(transforms)(image)
+    transforms = []
     if cfg.shape is not None:
         target_shape = tuple(int(s) for s in cfg.shape)
+        source_shape = image.spatial_shape[:spatial_dims]
+        if cfg.resize and tuple(source_shape) != target_shape:
+            image = _resize(image, target_shape)
+        elif report is not None:
+            report["cropped"] = max(0.0, *(1 - t / n for n, t in zip(source_shape, target_shape)))
         transforms.append(tio.CropOrPad(target_shape if spatial_dims == 3 else (*target_shape, 1)))
     intensity = _intensity_transform(cfg, loaded.source_dtype)
     if intensity is not None:
@@ -141,4 +119,9 @@ def preprocess(loaded: Loaded, cfg: DataConfig) -> torch.Tensor:
 
 
 def output_spacing(loaded: Loaded, cfg: DataConfig) -> tuple[float, ...]:
-    return tuple(float(s) for s in cfg.spacing) if cfg.spacing is not None else loaded.spacing
+    """Voxel size of `preprocess(loaded, cfg)` (resizing to `data.shape` scales it)."""
+    spacing = tuple(float(s) for s in cfg.spacing) if cfg.spacing is not None else tuple(loaded.spacing)
+    if not (cfg.resize and cfg.shape is not None):
+        return spacing
+    extent = [n * s for n, s in zip(loaded.shape, loaded.spacing)]  # field of view in mm, kept by resizing
+    return tuple(e / int(t) for e, t in zip(extent, cfg.shape))

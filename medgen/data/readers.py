@@ -16,8 +16,10 @@ Formats:
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -86,8 +88,19 @@ def _read_pil(path: Path) -> Loaded:
 
 def _read_dicom_file(path: Path) -> Loaded:
     import pydicom
+    from pydicom.errors import InvalidDicomError
 
-    ds = pydicom.dcmread(path)
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        # DICOM written without the preamble and 'DICM' prefix (ACR-NEMA style) still reads when
+        # forced; anything else (a misnamed text file) has no pixel data and is called what it is
+        try:
+            ds = pydicom.dcmread(path, force=True)
+        except Exception:
+            ds = None
+        if ds is None or "PixelData" not in ds:
+            raise DataError(f"{path}: not a DICOM file (no DICOM header, no pixel data); remove it or fix its name") from None
     if "PixelData" not in ds:
         raise DataError(f"{path}: DICOM file has no pixel data")
     arr = ds.pixel_array.astype(np.float32)
@@ -110,11 +123,42 @@ def _read_dicom_file(path: Path) -> Loaded:
     return Loaded(arr[None], pixel_spacing, _affine_2d(pixel_spacing), dtype, path)
 
 
+def _check_dicom_series(folder: Path) -> None:
+    """One series per folder, and every .dcm file part of it (GDCM silently drops unreadable
+    slices, which would shift the volume's geometry)."""
+    import SimpleITK as sitk
+
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if len(series) > 1:
+        raise DataError(f"{folder}: holds {len(series)} DICOM series; put each series in its own folder")
+    used = {Path(f).name for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])} if series else set()
+    dropped = sorted(p.name for p in folder.iterdir() if p.is_file() and suffix_of(p) in DICOM_SUFFIXES and p.name not in used)
+    if dropped:
+        raise DataError(f"{folder}: DICOM series with {len(dropped)} unreadable or foreign file(s): {', '.join(dropped[:5])}; "
+                        f"remove or replace them")
+
+
+@contextmanager
+def _quiet_itk() -> Iterator[None]:
+    """ITK prints warnings straight to stderr; medgen reports problems as errors instead."""
+    import SimpleITK as sitk
+
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def _read_torchio(path: Path) -> Loaded:
     import torchio as tio
 
-    image = tio.ScalarImage(path)
-    image.load()
+    with _quiet_itk():
+        if path.is_dir():
+            _check_dicom_series(path)
+        image = tio.ScalarImage(path)
+        image.load()
     arr = image.data.numpy()
     dtype = np.dtype(arr.dtype)
     return Loaded(arr.astype(np.float32, copy=False), tuple(float(s) for s in image.spacing), np.asarray(image.affine, dtype=np.float64), dtype, path)

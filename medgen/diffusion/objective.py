@@ -8,8 +8,9 @@ Targets:
 Min-SNR-gamma weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
 Strategy"): the per-sample loss is scaled so that it equals min(SNR, gamma) times the x0-space
 error: w = min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v, min(SNR, gamma) for x0.
-Classifier-free guidance training (Ho & Salimans 2021): each label is replaced by the null class
-with probability `cond_drop_prob`.
+Classifier-free guidance training (Ho & Salimans 2021): labels are replaced by the null class
+with probability `cond_drop_prob`, each label on its own (`cond_drop_mode="sample"`, Ho & Salimans)
+or the whole batch at once (`"batch"`, Medfusion's released `DiffusionPipeline._step`).
 """
 
 from __future__ import annotations
@@ -67,14 +68,20 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Te
     raise ConfigError(f"unknown prediction target {prediction!r}; use eps, v or x0")
 
 
-def drop_labels(labels: torch.Tensor | None, p: float, null_label: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
-    """Per-sample condition dropout: each label becomes `null_label` with probability p."""
+COND_DROP_MODES = ("sample", "batch")
+
+
+def drop_labels(labels: torch.Tensor | None, p: float, null_label: int, generator: torch.Generator | None = None,
+                mode: str = "sample") -> torch.Tensor | None:
+    """Condition dropout: labels become `null_label` with probability p, each on its own
+    (`mode="sample"`) or all of the batch together (`mode="batch"`)."""
     if labels is None:
         return None
     labels = torch.where(labels < 0, null_label, labels)  # unlabelled samples train the null class
     if p <= 0:
         return labels
-    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
+    shape = labels.shape if mode == "sample" else ()
+    drop = torch.rand(shape, generator=generator, device=labels.device) < p
     return torch.where(drop, null_label, labels)
 
 
@@ -87,8 +94,13 @@ class DiffusionLoss:
     loss: str = "l2"  # l2 | l1
     min_snr_gamma: float | None = None  # e.g. 5.0
     cond_drop_prob: float = 0.1
+    cond_drop_mode: str = "sample"  # sample | batch
 
     def __post_init__(self) -> None:
+        if self.cond_drop_mode not in COND_DROP_MODES:
+            raise ConfigError(f"loss.cond_drop_mode must be 'sample' or 'batch', got {self.cond_drop_mode!r}")
+        if not 0.0 <= self.cond_drop_prob <= 1.0:
+            raise ConfigError(f"loss.cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
         if self.loss not in ("l2", "l1"):
             raise ConfigError(f"diffusion loss must be 'l2' or 'l1', got {self.loss!r}")
         if self.prediction not in ("eps", "v", "x0"):
@@ -102,7 +114,7 @@ class DiffusionLoss:
         a = ac[t]
         x_t = add_noise(x0, noise, a)
         if labels is not None and null_label is not None:
-            labels = drop_labels(labels, self.cond_drop_prob, null_label)
+            labels = drop_labels(labels, self.cond_drop_prob, null_label, mode=self.cond_drop_mode)
         out = model(x_t, t, labels).float()
         tgt = target(self.prediction, x0, noise, a).float()
         err = (out - tgt).abs() if self.loss == "l1" else (out - tgt).square()

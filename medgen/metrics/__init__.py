@@ -1,5 +1,5 @@
 """Evaluation metrics for synthetic medical images: FID (2D, 2.5D, 3D), KID, precision/recall,
-density/coverage, MS-SSIM diversity, bootstrap intervals, and the feature-extractor registry.
+density/coverage, MS-SSIM diversity, confidence intervals, and the feature-extractor registry.
 
 Import-light: submodules (and torch) load on first attribute access.
 """
@@ -20,7 +20,7 @@ _EXPORTS = {
     "density_coverage": "medgen.metrics.prdc",
     "prdc": "medgen.metrics.prdc",
     "msssim_diversity": "medgen.metrics.msssim",
-    "bootstrap_two_sample": "medgen.metrics.bootstrap",
+    "half_sample_two_sample": "medgen.metrics.bootstrap",
     "bootstrap_mean": "medgen.metrics.bootstrap",
     "get_extractor": "medgen.metrics.features",
     "evaluate": "medgen.metrics.report",

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
-from medgen.errors import ConfigError
+from medgen.errors import ConfigError, DataError
+
+# = medgen.metrics.features.REGISTRY (+ auto), spelled out to keep `medgen --help` free of torch imports
+REGISTRY_NAMES = ("auto", "inception", "dinov2", "medicalnet", "pca")
 
 
 def _metrics(value: str) -> list[str]:
@@ -18,11 +23,38 @@ def _metrics(value: str) -> list[str]:
     return names
 
 
+def _extractor_file(value: str) -> str | None:
+    """`--features` given as a file path (not a registry name): the path, to check it exists."""
+    return value if ("/" in value or os.sep in value or Path(value).suffix) and value not in REGISTRY_NAMES else None
+
+
+def check_sizes(real: Path, fake: Path, allow_mismatch: bool) -> None:
+    """Refuse sets of different image sizes unless asked: feature extractors resize both to
+    their input size, which hides the resolution gap the comparison should show."""
+    from medgen.data import load, scan_dataset
+
+    shapes = {name: load(scan_dataset(path)[0].path).shape for name, path in (("real", real), ("synthetic", fake))}
+    if shapes["real"] == shapes["synthetic"]:
+        return
+    text = {k: "x".join(map(str, v)) for k, v in shapes.items()}
+    if not allow_mismatch:
+        raise DataError(f"real images are {text['real']} ({real}) but synthetic ones are {text['synthetic']} ({fake}); "
+                        f"the extractor would resize both and hide the difference. Sample at the real size, or pass "
+                        f"--allow-size-mismatch to compare anyway")
+    print(f"warning: real images are {text['real']}, synthetic ones {text['synthetic']}; both are resized to the "
+          f"feature extractor's input (the report lists both shapes)", file=sys.stderr)
+
+
 def run_eval(args: argparse.Namespace) -> int:
+    from medgen.io import ensure_new_output
     from medgen.metrics.report import evaluate
 
     if args.bootstrap < 0:
         raise ConfigError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    ensure_new_output(args.out, args.overwrite, "report folder",
+                      inputs={"--real": args.real, "--fake": args.fake, "--features": _extractor_file(args.features),
+                              "--features-3d": _extractor_file(args.features_3d), "--weights": args.weights})
+    check_sizes(args.real, args.fake, args.allow_size_mismatch)
     report = evaluate(
         args.real, args.fake, args.out, features=args.features, features_3d=args.features_3d, weights=args.weights,
         metrics=_metrics(args.metrics), bootstrap=args.bootstrap, seed=args.seed, slice_step=args.slice_step,
@@ -54,14 +86,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(Inception when its weights are present locally, else pca)")
     p.add_argument("--features-3d", default="auto", help="volume-level extractor for 3D data: medicalnet, pca, a TorchScript path, or auto")
     p.add_argument("--weights", default=None, help="weights file for the (2D) extractor; default: $MEDGEN_WEIGHTS_DIR, the library cache, download")
-    p.add_argument("--metrics", default="fid,kid,prdc,msssim", help="comma-separated subset of fid,kid,prdc,msssim")
-    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates for the 95%% intervals (0: none)")
+    p.add_argument("--metrics", default="fid,kid,prdc,msssim", help="comma-separated subset of fid,kid,prdc,msssim; fid and kid are reported as "
+                        "fd_<features>/kid_<features> unless the features are Inception's")
+    p.add_argument("--bootstrap", type=int, default=200, help="replicates for the 95%% intervals (Fréchet distances: half-samples; the rest: bootstrap; 0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slice-step", type=int, default=1, help="2.5D FID: use every k-th slice along each axis")
     p.add_argument("--msssim-pairs", type=int, default=500, help="random pairs per set for MS-SSIM diversity")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--no-cache", action="store_true", help="recompute features instead of using the feature cache")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    p.add_argument("--allow-size-mismatch", action="store_true",
+                   help="compare sets of different image sizes (refused by default: the extractor resizes both)")
+    p.add_argument("--overwrite", action="store_true", help="replace a report folder medgen wrote")
     p.set_defaults(func=run_eval)
 
 

@@ -12,6 +12,13 @@ window, 5 scales) require more than 160 voxels per side, so `msssim_settings` pi
 and the number of scales from the image size: the standard 11/5 when the image allows, else a
 7-voxel window (sigma 1.5, +-2 sigma) with as many scales as fit, weights being the first
 Wang et al. weights renormalised to sum to 1 (64^3 -> 4 scales, 128^3 -> 5, 32^2 -> 3).
+
+Images are scored on [0, 1] with `data_range=1`, the convention of Wang et al. (non-negative
+intensities) and of the autoencoder's validation. On [-1, 1] the luminance term
+(2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1) turns negative wherever one window is mostly
+background (mean < 0) and the other mostly tissue (mean > 0); MONAI clamps the coarsest-scale
+SSIM at zero, so such pairs score exactly 0. On the 2D demo cohort that gave 0.36 with 41 % of
+pairs at 0 instead of 0.69, on the 3D cohort 0.65 instead of 0.88 (eval/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 from medgen.errors import DataError
 
 WANG_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, Table 1
+DATA_RANGE = 1.0  # images are mapped from [-1, 1] to [0, 1] before scoring
 
 
 def msssim_settings(spatial_shape) -> dict:
@@ -56,26 +64,29 @@ def random_pairs(n: int, n_pairs: int, seed: int = 0) -> torch.Tensor:
 
 
 def pairwise_msssim(images: torch.Tensor, pairs: torch.Tensor, batch_size: int = 16, device=None) -> torch.Tensor:
-    """(N, C, *S) images in [-1, 1], (P, 2) pairs -> (P,) MS-SSIM values (float64, CPU)."""
+    """(N, C, *S) images in [-1, 1], (P, 2) pairs -> (P,) MS-SSIM values on [0, 1] (float64, CPU)."""
     from monai.metrics import MultiScaleSSIMMetric
 
     spatial_dims = images.ndim - 2
     if spatial_dims not in (2, 3):
         raise DataError(f"MS-SSIM needs 2D or 3D images (N, C, *S), got shape {tuple(images.shape)}")
     cfg = msssim_settings(images.shape[2:])
-    metric = MultiScaleSSIMMetric(spatial_dims=spatial_dims, data_range=2.0, reduction="none", **cfg)
+    metric = MultiScaleSSIMMetric(spatial_dims=spatial_dims, data_range=DATA_RANGE, reduction="none", **cfg)
     device = torch.device(device) if device is not None else images.device
     out = []
     for s in range(0, len(pairs), batch_size):
         p = pairs[s : s + batch_size]
-        a = images[p[:, 0]].to(device, torch.float32)
-        b = images[p[:, 1]].to(device, torch.float32)
+        a = (images[p[:, 0]].to(device, torch.float32) + 1) / 2  # [-1, 1] -> [0, 1]
+        b = (images[p[:, 1]].to(device, torch.float32) + 1) / 2
         out.append(metric(a, b).reshape(-1).double().cpu())  # (B, C, *S) x 2 -> (B,)
     return torch.cat(out)
 
 
 def msssim_diversity(images: torch.Tensor, n_pairs: int = 500, seed: int = 0, device=None) -> dict:
-    """Mean MS-SSIM over random pairs of one set: {"msssim", "per_pair" (P,), "settings"}."""
+    """Mean MS-SSIM over random pairs of one set: {"msssim", "per_pair" (P,), "settings"}.
+
+    `settings` is the scoring recipe: window, sigma, scale weights and the intensity range."""
     pairs = random_pairs(images.shape[0], n_pairs, seed)
     values = pairwise_msssim(images, pairs, device=device)
-    return {"msssim": float(values.mean()), "per_pair": values, "settings": msssim_settings(images.shape[2:])}
+    settings = {**msssim_settings(images.shape[2:]), "intensity": "[0, 1] = (x + 1) / 2", "data_range": DATA_RANGE}
+    return {"msssim": float(values.mean()), "per_pair": values, "settings": settings}

@@ -5,6 +5,10 @@ extractor; MS-SSIM diversity on the pixels.
 3D volumes: 2.5D FID (every slice along each of the three axes through the 2D extractor, one
 FID per plane and their mean, as MAISI, Guo et al. 2025), and volume-level FID, KID, PR, DC on
 a 3D extractor; MS-SSIM diversity on the volumes.
+
+Report keys name the feature space: `fid`/`kid` on Inception features only, `fd_<extractor>`/
+`kid_<extractor>` on any other (`fd_pca`, `fd_medicalnet`, ...; see `metric_keys`). KID is
+reported x10^3. Intervals: `medgen.metrics.bootstrap`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import torch
 from medgen.errors import DataError
 from medgen.io import atomic_dir, atomic_write_json, atomic_write_text
 from medgen.metrics import features as F
-from medgen.metrics.bootstrap import bootstrap_mean, bootstrap_two_sample, percentile_interval
+from medgen.metrics.bootstrap import (HALF_SAMPLE_METHOD, bootstrap_mean, fd_infinite_n, half_sample_interval, half_sample_two_sample,
+                                      half_samples)
 from medgen.metrics.fid import frechet_distance
 from medgen.metrics.kid import kernel_inception_distance, kid_bootstrap
 from medgen.metrics.msssim import msssim_diversity
@@ -79,24 +84,51 @@ def _features(ex: F.FeatureExtractor, images: torch.Tensor, samples, mode: str, 
 
 
 # ----------------------------------------------------------------------------- metrics
-def _value(v: float, ci: dict | None, **extra) -> dict:
-    out = {"value": float(v), **extra}
+KID_SCALE = 1000  # KID is reported x10^3, as in the papers that use it (Bińkowski et al. 2018, Karras et al. 2020)
+
+
+def metric_keys(extractor: str) -> dict[str, str]:
+    """Report keys of the Fréchet distance and KID on one extractor's features.
+
+    `fid`/`kid` mean Inception features only (Heusel et al. 2017 define FID on them); any other
+    extractor gives `fd_<name>`/`kid_<name>` (as FD_DINOv2, Stein et al. 2023), so that an
+    in-domain PCA number is never read as an FID: `fd_pca`, `fd_medicalnet`, `fd_torchscript`.
+    """
+    if extractor == "inception":
+        return {"fid": "fid", "kid": "kid"}
+    tag = extractor.split(":")[0]  # "torchscript:net.pt" -> "torchscript"
+    return {"fid": f"fd_{tag}", "kid": f"kid_{tag}"}
+
+
+def _value(v: float, ci: dict | None, scale: float = 1.0, **extra) -> dict:
+    """{"value", "ci95", **extra}, both multiplied by `scale` (then recorded as "scale")."""
+    out = {"value": float(v) * scale, **({"scale": scale} if scale != 1 else {}), **extra}
     if ci is not None:
-        out["ci95"] = [ci["low"], ci["high"]]
+        out["ci95"] = [ci["low"] * scale, ci["high"] * scale]
     return out
 
 
-def feature_metrics(real_f: torch.Tensor, fake_f: torch.Tensor, metrics: Sequence[str], n_boot: int, seed: int, device) -> dict:
-    """FID, KID, PR (k=3), DC (k=5) on (N, D) and (M, D) features, each with a 95% interval."""
+def _fd_value(point: float, ci: dict | None) -> dict:
+    """A Fréchet distance with its size-corrected half-sample interval and N -> infinity extrapolation."""
+    return _value(point, ci, **({"infinite_n": fd_infinite_n(point, ci)} if ci else {}))
+
+
+def feature_metrics(real_f: torch.Tensor, fake_f: torch.Tensor, metrics: Sequence[str], n_boot: int, seed: int, device,
+                    keys: dict[str, str]) -> dict:
+    """FD, KID (x10^3), PR (k=3), DC (k=5) on (N, D) and (M, D) features, each with a 95% interval;
+    FD and KID under `keys` (see `metric_keys`)."""
     out: dict[str, Any] = {}
     real_f, fake_f = real_f.to(device, torch.float64), fake_f.to(device, torch.float64)
     if "fid" in metrics:
-        ci = bootstrap_two_sample(frechet_distance, real_f, fake_f, n_boot, seed) if n_boot else None
-        out["fid"] = _value(frechet_distance(real_f, fake_f), ci)
+        point = frechet_distance(real_f, fake_f)
+        halves_fit = min(len(real_f), len(fake_f)) >= 4  # a half-sample FD needs 2 rows per set
+        ci = half_sample_two_sample(frechet_distance, real_f, fake_f, n_boot, seed, point=point) if n_boot and halves_fit else None
+        out[keys["fid"]] = _fd_value(point, ci)
     if "kid" in metrics:
         kid = kernel_inception_distance(real_f, fake_f, seed=seed)
         ci = kid_bootstrap(real_f, fake_f, n_boot, seed=seed) if n_boot else None
-        out["kid"] = _value(kid["kid"], ci, std=kid["kid_std"], subset_size=kid["subset_size"], num_subsets=100)
+        out[keys["kid"]] = _value(kid["kid"], ci, scale=KID_SCALE, std=kid["kid_std"] * KID_SCALE,
+                                  subset_size=kid["subset_size"], num_subsets=100)
     if "prdc" in metrics:
         terms = prdc_indicators(real_f, fake_f, k_pr=K_PR, k_dc=K_DC, device=device)
         for name, t in terms.items():
@@ -105,8 +137,8 @@ def feature_metrics(real_f: torch.Tensor, fake_f: torch.Tensor, metrics: Sequenc
 
 
 def fid_2p5d(ex, real, real_s, fake, fake_s, n_boot: int, seed: int, slice_step: int, use_cache: bool, device) -> dict:
-    """Per-plane FID over all slices (every `slice_step`-th) and their mean; the interval comes
-    from resampling whole volumes (slices of one volume are not independent)."""
+    """Per-plane FD over all slices (every `slice_step`-th) and their mean; the interval comes
+    from half-samples of whole volumes (slices of one volume are not independent)."""
     feats = {}
     if isinstance(ex, F.PCAExtractor):  # one basis for all planes, fitted on the real slices
         ex.fit([F.volume_slices(real, a, slice_step) for a in F.PLANES.values()])
@@ -117,15 +149,12 @@ def fid_2p5d(ex, real, real_s, fake, fake_s, n_boot: int, seed: int, slice_step:
                         f.reshape(fake.shape[0], -1, f.shape[1]).to(device, torch.float64))  # (N, slices, D)
     point = {p: frechet_distance(r.flatten(0, 1), f.flatten(0, 1)) for p, (r, f) in feats.items()}
     reps: dict[str, list[float]] = {p: [] for p in feats}
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(n_boot):
-        ir, jf = torch.randint(real.shape[0], (real.shape[0],), generator=g), torch.randint(fake.shape[0], (fake.shape[0],), generator=g)
+    for ir, jf in half_samples(real.shape[0], fake.shape[0], n_boot, seed):  # one volume per half at least: many slices
         for p, (r, f) in feats.items():
             reps[p].append(frechet_distance(r[ir.to(device)].flatten(0, 1), f[jf.to(device)].flatten(0, 1)))
-    out = {p: _value(point[p], {"low": percentile_interval(reps[p])[0], "high": percentile_interval(reps[p])[1]} if n_boot else None) for p in feats}
-    mean_reps = np.mean([reps[p] for p in feats], axis=0) if n_boot else []
-    lo, hi = percentile_interval(mean_reps) if n_boot else (None, None)
-    out["mean"] = _value(float(np.mean(list(point.values()))), {"low": lo, "high": hi} if n_boot else None)
+    out = {p: _fd_value(point[p], half_sample_interval(point[p], reps[p]) if n_boot else None) for p in feats}
+    mean = float(np.mean(list(point.values())))
+    out["mean"] = _fd_value(mean, half_sample_interval(mean, np.mean([reps[p] for p in feats], axis=0)) if n_boot else None)
     out["n_slices"] = {p: int(r.shape[1]) for p, (r, _) in feats.items()}
     return out
 
@@ -188,24 +217,33 @@ def evaluate(
     if feature_based:
         if dims == 3 and "fid" in metrics:
             ex2 = choose_extractor(features, 2, weights, device)
-            results["fid_2.5d"] = fid_2p5d(ex2, real_x, real_s, fake_x, fake_s, bootstrap, seed, slice_step, use_cache, device)
+            key = metric_keys(ex2.recipe["extractor"])["fid"] + "_2.5d"
+            results[key] = fid_2p5d(ex2, real_x, real_s, fake_x, fake_s, bootstrap, seed, slice_step, use_cache, device)
             recipe["features_2.5d"] = {**ex2.recipe, "slice_step": slice_step, "planes": list(F.PLANES)}
         ex = choose_extractor(features if dims == 2 else features_3d, dims, weights if dims == 2 else None, device)
         if isinstance(ex, F.PCAExtractor):
             ex.fit(real_x)
-            notes.append("features: in-domain PCA of the real set; numbers compare models on this real set only, not across datasets or papers")
+            notes.append("features: in-domain PCA of the real set, so the distances are fd_pca/kid_pca, not FID/KID; "
+                         "they compare models on this real set only, not across datasets or papers")
         real_f = _features(ex, real_x, real_s, f"{dims}d", use_cache)
         fake_f = _features(ex, fake_x, fake_s, f"{dims}d", use_cache)
-        results.update(feature_metrics(real_f, fake_f, feature_based, bootstrap, seed, device))
+        keys = metric_keys(ex.recipe["extractor"])
+        results.update(feature_metrics(real_f, fake_f, feature_based, bootstrap, seed, device, keys))
         recipe["features"] = ex.recipe
+        recipe["metric_keys"] = keys
         recipe["prdc"] = {"k_precision_recall": K_PR, "k_density_coverage": K_DC, "distance": "euclidean, float64"}
-        recipe["kid"] = {"kernel": "(x.y/d + 1)^3", "num_subsets": 100, "subset_size": results.get("kid", {}).get("subset_size")}
+        if "kid" in metrics:
+            recipe["kid"] = {"kernel": "(x.y/d + 1)^3", "estimator": "unbiased MMD^2", "scale": KID_SCALE, "num_subsets": 100,
+                             "subset_size": results[keys["kid"]]["subset_size"]}
     if "msssim" in metrics:
         for name, x in (("fake", fake_x), ("real", real_x)):
             d = msssim_diversity(x, n_pairs=msssim_pairs, seed=seed, device=device)
             ci = bootstrap_mean(d["per_pair"], bootstrap, seed) if bootstrap else None
             results[f"msssim_{name}"] = _value(d["msssim"], ci, pairs=int(d["per_pair"].numel()))
-        recipe["msssim"] = {**d["settings"], "data_range": 2.0, "pairs": "random distinct pairs within a set"}
+        recipe["msssim"] = {**d["settings"], "pairs": "random distinct pairs within a set"}
+    if bootstrap:
+        recipe["intervals"] = {"fd": HALF_SAMPLE_METHOD, "kid": "two-sample bootstrap, distinct-pair U-statistic",
+                               "prdc, msssim": "percentile bootstrap of per-sample terms"}
     report = {"metrics": results, "recipe": recipe, "versions": _versions(), "notes": notes,
               "seconds": round(time.perf_counter() - start, 2)}
     if out is not None:
@@ -214,16 +252,18 @@ def evaluate(
 
 
 # ----------------------------------------------------------------------------- report folder
-LOWER_IS_BETTER = {"fid", "kid", "fid_2.5d"}
+def _lower_is_better(name: str) -> bool:
+    return name.startswith(("fid", "fd_", "kid"))
 
 
 def _rows(metrics: dict) -> list[tuple[str, dict]]:
+    """(label, entry) per table row: 2.5D planes unfolded, scaled values labelled with their scale."""
     rows = []
     for name, m in metrics.items():
-        if name == "fid_2.5d":
-            rows += [(f"fid_2.5d/{p}", v) for p, v in m.items() if isinstance(v, dict) and "value" in v]
+        if name.endswith("_2.5d"):
+            rows += [(f"{name}/{p}", v) for p, v in m.items() if isinstance(v, dict) and "value" in v]
         else:
-            rows.append((name, m))
+            rows.append((f"{name} (x{m['scale']:g})" if "scale" in m else name, m))
     return rows
 
 
@@ -233,25 +273,54 @@ def _fmt(x) -> str:
     return f"{x:.4g}"
 
 
+def _explanations(report: dict) -> list[str]:
+    """What the distances in this report are and how to read them (below the table)."""
+    metrics, lines = report["metrics"], []
+    fds = [(n, m) for n, m in _rows(metrics) if n.startswith(("fid", "fd_"))]
+    if fds:
+        lines.append("Fréchet distance between Gaussian fits of the two feature sets: `fid` on Inception features only, "
+                     "`fd_<features>` on any other extractor. It falls as the sets grow (a small-sample bias ~1/N, "
+                     "Chong & Forsyth 2020), so compare models at equal set sizes.")
+        if any("ci95" in m for _, m in fds):
+            lines.append("Its 95% interval is for the expected distance at these set sizes: half-samples without replacement, "
+                         "whose spread equals the full-sample spread (finite-population correction), centred on their mean, "
+                         "reversed percentiles. Extrapolated to infinite sets (2 FD_N - mean FD_N/2): "
+                         + "; ".join(f"{n} {_fmt(m['infinite_n']['value'])} [{_fmt(m['infinite_n']['ci95'][0])}, "
+                                     f"{_fmt(m['infinite_n']['ci95'][1])}]" for n, m in fds if "infinite_n" in m) + ".")
+    kids = [(n, m) for n, m in metrics.items() if n.startswith("kid")]
+    for name, m in kids:
+        negative = m["value"] < 0
+        lines.append(f"{name} is the unbiased MMD^2 estimate (cubic polynomial kernel, Bińkowski et al. 2018) x{m.get('scale', 1):g}. "
+                     "It averages 0 when both sets come from one distribution, so it can be negative"
+                     + (" (as here)" if negative else "") + ": a negative value means no difference detectable at this "
+                     "sample size, not a synthetic set closer to the real one than real data.")
+    if any(n.startswith("msssim") for n in metrics):
+        lines.append("MS-SSIM diversity: mean MS-SSIM (images on [0, 1], data_range 1) of random pairs within a set; "
+                     "the real-set value is the target.")
+    return lines
+
+
 def report_markdown(report: dict) -> str:
     r = report["recipe"]
     lines = ["# medgen evaluation report", "",
              f"Real: `{r['inputs']['real']['dir']}` ({r['n_real']} images, shape {r['inputs']['real']['shape']}); "
-             f"synthetic: `{r['inputs']['fake']['dir']}` ({r['n_fake']} images).", "",
+             f"synthetic: `{r['inputs']['fake']['dir']}` ({r['n_fake']} images, shape {r['inputs']['fake']['shape']})"
+             + (" - different sizes: the feature extractor resized both." if r['inputs']['real']['shape'] != r['inputs']['fake']['shape'] else "."), "",
              "| metric | value | 95% CI | better |", "|---|---|---|---|"]
     for name, m in _rows(report["metrics"]):
         ci = m.get("ci95")
-        better = "lower" if name.split("/")[0] in LOWER_IS_BETTER else ("closer to real" if name.startswith("msssim") else ("~1" if name == "density" else "higher"))
+        better = "lower" if _lower_is_better(name) else ("closer to real" if name.startswith("msssim") else ("~1" if name == "density" else "higher"))
         lines.append(f"| {name} | {_fmt(m['value'])} | {'[' + _fmt(ci[0]) + ', ' + _fmt(ci[1]) + ']' if ci else '-'} | {better} |")
-    lines += ["", "MS-SSIM diversity: mean MS-SSIM of random pairs within a set; the real-set value is the target."]
-    lines += ["", "## Recipe", ""]
+    lines += [""] + [line for text in _explanations(report) for line in (text, "")]
+    lines += ["## Recipe", ""]
     for key in ("features", "features_2.5d"):
         if key in r:
             lines.append(f"- **{key}**: " + ", ".join(f"{k}={v}" for k, v in r[key].items()))
     for key in ("prdc", "kid", "msssim"):
         if key in r:
             lines.append(f"- **{key}**: " + ", ".join(f"{k}={v}" for k, v in r[key].items()))
-    lines.append(f"- bootstrap: {r['bootstrap']} replicates (percentile intervals), seed {r['seed']}, device {r['device']}")
+    lines.append(f"- intervals: {r['bootstrap']} replicates, seed {r['seed']}, device {r['device']}"
+                 + "".join(f"; {k}: {v}" for k, v in r.get("intervals", {}).items()))
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     lines += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
@@ -281,7 +350,7 @@ def write_figures(report: dict, real: torch.Tensor, fake: torch.Tensor, folder: 
             ax.bar([0], [m["value"]], yerr=err, capsize=6, color="tab:red" if "real" in name else "tab:blue")
             ax.set_xticks([])
             ax.set_title(name, fontsize=8)
-        fig.suptitle("metrics with 95% bootstrap intervals", fontsize=9)
+        fig.suptitle("metrics with 95% intervals", fontsize=9)
         fig.tight_layout()
         fig.savefig(folder / "metrics.png", dpi=110)
         plt.close(fig)

@@ -144,13 +144,17 @@ class _Stack(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.checkpointing = checkpointing
 
-    def forward(self, x):
-        for block in self.blocks:
+    def forward(self, x, taps: Sequence[int] = ()):
+        """-> x, or (x, [output of block i for i in taps]) when `taps` is given."""
+        tapped = []
+        for i, block in enumerate(self.blocks):
             if self.checkpointing and self.training and torch.is_grad_enabled() and isinstance(block, ResBlock):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return x
+            if i in taps:
+                tapped.append(x)
+        return (x, tapped) if taps else x
 
 
 class Encoder(nn.Module):
@@ -179,30 +183,50 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """z (B, latent, *S / factors) -> (B, out, *S)."""
+    """z (B, latent, *S / factors) -> (B, out, *S).
+
+    `deep_supervision` = k adds 1x1 output heads (zero-initialised) on the features of the k
+    levels above the finest, at their resolution (level l: S / 2^l per downsampled axis), as
+    Medfusion's VAE (`outc_ver`); `forward(z, aux=True)` also returns their images, finest first.
+    """
 
     def __init__(self, spatial_dims, latent_channels, out_channels, channels, num_res_blocks, strides,
-                 attention, groups, checkpointing):
+                 attention, groups, checkpointing, deep_supervision: int = 0):
         super().__init__()
+        if not 0 <= deep_supervision < len(channels):
+            raise ValueError(f"deep_supervision must be in 0..{len(channels) - 1} (levels above the finest), "
+                             f"got {deep_supervision}")
         cin = channels[-1]
         blocks: list[nn.Module] = [conv_nd(spatial_dims, latent_channels, cin, 3, padding=1),
                                    ResBlock(spatial_dims, cin, cin, groups)]
         if attention:
             blocks.append(SelfAttention(spatial_dims, cin, groups))
         blocks.append(ResBlock(spatial_dims, cin, cin, groups))
+        taps: dict[int, int] = {}  # level -> index of its last block before the upsampling
         for level in reversed(range(len(channels))):
             for _ in range(num_res_blocks):
                 blocks.append(ResBlock(spatial_dims, cin, channels[level], groups))
                 cin = channels[level]
             if level > 0:
+                taps[level] = len(blocks) - 1
                 blocks.append(Upsample(spatial_dims, cin, channels[level - 1], strides[level - 1]))
                 cin = channels[level - 1]
         blocks += [normalization(cin, groups), nn.SiLU()]
         self.net = _Stack(blocks, checkpointing)
         self.conv_out = conv_nd(spatial_dims, cin, out_channels, 3, padding=1)
+        self.aux_taps = [taps[level] for level in range(1, deep_supervision + 1)]
+        self.aux_out = nn.ModuleList(conv_nd(spatial_dims, channels[level], out_channels, 1)
+                                     for level in range(1, deep_supervision + 1))
+        for head in self.aux_out:
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
 
-    def forward(self, z):
-        return self.conv_out(self.net(z))
+    def forward(self, z, aux: bool = False):
+        if not (aux and self.aux_taps):
+            x = self.conv_out(self.net(z))
+            return (x, []) if aux else x
+        h, feats = self.net(z, taps=self.aux_taps)  # feats in block order: coarsest level first
+        return self.conv_out(h), [head(f) for head, f in zip(self.aux_out, reversed(feats))]
 
 
 class Autoencoder(nn.Module):
@@ -218,16 +242,20 @@ class Autoencoder(nn.Module):
         attention: self-attention at the lowest resolution.
         num_codes, commitment, ema_decay, dead_threshold: VQ codebook (see `VectorQuantizer`).
         gradient_checkpointing: recompute residual blocks in backward (less memory, ~30% slower).
+        deep_supervision: extra decoder output heads on the k coarser levels (training only;
+            Medfusion's VAE uses 1), see `Decoder`.
 
     `forward(x) -> (recon, aux)`; aux has `latent_loss` (beta-commitment for VQ, KL for KL;
-    weight it in the trainer), `z`, and VQ statistics. `encode`/`decode` are deterministic.
+    weight it in the trainer), `z`, `deep` (the deep-supervision images, finest first) and VQ
+    statistics. `encode`/`decode` are deterministic.
     """
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, latent_channels: int = 4,
                  channels: Sequence[int] = (64, 128, 256), downsample: int | Sequence[int] = 4,
                  num_res_blocks: int = 1, attention: bool = False, latent: str = "vq",
                  num_codes: int = 1024, commitment: float = 0.25, ema_decay: float = 0.99,
-                 dead_threshold: float = 1e-2, norm_groups: int = 32, gradient_checkpointing: bool = False):
+                 dead_threshold: float = 1e-2, norm_groups: int = 32, gradient_checkpointing: bool = False,
+                 deep_supervision: int = 0):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -240,7 +268,7 @@ class Autoencoder(nn.Module):
                            channels=list(channels), downsample=list(factors), num_res_blocks=num_res_blocks,
                            attention=attention, latent=latent, num_codes=num_codes, commitment=commitment,
                            ema_decay=ema_decay, dead_threshold=dead_threshold, norm_groups=norm_groups,
-                           gradient_checkpointing=gradient_checkpointing)
+                           gradient_checkpointing=gradient_checkpointing, deep_supervision=deep_supervision)
         self.spatial_dims, self.in_channels, self.latent_channels = spatial_dims, in_channels, latent_channels
         self.latent = latent
         self.downsample_factors = factors
@@ -249,7 +277,7 @@ class Autoencoder(nn.Module):
         common = dict(channels=list(channels), num_res_blocks=num_res_blocks, strides=strides, attention=attention,
                       groups=norm_groups, checkpointing=gradient_checkpointing)
         self.encoder = Encoder(spatial_dims, in_channels, enc_out, **common)
-        self.decoder = Decoder(spatial_dims, latent_channels, in_channels, **common)
+        self.decoder = Decoder(spatial_dims, latent_channels, in_channels, **common, deep_supervision=deep_supervision)
         self.quantizer = (VectorQuantizer(num_codes, latent_channels, commitment, ema_decay, dead_threshold=dead_threshold)
                           if latent == "vq" else None)
 
@@ -275,16 +303,35 @@ class Autoencoder(nn.Module):
             raise ValueError(f"input shape {tuple(x.shape)}: expected (B, {self.in_channels}, *spatial) with "
                              f"{self.spatial_dims} spatial axes divisible by {self.downsample_factors}")
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, quantize: bool = True) -> torch.Tensor:
         """x (B, C, *S) in [-1, 1] -> z (B, latent_channels, *S / factors), deterministic.
 
-        VQ: the quantized code vectors; KL: the posterior mean (caches store the mean, not a draw).
+        VQ: the quantized code vectors, or with `quantize=False` the encoder's continuous output
+        before the codebook (Medical Diffusion's DDPM trains on these, scaled to [-1, 1] by
+        `codebook_range`); KL: the posterior mean, never a draw, whatever `quantize` (`posterior`
+        gives the mean and log-variance).
         """
         self.check_shape(x)
         h = self.encoder(x)
         if self.latent == "kl":
             return h.chunk(2, dim=1)[0]
-        return self.quantizer.lookup(self.quantizer.indices(h))
+        return self.quantizer.lookup(self.quantizer.indices(h)) if quantize else h
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """KL only: (mean, logvar) of q(z | x), float32, logvar clamped as in `forward`."""
+        if self.latent != "kl":
+            raise ValueError("posterior() needs a KL autoencoder (latent='kl')")
+        self.check_shape(x)
+        mean, logvar = self.encoder(x).float().chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def codebook_range(self) -> tuple[float, float]:
+        """(min, max) over every entry of the VQ codebook (Medical Diffusion maps pre-quantisation
+        latents to [-1, 1] with it: 2 (z - min) / (max - min) - 1)."""
+        if self.quantizer is None:
+            raise ValueError("codebook_range needs a VQ autoencoder (latent='vq'), this one is 'kl'")
+        embed = self.quantizer.embed
+        return embed.min().item(), embed.max().item()
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, latent_channels, *S') -> x (B, C, *S). VQ re-quantizes z to the nearest codes first,
@@ -308,7 +355,8 @@ class Autoencoder(nn.Module):
             aux = {"latent_loss": kl}
             z = z.to(h.dtype)
         aux["z"] = z
-        return self.decoder(z), aux
+        recon, aux["deep"] = self.decoder(z, aux=True)
+        return recon, aux
 
 
 def load_autoencoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> Autoencoder:

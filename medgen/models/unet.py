@@ -270,6 +270,20 @@ class UNet(nn.Module):
         self.config["channels_last"] = self.channels_last
         return self
 
+    def compile_blocks(self, **options: Any) -> "UNet":
+        """Regional compilation: `torch.compile` each residual block and attention layer in place
+        (`nn.Module.compile`; weights and state_dict keys unchanged) instead of the whole network.
+
+        Dynamo treats module parameters as graph inputs, so every block of one class and input
+        signature reuses one compiled graph: the warm-up compiles a few small graphs instead of
+        one graph of the whole UNet (measured in eval/bench_compile.py, eval/RESULTS.md). The
+        glue between blocks (embedding, skips, up/downsampling) stays eager.
+        """
+        for m in self.modules():
+            if isinstance(m, (ResBlock, SelfAttention)):
+                m.compile(**options)
+        return self
+
     # ------------------------------------------------------------------ forward
     def embed(self, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Timestep (+ class) embedding (B, 4*channels[0])."""

@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from medgen.errors import RunError
+from medgen.io import ensure_new_output
 
 
 def _data_cfg(config: Path | None):
@@ -84,6 +85,7 @@ def _audit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     missing = [f"--{k}" for k in ("train", "holdout", "synthetic", "out") if getattr(args, k) is None]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)} (or use `medgen audit train-detector`)")
+    ensure_new_output(args.out, args.overwrite, "audit folder", inputs={f"--{k}": getattr(args, k) for k in ("train", "holdout", "synthetic")})
     options = _training_options(args) if args.detector == "ssl" else {"image_size": args.image_size, "weights": args.weights}
     report = run_audit(
         args.train, args.holdout, args.synthetic, args.out,
@@ -104,8 +106,7 @@ def _train_detector(args: argparse.Namespace) -> int:
     from medgen.io import atomic_dir
     from medgen.privacy.detector import train_detector
 
-    if args.out.exists() and not args.overwrite:
-        raise RunError(f"{args.out} already exists; pass --overwrite to replace it")
+    ensure_new_output(args.out, args.overwrite, "detector folder", inputs={"--train": args.train})
     images, _ = load_images(args.train, _data_cfg(args.config))
     detector = train_detector(images, device=None if args.device == "auto" else args.device, **_training_options(args))
     detector.train_info["train"] = str(args.train)

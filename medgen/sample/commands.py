@@ -15,16 +15,19 @@ def register(subparsers) -> None:
     p.add_argument("--n", type=int, required=True, help="number of samples")
     p.add_argument("--out", required=True, help="sample folder to create")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
-                   help="default: the measured best for the model's space, dpmpp in pixel and latent space (eval/RESULTS.md)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 25, with the default sampler)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+                   help="default: the run's own (its config's sample.sampler; null there: the measured default for "
+                        "the model's space, dpmpp; eval/RESULTS.md \"Samplers\")")
+    p.add_argument("--steps", type=int, default=None, help="default: the run's own (sample.steps; null there: 25)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (1: none); default: the run's own (sample.guidance)")
     p.add_argument("--label", type=int, default=None, help="class to generate (conditional models); default: unconditional")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed+i (same samples whatever the batch size)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 ancestral)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM eta (0 deterministic, 1 ancestral); default: the run's own (sample.eta)")
     p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="PNG bit depth for 2D samples")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a sample folder medgen wrote")
     p.set_defaults(func=_sample_cmd)
 
 
@@ -32,10 +35,28 @@ def _sample_cmd(args: argparse.Namespace) -> int:
     from medgen.io import ensure_new_output
     from medgen.sample.pipeline import load_pipeline, write_samples
 
-    ensure_new_output(args.out, args.overwrite, "sample")  # refuse before loading anything
+    ensure_new_output(args.out, args.overwrite, "sample folder")  # refuse before loading anything
     pipe = load_pipeline(args.run, args.device)
     out = write_samples(pipe, args.out, args.n, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                         label=args.label, seed=args.seed, batch_size=args.batch_size, bit_depth=args.bit_depth,
                         overwrite=args.overwrite, eta=args.eta, progress=True)
     print(f"{args.n} samples in {out} (manifest.csv, grid.png)")
     return 0
+
+
+def demo_stage(ctx) -> None:
+    """Sample the demo's diffusion run (ctx.state["diffusion_run"]) with its own sampler settings.
+
+    Sets ctx.state["samples"] (a sample directory).
+    """
+    from pathlib import Path
+
+    import torch
+
+    from medgen.sample.pipeline import load_pipeline, write_samples
+
+    pipe = load_pipeline(ctx.state["diffusion_run"], device="cpu" if not torch.cuda.is_available() else None)
+    n = (8 if ctx.dims == 2 else 4) if ctx.quick else (64 if ctx.dims == 2 else 16)
+    samples = write_samples(pipe, Path(ctx.out) / "samples", n, overwrite=True)
+    ctx.state["samples"] = samples
+    print(f"  samples: {n} in {samples} (grid: {samples / 'grid.png'})")

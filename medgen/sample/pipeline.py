@@ -3,7 +3,9 @@
 A sample directory (ARCHITECTURE.md): PNG (2D, 8- or 16-bit) or NIfTI (3D, with the training
 spacing) files, `manifest.csv` (`file,label,seed,sampler,steps,guidance,checkpoint_sha256`) and
 `grid.png`. Sample i uses seed `seed + i` for its own generator, so the same seed gives the same
-samples whatever the batch size.
+samples whatever the batch size. Sampler, steps, guidance and eta default to the run's own (its
+config's `sample:` section, saved in `model/config.json`); latents are clipped while sampling
+when the run's latent scaling says they are bounded (medgen.diffusion.latents).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from medgen.diffusion import NoiseSchedule, generators, sample_loop
+from medgen.diffusion.latents import LatentScaling, decode_latents
 from medgen.diffusion.sampling import default_sampler, noise_risk
 from medgen.errors import ConfigError, RunError
 from medgen.io import atomic_dir, ensure_new_output, sha256_file
@@ -26,6 +29,9 @@ from medgen.io import atomic_dir, ensure_new_output, sha256_file
 log = logging.getLogger(__name__)
 
 MANIFEST_FIELDS = ("file", "label", "seed", "sampler", "steps", "guidance", "checkpoint_sha256")
+# what a run written before model/config.json carried its `sampling` entry samples with (sampler,
+# steps None: the measured default for the run's space, medgen.diffusion.default_sampler)
+SAMPLING_DEFAULTS = {"sampler": None, "steps": None, "guidance": 1.0, "eta": 0.0}
 
 
 class DiffusionPipeline:
@@ -43,7 +49,10 @@ class DiffusionPipeline:
         self.sample_shape = tuple(config["sample_shape"])  # (C, *S) of what the denoiser generates
         self.spatial_dims = len(self.sample_shape) - 1
         self.spacing = config.get("spacing")
-        self.clip_x0 = not config.get("latent")  # pixel data live in [-1, 1]; latents are unbounded
+        # pixel data live in [-1, 1]; latents only when their scaling bounds them (codebook_minmax)
+        self.latent_scaling = LatentScaling.from_dict(config["latent"]) if config.get("latent") else None
+        self.clip_x0 = self.latent_scaling is None or self.latent_scaling.clip_x0
+        self.sampling = {**SAMPLING_DEFAULTS, **(config.get("sampling") or {})}
         self._warned: set[str] = set()
 
     @classmethod
@@ -83,30 +92,37 @@ class DiffusionPipeline:
             raise ConfigError(f"label must be one int or {n} ints in [0, {self.num_classes - 1}], got {label}")
         return labels
 
-    def sampling(self, sampler: str | None = None, steps: int | None = None, eta: float = 0.0) -> tuple[str, int]:
-        """(sampler, steps), None meaning the measured default for this model's space; logs a
-        warning when the combination is expected to leave noise in the samples."""
-        default = default_sampler(latent=self.autoencoder is not None)
-        sampler, steps = sampler or default[0], steps or default[1]
-        risk = noise_risk(sampler, self.schedule, pixel=self.autoencoder is None, eta=eta)
+    def sampling_settings(self, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
+                          eta: float | None = None) -> dict:
+        """The given settings, the run's own for those left None; where the run's own sampler or
+        steps are null too, the measured default for its space (`default_sampler`). Logs a warning
+        (once per pipeline) when the combination is expected to leave noise in the samples."""
+        given = {"sampler": sampler, "steps": steps, "guidance": guidance, "eta": eta}
+        s = {k: self.sampling[k] if v is None else v for k, v in given.items()}
+        pixel = self.latent_scaling is None
+        default = default_sampler(latent=not pixel)
+        s["sampler"] = s["sampler"] or default[0]
+        s["steps"] = s["steps"] or default[1]
+        risk = noise_risk(s["sampler"], self.schedule, pixel=pixel, eta=float(s["eta"]))
         if risk and risk not in self._warned:  # once per pipeline, not once per batch
             self._warned.add(risk)
             log.warning("sampling: %s", risk)
-        return sampler, steps
+        return s
 
     @torch.no_grad()
-    def sample(self, n: int, sampler: str | None = None, steps: int | None = None, guidance: float = 1.0,
-               label: int | Sequence[int] | None = None, seed: int = 0, batch_size: int = 16, eta: float = 0.0,
+    def sample(self, n: int, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
+               label: int | Sequence[int] | None = None, seed: int = 0, batch_size: int = 16, eta: float | None = None,
                progress: bool = False) -> torch.Tensor:
         """`n` samples (n, C, *S) float32 on the CPU in [-1, 1] (decoded in latent mode).
 
-        sampler, steps: None picks the measured default for the model's space (`default_sampler`).
-        label: None (unconditional; a conditional model uses its null class), one class for all,
-        or one per sample. guidance: classifier-free guidance scale (1 = plain conditional).
+        sampler, steps, guidance, eta: None takes the run's own (`self.sampling`; a null sampler or
+        step count there: the measured default for the run's space). label: None (unconditional; a
+        conditional model uses its null class), one class for all, or one per sample. guidance:
+        classifier-free guidance scale (1 = plain conditional).
         """
+        s = self.sampling_settings(sampler, steps, guidance, eta)
         if n < 1 or batch_size < 1:
             raise ConfigError(f"n and batch_size must be >= 1 (got {n}, {batch_size})")
-        sampler, steps = self.sampling(sampler, steps, eta)
         labels = self._labels(label, n)
         amp = torch.bfloat16 if self.device.type == "cuda" else None
         out = []
@@ -118,13 +134,11 @@ class DiffusionPipeline:
         for i in starts:
             j = min(n, i + batch_size)
             z = sample_loop(self.denoiser, self.schedule, self.sample_shape, generators(range(seed + i, seed + j)),
-                            sampler=sampler, steps=steps, labels=None if labels is None else labels[i:j],
-                            guidance=guidance, null_label=self.denoiser.null_label if self.num_classes else None,
-                            eta=eta, clip_x0=self.clip_x0, device=self.device, autocast_dtype=amp)
+                            sampler=str(s["sampler"]), steps=int(s["steps"]), labels=None if labels is None else labels[i:j],
+                            guidance=float(s["guidance"]), null_label=self.denoiser.null_label if self.num_classes else None,
+                            eta=float(s["eta"]), clip_x0=self.clip_x0, device=self.device, autocast_dtype=amp)
             if self.autoencoder is not None:
-                from medgen.train.diffusion import decode
-
-                z = decode(self.autoencoder, z, self.config["latent"])
+                z = decode_latents(self.autoencoder, z, self.latent_scaling)
             out.append(z.clamp(-1, 1).cpu())
         return torch.cat(out)
 
@@ -158,19 +172,20 @@ def _write_nifti(path: Path, vol: torch.Tensor, spacing: Sequence[float] | None)
     nib.save(nib.Nifti1Image(arr.astype(np.float32), affine), str(path))
 
 
-def write_samples(pipeline: DiffusionPipeline, out: str | os.PathLike, n: int, sampler: str | None = None, steps: int | None = None,
-                  guidance: float = 1.0, label: int | None = None, seed: int = 0, batch_size: int = 16,
-                  bit_depth: int = 8, overwrite: bool = False, eta: float = 0.0, progress: bool = False) -> Path:
-    """Generate `n` samples into a new sample directory (complete or not at all)."""
+def write_samples(pipeline: DiffusionPipeline, out: str | os.PathLike, n: int, sampler: str | None = None,
+                  steps: int | None = None, guidance: float | None = None, label: int | None = None, seed: int = 0,
+                  batch_size: int = 16, bit_depth: int = 8, overwrite: bool = False, eta: float | None = None,
+                  progress: bool = False) -> Path:
+    """Generate `n` samples into a new sample directory (complete or not at all); sampler, steps,
+    guidance and eta default to the run's own."""
     from medgen.io import atomic_write_bytes
     from medgen.train.preview import grid_png
 
     if bit_depth not in (8, 16):
         raise ConfigError(f"bit depth must be 8 or 16, got {bit_depth}")
-    out = ensure_new_output(out, overwrite, "sample")
-    sampler, steps = pipeline.sampling(sampler, steps, eta)
-    x = pipeline.sample(n, sampler=sampler, steps=steps, guidance=guidance, label=label, seed=seed,
-                        batch_size=batch_size, eta=eta, progress=progress)
+    out = ensure_new_output(out, overwrite, "sample folder")
+    s = pipeline.sampling_settings(sampler, steps, guidance, eta)
+    x = pipeline.sample(n, **s, label=label, seed=seed, batch_size=batch_size, progress=progress)
     with atomic_dir(out, overwrite=True) as tmp:
         rows = []
         for i, img in enumerate(x):
@@ -180,8 +195,9 @@ def write_samples(pipeline: DiffusionPipeline, out: str | os.PathLike, n: int, s
             else:
                 name = f"sample_{i:05d}.nii.gz"
                 _write_nifti(tmp / name, img, pipeline.spacing)
-            rows.append({"file": name, "label": "" if label is None else int(label), "seed": seed + i, "sampler": sampler,
-                         "steps": steps, "guidance": guidance, "checkpoint_sha256": pipeline.checkpoint_sha256 or ""})
+            rows.append({"file": name, "label": "" if label is None else int(label), "seed": seed + i,
+                         "sampler": s["sampler"], "steps": s["steps"], "guidance": s["guidance"],
+                         "checkpoint_sha256": pipeline.checkpoint_sha256 or ""})
         with open(tmp / "manifest.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
             w.writeheader()

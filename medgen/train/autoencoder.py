@@ -1,13 +1,19 @@
 """`medgen train autoencoder`: stage 1 of latent diffusion (VQ-GAN or KL-VAE), trained with accelerate.
 
-Generator loss (Esser et al. 2021, VQGAN; Rombach et al. 2022, LDM):
+Generator loss (Esser et al. 2021, VQGAN; Rombach et al. 2022, LDM; Mueller-Franzes et al. 2023,
+Medfusion), for the output x^ and each deep-supervision output (against the input resized to it):
 
-    L_G = w_rec * |x - x^|_1 + w_perc * LPIPS(x, x^) + L_latent
-          + [step > disc_start] * (w_adv * lambda * L_hinge_G + w_fm * L_featmatch)
+    L_img = R( w_rec * |x - x^|_p + w_perc * LPIPS(x, x^) + w_ssim * (1 - SSIM(x, x^)) )
+    L_G   = sum over outputs of L_img + L_latent
+            + [step > disc_start] * (w_adv * lambda * L_hinge_G + w_fm * L_featmatch)
 
-with L_latent = beta-commitment (VQ; codebook by EMA) or w_kl * KL (KL-VAE) and lambda the
-adaptive weight. Discriminator: hinge loss on a 3D PatchGAN (whole volume) and/or a 2D PatchGAN
-(images, or random slices of volumes) as in Medical Diffusion (Khader et al. 2023).
+R is the reduction (`loss.reduction`): `mean` over pixels, or `sum` over each image's C x prod(S)
+elements and mean over the batch (LDM and Medfusion sum per sample, broadcasting the per-image
+LPIPS and SSIM over the pixels; their KL weight 1e-6 is calibrated for this). L_latent is
+w_latent * beta-commitment (VQ, a mean over latent elements; codebook by EMA) or w_kl * KL (KL-VAE,
+summed over latent elements, mean over the batch); lambda is the adaptive weight. Discriminator:
+hinge loss on a 3D PatchGAN (whole volume) and/or a 2D PatchGAN (images, or random slices of
+volumes) as in Medical Diffusion (Khader et al. 2023); feature matching sums the layers of both.
 
 The run directory follows ARCHITECTURE.md; `model/` rebuilds with `load_autoencoder`.
 """
@@ -16,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from medgen.config import to_dict
 from medgen.errors import ConfigError
@@ -42,84 +48,25 @@ from medgen.train.common import (
     make_loader,
     prepare_run_dir,
     preserved_rng,
-    process_state,
     progress_bar,
+    removes_failed_run,
     save_inference_model,
 )
-from medgen.train.preview import grid_png, mid_slices
+from medgen.train.schema import AutoencoderConfig
 from medgen.train.losses import (
     adaptive_gan_weight,
     feature_matching_loss,
     hinge_d_loss,
     hinge_g_loss,
     reconstruction_loss,
+    ssim_loss,
 )
+from medgen.train.preview import grid_png, mid_slices
 
 log = logging.getLogger(__name__)
 
-# Every key a config may set, with its default. Documented here, where it is declared.
-DEFAULTS: dict[str, Any] = {
-    "data": {"path": None, "spatial_dims": None, "channels": None, "shape": None},
-    "model": {
-        "latent": "vq",  # vq (VQ-GAN) | kl (KL-VAE)
-        "latent_channels": 4,  # channels of z; VQ: code dimension
-        "channels": [64, 128, 256],  # width per level; len-1 downsampling stages
-        "downsample": 4,  # total factor, int or one per axis, e.g. [4, 4, 1]
-        "num_res_blocks": 1,
-        "attention": False,  # self-attention at the lowest resolution
-        "num_codes": 1024,
-        "commitment": 0.25,  # beta (van den Oord et al. 2017)
-        "ema_decay": 0.99,
-        "dead_threshold": 0.01,  # EMA uses/step below which a code is restarted from the batch
-        "norm_groups": 32,
-        "gradient_checkpointing": False,
-    },
-    "discriminator": {
-        "enabled": True,
-        "volume": True,  # 3D PatchGAN on whole volumes (3D data)
-        "slices": True,  # 2D PatchGAN on random slices (3D) / on the images (2D)
-        "slices_per_volume": 1,
-        "channels": 64,
-        "num_layers": 3,
-        "norm": "group",  # group | instance (both DDP-safe; no BatchNorm)
-    },
-    "loss": {
-        "reconstruction": "l1",  # l1 | l2
-        "reconstruction_weight": 1.0,
-        "perceptual": "none",  # none | vgg16 | resnet18 | resnet50 (weights from a local file)
-        "perceptual_weights": None,  # path; default $MEDGEN_WEIGHTS_DIR/<backbone>.safetensors
-        "perceptual_weight": 1.0,
-        "perceptual_slices": 2,  # 3D: random slices per axis scored by the 2D backbone
-        "latent_weight": 1.0,  # multiplies the VQ commitment loss
-        "kl_weight": 1.0e-6,
-        "adversarial_weight": 0.5,
-        "adaptive_weight": True,  # lambda of Esser et al. 2021
-        "feature_matching_weight": 0.0,
-        "disc_start": 10000,  # generator step after which the GAN terms switch on
-    },
-    "train": {
-        "max_steps": 100000,
-        "batch_size": 4,
-        "lr": 1.0e-4,
-        "disc_lr": None,  # default: lr
-        "betas": [0.5, 0.9],
-        "weight_decay": 0.0,
-        "max_grad_norm": None,
-        "mixed_precision": "no",  # no | fp16 | bf16
-        "gradient_accumulation_steps": 1,
-        "tracker": "none",  # none | wandb
-        "seed": 0,
-        "cpu": False,
-        "num_workers": 0,
-        "log_every": 10,
-        "checkpoint_every": 1000,
-        "keep_last": 3,
-        "val_every": 1000,
-        "val_batches": 16,  # at most this many validation batches per evaluation
-        "preview_every": 1000,
-        "channels_last": True,  # NDHWC/NHWC memory format: faster cuDNN kernels on GPU
-    },
-}
+# Every key a config may set: the schema (types, defaults, allowed values, docs) in medgen/train/schema.py.
+DEFAULTS = AutoencoderConfig
 
 
 # ----------------------------------------------------------------------------- builders
@@ -135,7 +82,7 @@ def build_autoencoder(model_cfg: Any, spatial_dims: int, in_channels: int) -> Au
             num_res_blocks=int(m["num_res_blocks"]), attention=bool(m["attention"]), latent=m["latent"],
             num_codes=int(m["num_codes"]), commitment=float(m["commitment"]), ema_decay=float(m["ema_decay"]),
             dead_threshold=float(m["dead_threshold"]), norm_groups=int(m["norm_groups"]),
-            gradient_checkpointing=bool(m["gradient_checkpointing"]))
+            gradient_checkpointing=bool(m["gradient_checkpointing"]), deep_supervision=int(m["deep_supervision"]))
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
 
@@ -152,14 +99,19 @@ def build_discriminator(disc_cfg: Any, spatial_dims: int, in_channels: int) -> G
         raise ConfigError(f"discriminator: {e}") from None
 
 
-def build_perceptual(loss_cfg: Any, spatial_dims: int):
+def build_perceptual(loss_cfg: Any, spatial_dims: int, weights=None):
+    """The `loss.perceptual` network, or None; `weights` (a state_dict) overrides the file lookup."""
     name = str(cfg_get(loss_cfg, "perceptual", "none"))
     if name == "none" or float(cfg_get(loss_cfg, "perceptual_weight", 1.0)) == 0:
         return None
     from medgen.models.perceptual import PerceptualLoss
 
-    return PerceptualLoss(name, cfg_get(loss_cfg, "perceptual_weights", None), spatial_dims,
-                          int(cfg_get(loss_cfg, "perceptual_slices", 2)))
+    try:
+        return PerceptualLoss(name, weights if weights is not None else cfg_get(loss_cfg, "perceptual_weights", None),
+                              spatial_dims, int(cfg_get(loss_cfg, "perceptual_slices", 1)),
+                              tuple(int(a) for a in cfg_get(loss_cfg, "perceptual_axes", [0])))
+    except ValueError as e:
+        raise ConfigError(f"loss: {e}") from None
 
 
 # ----------------------------------------------------------------------------- one step
@@ -167,11 +119,13 @@ def build_perceptual(loss_cfg: Any, spatial_dims: int):
 
 @dataclass(frozen=True)
 class LossWeights:
-    """The `loss:` config resolved for one model (VQ: commitment weight; KL: KL weight)."""
+    """The `loss:` config resolved for one model (latent: VQ commitment weight or KL weight)."""
 
     reconstruction: str
+    reduction: str
     rec: float
     perceptual: float
+    ssim: float
     latent: float
     adversarial: float
     feature_matching: float
@@ -179,34 +133,62 @@ class LossWeights:
 
     @classmethod
     def from_config(cls, lcfg: Any, is_vq: bool) -> LossWeights:
-        return cls(str(lcfg.reconstruction), float(lcfg.reconstruction_weight), float(lcfg.perceptual_weight),
+        reduction = str(cfg_get(lcfg, "reduction", "auto"))
+        if reduction == "auto":
+            reduction = "mean" if is_vq else "sum"
+        if reduction not in ("mean", "sum") or str(lcfg.reconstruction) not in ("l1", "l2"):
+            raise ConfigError(f"loss.reduction must be auto, mean or sum (got {reduction!r}) and "
+                              f"loss.reconstruction l1 or l2 (got {lcfg.reconstruction!r})")
+        return cls(str(lcfg.reconstruction), reduction, float(lcfg.reconstruction_weight),
+                   float(lcfg.perceptual_weight) if str(cfg_get(lcfg, "perceptual", "none")) != "none" else 0.0,
+                   float(cfg_get(lcfg, "ssim_weight", 0.0)),
                    float(lcfg.latent_weight) if is_vq else float(lcfg.kl_weight), float(lcfg.adversarial_weight),
                    float(lcfg.feature_matching_weight), bool(lcfg.adaptive_weight))
 
 
+def image_loss(recon: torch.Tensor, target: torch.Tensor, w: LossWeights, perceptual=None):
+    """L_img of one output: (weighted, reduced loss; unweighted per-element means for the log).
+
+    `sum` multiplies the means by the C x prod(S) elements of one image: the per-pixel terms
+    summed per image, and the per-image LPIPS and 1 - SSIM counted once per pixel, as LDM's and
+    Medfusion's broadcast (B, 1, 1, 1) + (B, C, H, W) does before their sum / B.
+    """
+    terms = {"reconstruction": reconstruction_loss(recon, target, w.reconstruction)}
+    loss = w.rec * terms["reconstruction"]
+    if perceptual is not None and w.perceptual:
+        terms["perceptual"] = perceptual(recon, target)
+        loss = loss + w.perceptual * terms["perceptual"]
+    if w.ssim:
+        terms["ssim"] = ssim_loss(recon, target)
+        loss = loss + w.ssim * terms["ssim"]
+    scale = recon[0].numel() if w.reduction == "sum" else 1
+    return scale * loss, terms
+
+
 def generator_loss(model, x: torch.Tensor, w: LossWeights, perceptual=None, disc: GANDiscriminator | None = None,
                    last_layer: torch.Tensor | None = None):
-    """The generator objective of one batch (call under autocast).
+    """The generator objective of one batch (call under autocast); see the module docstring.
 
     `disc` is the plain (not DDP-wrapped) discriminator, given once the GAN terms are on; its
     parameters are frozen for this pass, so its DDP wrapper sees only the discriminator step.
     Returns (loss, recon, aux, logs, slice_index); `slice_index` feeds `discriminator_loss`.
     """
-    logs: dict[str, torch.Tensor] = {}
     recon, aux = model(x)
-    rec = reconstruction_loss(recon, x, w.reconstruction)
-    nll = w.rec * rec
-    if perceptual is not None:
-        perc = perceptual(recon, x)
-        nll = nll + w.perceptual * perc
-        logs["loss/perceptual"] = perc.detach()
+    nll, terms = image_loss(recon, x, w, perceptual)
+    logs: dict[str, torch.Tensor] = {f"loss/{k}": v.detach() for k, v in terms.items()}
+    if aux["deep"]:
+        # Medfusion: each deep-supervision output against the input resized to it (nearest-exact)
+        deep = sum(image_loss(d, F.interpolate(x, size=d.shape[2:], mode="nearest-exact"), w, perceptual)[0]
+                   for d in aux["deep"])
+        nll = nll + deep
+        logs["loss/deep_supervision"] = deep.detach()
     loss = nll + w.latent * aux["latent_loss"]
     slice_index = None
     if disc is not None:
         disc.requires_grad_(False)
         slice_index = disc.draw_slices(x)
         fake_feats = disc(recon, slice_index)
-        adv = sum(hinge_g_loss(f[-1]) for f in fake_feats.values())
+        adv = sum(hinge_g_loss(f[-1]) for f in fake_feats.values())  # Medical Diffusion: image + video terms
         lam = adaptive_gan_weight(nll, adv, last_layer) if w.adaptive else torch.ones((), device=x.device)
         loss = loss + w.adversarial * lam * adv
         if w.feature_matching > 0:
@@ -217,8 +199,7 @@ def generator_loss(model, x: torch.Tensor, w: LossWeights, perceptual=None, disc
             logs["loss/feature_matching"] = fm.detach()
         disc.requires_grad_(True)
         logs["loss/g_adv"], logs["gan_weight"] = adv.detach(), lam
-    logs.update({"loss/total": loss.detach(), "loss/reconstruction": rec.detach(),
-                 "loss/latent": aux["latent_loss"].detach()})
+    logs.update({"loss/total": loss.detach(), "loss/latent": aux["latent_loss"].detach()})
     return loss, recon, aux, logs, slice_index
 
 
@@ -252,15 +233,13 @@ def plain_train_step(model, x: torch.Tensor, weights: LossWeights, opt_g, autoca
 def estimate_memory(cfg, steps: int = 2) -> dict[str, Any]:
     """Peak tensor memory of training steps at the config's batch size and `data.shape`, measured
     on the CPU (medgen.profiling.TensorMemory), with every network the config builds and the GAN
-    terms on (the costliest phase). Nothing is read or written; a missing perceptual weights file
-    is replaced by a random backbone of the same architecture (same memory).
+    terms on (the costliest phase). Nothing is read or written: the perceptual backbone is a
+    random one of the same architecture (same memory).
 
     The figure is what `torch.cuda.max_memory_allocated` would report, less cuDNN workspaces and
     allocator overhead; add the CUDA context (~0.5 GiB) for the card's total.
     """
-    import torchvision
-
-    from medgen.errors import WeightsError
+    from medgen.models.perceptual import random_backbone_state
     from medgen.profiling import measure_steps
 
     shape = cfg_get(cfg.data, "shape", None)
@@ -277,14 +256,8 @@ def estimate_memory(cfg, steps: int = 2) -> dict[str, Any]:
     if any(s % f for s, f in zip(shape, model.downsample_factors)):
         raise ConfigError(f"data.shape {shape} is not divisible by model.downsample {list(model.downsample_factors)}")
     disc = build_discriminator(cfg.discriminator, spatial_dims, in_channels)
-    try:
-        perceptual = build_perceptual(cfg.loss, spatial_dims)
-    except WeightsError:
-        from medgen.models.perceptual import PerceptualLoss
-
-        name = str(cfg.loss.perceptual)
-        perceptual = PerceptualLoss(name, getattr(torchvision.models, name)(weights=None).state_dict(), spatial_dims,
-                                    int(cfg_get(cfg.loss, "perceptual_slices", 2)))
+    name = str(cfg.loss.perceptual)
+    perceptual = build_perceptual(cfg.loss, spatial_dims, random_backbone_state(name) if name != "none" else None)
     weights = LossWeights.from_config(cfg.loss, model.latent == "vq")
     betas = tuple(float(b) for b in cfg.train.betas)
     opt_g = torch.optim.Adam(model.parameters(), lr=float(cfg.train.lr), betas=betas)
@@ -377,35 +350,39 @@ def write_preview(path: Path, real: torch.Tensor, recon: torch.Tensor, n: int = 
 # ----------------------------------------------------------------------------- training
 
 
-def _loader_datasets(cfg, run_dir, accelerator):
+@dataclass
+class _Stage1:
+    """The networks, optimizers and loaders of one run, after `accelerator.prepare`."""
+
+    accelerator: Any
+    model: Any
+    opt_g: Any
+    disc: Any | None
+    opt_d: Any | None
+    perceptual: Any | None
+    train_loader: Any
+    sampler: EpochSampler
+    val_loader: Any | None
+    spatial_dims: int
+    shape: tuple[int, ...]
+
+    @property
+    def raw_model(self) -> Autoencoder:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def raw_disc(self) -> GANDiscriminator | None:
+        return self.accelerator.unwrap_model(self.disc) if self.disc is not None else None
+
+
+def _prepare(cfg, run_dir: Path) -> _Stage1:
+    """Data (split.json written by the main process first), networks, optimizers, loaders."""
     from medgen.data import datasets_from_config
 
-    with accelerator.main_process_first():  # the main process writes split.json first
-        return datasets_from_config(cfg.data, run_dir)
-
-
-def train_autoencoder(cfg, out: str | Path, resume: str | None = None) -> Path:
-    """Train per `cfg` (see DEFAULTS) into run directory `out`; returns the run directory."""
-    if cfg_get(cfg.data, "path") is None:
-        raise ConfigError("data.path is not set; pass data.path=DIR (a dataset folder or manifest.csv)")
-    is_main = process_state(cfg.train).is_main_process
-    fresh = not (Path(out).exists() and any(Path(out).iterdir()))
-    run_dir = prepare_run_dir(out, cfg, resume)
-    state = {"started": False}
-    try:
-        return _train(cfg, run_dir, resume, state)
-    except BaseException:
-        # a new run that fails before its first step (bad config, data, weights) leaves no folder
-        # behind, so the corrected command can reuse --out
-        if fresh and not state["started"] and is_main:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-
-
-def _train(cfg, run_dir: Path, resume: str | None, state: dict) -> Path:
-    tcfg, lcfg = cfg.train, cfg.loss
+    tcfg = cfg.train
     accelerator = build_accelerator(tcfg, run_dir)
-    splits = _loader_datasets(cfg, run_dir, accelerator)
+    with accelerator.main_process_first():
+        splits = datasets_from_config(cfg.data, run_dir)
     train_ds, val_ds = splits["train"], splits["val"]
     if len(train_ds) == 0:
         raise ConfigError(f"the training split of {cfg.data.path} is empty")
@@ -417,7 +394,7 @@ def _train(cfg, run_dir: Path, resume: str | None, state: dict) -> Path:
         raise ConfigError(f"image shape {list(shape)} is not divisible by model.downsample "
                           f"{list(model.downsample_factors)}; set data.shape to a multiple")
     disc = build_discriminator(cfg.discriminator, spatial_dims, in_channels)
-    perceptual = build_perceptual(lcfg, spatial_dims)
+    perceptual = build_perceptual(cfg.loss, spatial_dims)
     lr = float(tcfg.lr)
     betas = tuple(float(b) for b in tcfg.betas)
     opt_g = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, weight_decay=float(tcfg.weight_decay))
@@ -425,11 +402,11 @@ def _train(cfg, run_dir: Path, resume: str | None, state: dict) -> Path:
              if disc is not None else None)
 
     seed = int(tcfg.seed)
-    batch_size = int(tcfg.batch_size)
     sampler = EpochSampler(len(train_ds), shuffle=True, seed=seed)
-    train_loader = make_loader(train_ds, batch_size, sampler, int(tcfg.num_workers), drop_last=True, seed=seed)
-    val_loader = (make_loader(val_ds, batch_size, EpochSampler(len(val_ds), shuffle=False), int(tcfg.num_workers),
-                              drop_last=False) if len(val_ds) else None)
+    train_loader = make_loader(train_ds, int(tcfg.batch_size), sampler, int(tcfg.num_workers), drop_last=True,
+                               seed=seed)
+    val_loader = (make_loader(val_ds, int(tcfg.batch_size), EpochSampler(len(val_ds), shuffle=False),
+                              int(tcfg.num_workers), drop_last=False) if len(val_ds) else None)
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         if bool(tcfg.channels_last):
@@ -437,96 +414,108 @@ def _train(cfg, run_dir: Path, resume: str | None, state: dict) -> Path:
             if disc is not None:
                 to_channels_last(disc)  # 3D runs mix 3D (volume) and 2D (slice) convs
 
-    objects = [model, opt_g] + ([disc, opt_d] if disc is not None else [])
-    prepared = accelerator.prepare(*objects, train_loader)
-    model, opt_g = prepared[0], prepared[1]
     if disc is not None:
-        disc, opt_d = prepared[2], prepared[3]
-    train_loader = prepared[-1]
+        model, opt_g, disc, opt_d, train_loader = accelerator.prepare(model, opt_g, disc, opt_d, train_loader)
+    else:
+        model, opt_g, train_loader = accelerator.prepare(model, opt_g, train_loader)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
     if perceptual is not None:
         perceptual.to(accelerator.device)
-    raw_model = accelerator.unwrap_model(model)
-    raw_disc = accelerator.unwrap_model(disc) if disc is not None else None
+    return _Stage1(accelerator, model, opt_g, disc, opt_d, perceptual, train_loader, sampler, val_loader,
+                   spatial_dims, shape)
 
+
+def _train_step(run: _Stage1, batches, step: int, weights: LossWeights, gan_on: bool, tcfg):
+    """One optimizer step of the generator (and, with the GAN on, of the discriminator) over
+    `gradient_accumulation_steps` micro-batches; returns (logs, last input, last reconstruction)."""
+    accelerator = run.accelerator
+    grad_clip = cfg_get(tcfg, "grad_clip", None)
+    logs: dict[str, torch.Tensor] = {}
+    for _ in range(int(cfg_get(tcfg, "gradient_accumulation_steps", 1))):
+        x = next(batches)["image"]
+        if bool(tcfg.channels_last) and x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last if run.spatial_dims == 2 else torch.channels_last_3d)
+        # one accumulate block per micro-batch for both networks: accelerate counts micro-batches
+        # per block, and a second block would shift the generator's and discriminator's sync
+        with accelerator.accumulate(*([run.model, run.disc] if run.disc is not None else [run.model])):
+            # ---- generator
+            with accelerator.autocast():
+                g_loss, recon, aux, step_logs, slice_idx = generator_loss(
+                    run.model, x, weights, run.perceptual, run.raw_disc if gan_on else None, run.raw_model.last_layer)
+            check_finite(g_loss, step, "generator loss", accelerator)
+            accelerator.backward(g_loss)
+            if grad_clip and accelerator.sync_gradients:
+                logs["grad_norm"] = accelerator.clip_grad_norm_(run.model.parameters(), float(grad_clip))
+            run.opt_g.step()
+            run.opt_g.zero_grad(set_to_none=True)
+            # ---- discriminator
+            if gan_on:
+                with accelerator.autocast():
+                    d_loss = discriminator_loss(run.disc, x, recon, slice_idx, weights)
+                check_finite(d_loss, step, "discriminator loss", accelerator)
+                accelerator.backward(d_loss)
+                if grad_clip and accelerator.sync_gradients:
+                    logs["grad_norm_d"] = accelerator.clip_grad_norm_(run.disc.parameters(), float(grad_clip))
+                run.opt_d.step()
+                run.opt_d.zero_grad(set_to_none=True)
+                logs["loss/d"] = d_loss.detach()
+        logs.update(step_logs)
+        for k in ("perplexity", "usage", "restarted"):
+            if k in aux:
+                logs[f"codebook/{k}"] = aux[k]
+    return logs, x, recon
+
+
+@removes_failed_run
+def train_autoencoder(cfg, out: str | Path, resume: str | None = None) -> Path:
+    """Train per `cfg` (see DEFAULTS) into run directory `out`; returns the run directory."""
+    if cfg_get(cfg.data, "path") is None:
+        raise ConfigError("data.path is not set; pass data.path=DIR (a dataset folder or manifest.csv)")
+    return _train(cfg, prepare_run_dir(out, cfg, resume), resume)
+
+
+def _train(cfg, run_dir: Path, resume: str | None) -> Path:
+    tcfg = cfg.train
+    weights = LossWeights.from_config(cfg.loss, str(cfg.model.latent) == "vq")
+    run = _prepare(cfg, run_dir)
+    accelerator = run.accelerator
     ckpt = CheckpointManager(run_dir, keep_last=int(tcfg.keep_last))
     start = int(ckpt.resume(accelerator, resume)["step"]) if resume else 0
     metrics_log = MetricsLogger(run_dir, accelerator, truncate_after=start if resume else None)
     init_tracker(accelerator, cfg, run_dir)
-    val_metrics = ReconstructionMetrics(spatial_dims, shape)
+    val_metrics = ReconstructionMetrics(run.spatial_dims, run.shape)
 
     accum = int(cfg_get(tcfg, "gradient_accumulation_steps", 1))
-    batches = infinite_batches(accelerator, train_loader, sampler, start * accum, seed=seed)
-    max_steps = int(tcfg.max_steps)
-    disc_start = int(lcfg.disc_start)
-    is_vq = raw_model.latent == "vq"
-    weights = LossWeights.from_config(lcfg, is_vq)
-    max_norm = cfg_get(tcfg, "max_grad_norm", None)
-    samples_dir = run_dir / "samples"
+    batches = infinite_batches(accelerator, run.train_loader, run.sampler, start * accum, seed=int(tcfg.seed))
+    max_steps, disc_start = int(tcfg.max_steps), int(cfg.loss.disc_start)
     bar = progress_bar(accelerator, max_steps, start, desc="autoencoder")
     tic = time.perf_counter()
 
     step = start
-    state["started"] = True
     while step < max_steps:
         step += 1
-        gan_on = disc is not None and step > disc_start
-        logs: dict[str, torch.Tensor] = {}
-        for _ in range(accum):
-            batch = next(batches)
-            x = batch["image"]
-            if bool(tcfg.channels_last) and x.is_cuda:
-                x = x.contiguous(memory_format=torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
-            # one accumulate block per micro-batch for both networks: accelerate counts micro-batches
-            # per block, and a second block would shift the generator's and discriminator's sync
-            with accelerator.accumulate(*([model, disc] if disc is not None else [model])):
-                # ---- generator
-                with accelerator.autocast():
-                    g_loss, recon, aux, step_logs, slice_idx = generator_loss(
-                        model, x, weights, perceptual, raw_disc if gan_on else None, raw_model.last_layer)
-                check_finite(g_loss, step, "generator loss", accelerator)
-                accelerator.backward(g_loss)
-                if max_norm and accelerator.sync_gradients:
-                    logs["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), float(max_norm))
-                opt_g.step()
-                opt_g.zero_grad(set_to_none=True)
-                # ---- discriminator
-                if gan_on:
-                    with accelerator.autocast():
-                        d_loss = discriminator_loss(disc, x, recon, slice_idx, weights)
-                    check_finite(d_loss, step, "discriminator loss", accelerator)
-                    accelerator.backward(d_loss)
-                    opt_d.step()
-                    opt_d.zero_grad(set_to_none=True)
-                    logs["loss/d"] = d_loss.detach()
-            logs.update(step_logs)
-            for k in ("perplexity", "usage", "restarted"):
-                if k in aux:
-                    logs[f"codebook/{k}"] = aux[k]
-
+        logs, x, recon = _train_step(run, batches, step, weights, run.disc is not None and step > disc_start, tcfg)
         if step % int(tcfg.log_every) == 0 or step == max_steps or step == start + 1:
-            elapsed = time.perf_counter() - tic
-            row = {k: v for k, v in logs.items()}
-            row["steps_per_s"] = (step - start) / max(elapsed, 1e-9)
-            metrics_log.log(step, row)
+            metrics_log.log(step, {**logs, "steps_per_s": (step - start) / max(time.perf_counter() - tic, 1e-9)})
             bar.set_postfix(loss=f"{logs['loss/total'].item():.4f}", rec=f"{logs['loss/reconstruction'].item():.4f}")
         bar.update(1)
         # validation and previews leave the training RNG untouched (a resumed run stays identical)
-        if val_loader is not None and (step % int(tcfg.val_every) == 0 or step == max_steps):
+        if run.val_loader is not None and (step % int(tcfg.val_every) == 0 or step == max_steps):
             with preserved_rng():
-                metrics_log.log(step, validate(accelerator, model, val_loader, val_metrics, int(tcfg.val_batches)))
+                metrics_log.log(step, validate(accelerator, run.model, run.val_loader, val_metrics,
+                                               int(tcfg.val_batches)))
         if accelerator.is_main_process and (step % int(tcfg.preview_every) == 0 or step == max_steps):
             with preserved_rng():
-                write_preview(samples_dir / f"recon_step_{step}.png", x, recon)
+                write_preview(run_dir / "samples" / f"recon_step_{step}.png", x, recon)
         if step % int(tcfg.checkpoint_every) == 0 or step == max_steps:
             ckpt.save(accelerator, step, {"max_steps": max_steps})
     bar.close()
     if accelerator.is_main_process:
-        config = raw_model.config()
+        config = run.raw_model.config()
         config.update({"data": to_dict(cfg.data), "step": step,
-                       "kind": "vqgan" if is_vq else "kl-vae"})
-        save_inference_model(raw_model, run_dir / "model", config)
+                       "kind": "vqgan" if run.raw_model.latent == "vq" else "kl-vae"})
+        save_inference_model(run.raw_model, run_dir / "model", config)
         log.info("autoencoder saved to %s", run_dir / "model")
     accelerator.wait_for_everyone()
     accelerator.end_training()

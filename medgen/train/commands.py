@@ -1,7 +1,8 @@
 """`medgen train <stage>`: one top-level command, one sub-command per training stage.
 
 Every stage shares `--config`, `--out`, `--resume`, `--estimate-memory` and positional
-`key=value` overrides and provides `train_from_args(args) -> int`, `DEFAULTS` and
+`key=value` overrides and provides `train_from_args(args) -> int`, `DEFAULTS` (its config
+schema, medgen/train/schema.py; `medgen config show STAGE` prints it) and
 `estimate_memory(cfg) -> dict` in `medgen.train.<stage>`. Adding a stage is one more entry in
 `STAGES`; its module is imported only when that stage runs.
 """
@@ -29,13 +30,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure the peak tensor memory of a training step at the config's sizes "
                              "(on the CPU, nothing written), print it and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. data.path=DIR train.max_steps=2000 train.mixed_precision=bf16")
+                        help="config overrides, e.g. data.path=DIR train.max_steps=2000 train.mixed_precision=bf16 "
+                             "(`medgen config show STAGE` lists every key)")
 
 
 def _run(name: str, module: str):
     def run(args: argparse.Namespace) -> int:
         stage = importlib.import_module(module)
-        if args.estimate_memory:  # every stage module has DEFAULTS and estimate_memory(cfg)
+        if args.estimate_memory:  # every stage module has DEFAULTS (its schema) and estimate_memory(cfg)
             from medgen.config import load_config
             from medgen.train.common import print_memory_estimate
 

@@ -2,8 +2,8 @@
 
 Nothing here knows what is being trained. A loop built on it looks like::
 
-    cfg = load_run_config(args.config, args.out, args.resume, args.overrides, DEFAULTS)
-    run_dir = prepare_run_dir(args.out, cfg, resume=args.resume)
+    cfg = load_run_config(args.config, args.out, args.resume, args.overrides, DEFAULTS)  # DEFAULTS: the schema
+    run_dir = prepare_run_dir(args.out, cfg, resume=args.resume)  # in a trainer decorated @removes_failed_run
     accelerator = build_accelerator(cfg.train, run_dir)
     model, opt, loader = accelerator.prepare(model, opt, loader)
     ckpt = CheckpointManager(run_dir, keep_last=cfg.train.keep_last)
@@ -28,21 +28,23 @@ for resuming *your own* run; the distributable artifact is `model/` (safetensors
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
 
-from medgen.config import load_config, save_config, to_dict
+from medgen.config import check_input_paths, load_config, save_config, to_dict
 from medgen.errors import ConfigError, RunError, TrainingError
-from medgen.io import atomic_write_json
+from medgen.io import OUTPUT_MARKER, apply_umask_modes, atomic_write_json, mark_output
 from medgen.models.serialization import (  # noqa: F401  (re-exported: part of the training API)
     MODEL_CONFIG,
     MODEL_WEIGHTS,
@@ -165,27 +167,32 @@ def init_tracker(accelerator, cfg: Any, run_dir: str | os.PathLike, project: str
 
 
 def load_run_config(config: str | None, out: str | os.PathLike, resume: str | None,
-                    overrides: Sequence[str] = (), defaults: dict | None = None):
-    """Resolve the config of a new or resumed run.
+                    overrides: Sequence[str] = (), schema: type | None = None):
+    """Resolve the config of a new or resumed run, checked against the stage's `schema` (and its
+    input paths exist).
 
-    New run: `defaults <- config <- overrides`. Resume without `--config`: the run's own
+    New run: `schema defaults <- config <- overrides`. Resume without `--config`: the run's own
     `config.yaml` plus overrides (e.g. `train.max_steps=20000` to extend a run).
     """
     saved = Path(out) / "config.yaml"
-    if config is None:
-        if resume and saved.is_file():
-            return load_config(saved, overrides, defaults)
+    if config is None and not (resume and saved.is_file()):
         raise ConfigError("--config is required (or --resume an existing run that has config.yaml)")
-    return load_config(config, overrides, defaults)
+    cfg = load_config(saved if config is None else config, overrides, schema)
+    check_input_paths(cfg)  # data.path, autoencoder.run, ... exist
+    return cfg
 
 
 def prepare_run_dir(out: str | os.PathLike, cfg: Any, resume: str | None = None) -> Path:
-    """Create the run directory and save the resolved `config.yaml`.
+    """Check what can be checked without reading data, then create the run directory and save
+    the resolved `config.yaml`.
 
-    A new run refuses a non-empty `out` (so a typo never mixes two runs); pass `resume` to
-    continue one. Under `accelerate launch` only the main process checks and writes; the
-    others wait for it.
+    Checked before `out` is created: the config's input paths exist (`data.path`,
+    `autoencoder.run`, ... : the keys declared with `exists=True`), the `--resume` checkpoint
+    exists, and a new run does not reuse a non-empty `out` (so a typo never mixes two runs;
+    pass `resume` to continue one). Under `accelerate launch` only the main process creates and
+    writes; the others wait for it.
     """
+    check_input_paths(cfg)
     state = process_state(cfg_get(cfg, "train"))
     out = Path(out)
     if state.is_main_process:
@@ -194,10 +201,39 @@ def prepare_run_dir(out: str | os.PathLike, cfg: Any, resume: str | None = None)
                            f"or choose a new --out")
         if resume not in (None, "latest") and not Path(resume).exists():
             raise RunError(f"--resume {resume}: no such checkpoint folder")
+        if resume is not None and (out / "model").is_dir() and not (out / "model" / OUTPUT_MARKER).exists():
+            mark_output(out / "model", "medgen train")  # a run from before output markers: its model/ is replaced at the end
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     state.wait_for_everyone()
     return out
+
+
+def removes_failed_run(train: Callable[..., Path]) -> Callable[..., Path]:
+    """Decorate a trainer `train(cfg, out, resume=None)`: when a run whose folder was new (absent
+    or empty) fails before its first checkpoint, what it created is removed, so the corrected
+    command reuses `--out` without `--resume`. A folder that existed (e.g. the current
+    directory) is emptied, never removed.
+    """
+
+    @functools.wraps(train)
+    def wrapper(cfg: Any, out: str | os.PathLike, resume: str | None = None, *args: Any, **kwargs: Any) -> Path:
+        out = Path(out)
+        existed = out.exists()
+        fresh = not existed or (out.is_dir() and not any(out.iterdir()))
+        try:
+            return train(cfg, out, resume, *args, **kwargs)
+        except BaseException:
+            if fresh and out.is_dir() and process_state(cfg_get(cfg, "train")).is_main_process \
+                    and not CheckpointManager(out).list():
+                for child in list(out.iterdir()) if existed else []:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+                if not existed:
+                    shutil.rmtree(out, ignore_errors=True)
+                log.debug("removed the failed run's folder %s (no checkpoint was written)", out)
+            raise
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -245,6 +281,7 @@ class CheckpointManager:
             if accelerator.is_main_process:
                 state = {"step": int(step), "time": time.time(), **(extra or {})}
                 atomic_write_json(tmp / EXTRA_STATE, state)
+                apply_umask_modes(tmp)
                 if final.exists():  # re-saving the same step (e.g. final save == periodic save)
                     shutil.rmtree(final)
                 os.replace(tmp, final)
@@ -331,11 +368,50 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def progress_bar(accelerator, total: int, initial: int = 0, desc: str = "train"):
-    """tqdm bar (steps, it/s, postfix for losses) on the main process only."""
+    """Progress on the main process: a tqdm bar on a terminal; in a log file (stderr not a
+    terminal) a `ProgressLog` line every 1% of the run (at least 10 steps) instead of one endless
+    bar line."""
+    if accelerator.is_main_process and not sys.stderr.isatty():
+        return ProgressLog(total, initial, desc)
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, unit="step",
                 disable=not accelerator.is_main_process)
+
+
+class ProgressLog:
+    """The part of tqdm's interface the loops use (`update`, `set_postfix`, `close`), writing
+    `desc: step N/T (P%), R step/s, ETA, postfix` to stderr every `every` steps, and at least
+    every `max_interval_s` seconds."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "train", every: int | None = None,
+                 max_interval_s: float = 300.0):
+        self.total, self.n, self.start, self.desc = int(total), int(initial), int(initial), desc
+        self.every = every or max(10, (self.total - self.start) // 100)  # ~1% of the run, >= 10 steps
+        self.max_interval_s = max_interval_s
+        self.postfix = ""
+        self.t0 = self.last = time.perf_counter()
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if (self.n - self.start) % self.every == 0 or self.n >= self.total or now - self.last >= self.max_interval_s:
+            self._line(now)
+
+    def _line(self, now: float) -> None:
+        self.last = now
+        rate = (self.n - self.start) / max(now - self.t0, 1e-9)
+        eta = (self.total - self.n) / rate if rate > 0 else 0.0
+        pct = 100.0 * self.n / max(self.total, 1)
+        print(f"{self.desc}: step {self.n}/{self.total} ({pct:.0f}%), {rate:.2f} step/s, "
+              f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}" + (f", {self.postfix}" if self.postfix else ""),
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 # ----------------------------------------------------------------------------- NaN guard

@@ -1,20 +1,26 @@
 """`medgen train diffusion`: stage 2, a 2D/3D denoiser in latent or pixel space, with accelerate.
 
 Latent mode (`autoencoder.run` set; Rombach et al. 2022, Medfusion: Mueller-Franzes et al. 2023,
-Medical Diffusion: Khader et al. 2023): the dataset is encoded once by the frozen stage-1
-autoencoder into a latent cache (`medgen encode` format; or reuse `autoencoder.cache`), the
-latents are multiplied by the cache's `scale_factor` (1/std), and the denoiser trains on the
-training subjects' latents only. The autoencoder's inference folder is copied into the run
-(`RUN/autoencoder/`), so a run samples and decodes on its own. Pixel mode (`autoencoder.run`
-unset): the denoiser trains on the preprocessed images/volumes in [-1, 1].
+Medical Diffusion: Khader et al. 2023): the training subjects' images, and only theirs, are
+encoded once by the frozen stage-1 autoencoder into a latent cache (`RUN/latents`, `medgen encode`
+format; or reuse `autoencoder.cache`, of which the training subjects are used). Which latents
+(`latent.source`: VQ code vectors or the encoder's output before quantization) and how they are
+scaled (`latent.scaling`: 1/std, the codebook's range to [-1, 1], or none) is computed on the
+training subjects alone (medgen.diffusion.latents). The autoencoder's inference folder is copied
+into the run (`RUN/autoencoder/`), so a run samples and decodes on its own. Pixel mode
+(`autoencoder.run` unset): the denoiser trains on the preprocessed images/volumes in [-1, 1].
+Validation and hold-out subjects never reach the denoiser, nor the run folder's latents.
 
-EMA of the denoiser weights (diffusers' `EMAModel`) is what previews and `model/` use; it holds
-the denoiser's parameters only, never the frozen autoencoder.
+EMA of the denoiser weights (diffusers' `EMAModel`, `ema.enabled`) is what previews and `model/`
+use; it holds the denoiser's parameters only, never the frozen autoencoder. Every step count
+(`train.max_steps`, `train.lr_warmup_steps`, `ema.every`, `ema.update_after`) is in optimizer
+steps, whatever the number of processes and `train.gradient_accumulation_steps`.
 
 Checkpoints (`checkpoints/step_N/`): accelerate state (weights as safetensors) plus
 `ema.safetensors` and `ema.json`, written through accelerate's save/load-state hooks inside the
 atomic checkpoint folder. `model/`: EMA weights + `config.json` (network, schedule, sample shape,
-latent scale factor, spacing) for `medgen.load_pipeline` / `medgen sample`.
+latent scaling, spacing, the sampler of the `sample:` section) for `medgen.load_pipeline` /
+`medgen sample`.
 """
 
 from __future__ import annotations
@@ -24,17 +30,20 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
 from medgen.config import to_dict
 from medgen.diffusion import DiffusionLoss, NoiseSchedule, default_sampler, generators, sample_loop
+from medgen.diffusion.latents import LatentScaling, decode_latents
 from medgen.errors import ConfigError, RunError
 from medgen.io import atomic_write_bytes, atomic_write_json, sha256_file
 from medgen.models.unet import build_denoiser
 from medgen.train.preview import grid_png
+from medgen.train.schema import DiffusionConfig
 from medgen.train.common import (
     CheckpointManager,
     EpochSampler,
@@ -51,70 +60,14 @@ from medgen.train.common import (
     prepare_run_dir,
     preserved_rng,
     progress_bar,
-    read_metrics,
+    removes_failed_run,
     save_inference_model,
 )
 
 log = logging.getLogger(__name__)
 
-# Every key a config may set, with its default. Documented here, where it is declared.
-DEFAULTS: dict[str, Any] = {
-    # pixel mode: the dataset; latent mode: defaults to the autoencoder run's data section
-    "data": {"path": None, "spatial_dims": None, "channels": None, "shape": None},
-    "autoencoder": {
-        "run": None,  # stage-1 run dir (or model folder): latent mode; null: pixel mode
-        "cache": None,  # an existing `medgen encode` folder; null: encode into RUN/latents
-        "encode_batch_size": 8,
-    },
-    "model": {
-        "backbone": "medgen",  # medgen (ours) | monai (MONAI DiffusionModelUNet, the reference)
-        "channels": [64, 128, 256, 512],  # width per level; each level after the first halves the size
-        "num_res_blocks": 2,
-        "attention_levels": [False, False, True, True],
-        "head_channels": 64,
-        "norm_groups": 32,
-        "dropout": 0.0,
-        "gradient_checkpointing": False,
-        "conditional": "auto",  # auto (class-conditional when the data has labels) | true | false
-        "num_classes": None,  # default: max label + 1
-    },
-    "diffusion": {  # medgen.diffusion.NoiseSchedule
-        "schedule": "scaled_linear",  # linear | scaled_linear | cosine
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "zero_terminal_snr": False,  # Lin et al. 2024; needs prediction v or x0
-        "prediction": "v",  # v | eps | x0; v: every sampler clean in pixel space (eval/RESULTS.md "Samplers")
-    },
-    "loss": {
-        "type": "l2",  # l2 | l1
-        "min_snr_gamma": None,  # e.g. 5.0 (Hang et al. 2023)
-        "cond_drop_prob": 0.1,  # per-sample label dropout for classifier-free guidance
-    },
-    "ema": {"decay": 0.9999, "warmup": True, "power": 0.6667, "update_after": 0},
-    # previews; sampler/steps null: the measured default per space (medgen.diffusion.default_sampler)
-    "sample": {"sampler": None, "steps": None, "guidance": 1.0, "n_preview": 8},
-    "train": {
-        "max_steps": 100000,
-        "batch_size": 16,
-        "lr": 1.0e-4,
-        "lr_warmup_steps": 0,
-        "betas": [0.9, 0.999],
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
-        "mixed_precision": "no",  # no | fp16 | bf16
-        "gradient_accumulation_steps": 1,
-        "tracker": "none",  # none | wandb
-        "seed": 0,
-        "cpu": False,
-        "num_workers": 0,
-        "log_every": 10,
-        "checkpoint_every": 1000,
-        "keep_last": 3,
-        "preview_every": 1000,
-        "compile": False,  # torch.compile the denoiser (GPU; runs it channels-last)
-    },
-}
+# Every key a config may set: the schema (types, defaults, allowed values, docs) in medgen/train/schema.py.
+DEFAULTS = DiffusionConfig
 
 EMA_WEIGHTS = "ema.safetensors"
 EMA_STATE = "ema.json"
@@ -124,16 +77,24 @@ EMA_STATE = "ema.json"
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Scaled latents from a cache: item = {"image": (C, *S'), "label": long}."""
+    """Scaled latents from a cache: item = {"image": (C, *S'), "label": long}.
 
-    def __init__(self, latents: torch.Tensor, labels: list[int]):
-        self.latents, self.labels = latents, torch.tensor(labels, dtype=torch.long)
+    With `std` (the scaled posterior std of a KL autoencoder, `latent.source=posterior_sample`)
+    each item is a fresh draw mean + std * N(0, 1) (Medfusion), from the global RNG, which the
+    training loop's data stream (`common.DataRNG`) keeps apart from the training noise.
+    """
+
+    def __init__(self, latents: torch.Tensor, labels: list[int], std: torch.Tensor | None = None):
+        self.latents, self.labels, self.std = latents, torch.tensor(labels, dtype=torch.long), std
 
     def __len__(self) -> int:
         return len(self.latents)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"image": self.latents[i], "label": self.labels[i]}
+        z = self.latents[i]
+        if self.std is not None:
+            z = z + self.std[i] * torch.randn_like(z)
+        return {"image": z, "label": self.labels[i]}
 
 
 def _autoencoder_model_dir(path: str | Path) -> Path:
@@ -178,48 +139,89 @@ def build_training_data(cfg, run_dir: Path, accelerator) -> dict[str, Any]:
         raise ConfigError(f"the training split of {data_cfg['path']} is empty")
     labels_seen = sorted({s.label for s in train_images.samples if s.label is not None})
     info: dict[str, Any] = {"data": data_cfg, "spacing": _spacing(str(train_images.samples[0].path), data_cfg),
-                            "num_labels": (max(labels_seen) + 1) if labels_seen else 0, "latent": None}
-    run = cfg_get(cfg.autoencoder, "run")
-    if run is None:
+                            "num_labels": (max(labels_seen) + 1) if labels_seen else 0, "latent": None,
+                            "image_shape": list(train_images[0]["image"].shape)}
+    if cfg_get(cfg.autoencoder, "run") is None:
         info["dataset"] = train_images
-        info["image_shape"] = list(train_images[0]["image"].shape)
         info["sample_shape"] = info["image_shape"]
         return info
+    return {**info, **_training_latents(cfg, run_dir, accelerator, data_cfg, train_images)}
 
-    # ---- latent mode
-    from medgen.train.encode import encode_dataset, load_latent_cache
 
+def _training_latents(cfg, run_dir: Path, accelerator, data_cfg: dict, train_images) -> dict[str, Any]:
+    """Latent mode: the training subjects' latents, scaled on them alone (`latent.*`)."""
+    from medgen.train.encode import encode_dataset, load_latent_cache, load_latent_logvar
+
+    run = cfg_get(cfg.autoencoder, "run")
+    source = str(cfg_get(cfg.latent, "source", "quantized"))
     model_dir = _autoencoder_model_dir(run)
     ae_sha = sha256_file(model_dir / "model.safetensors")
     cache = cfg_get(cfg.autoencoder, "cache")
-    if cache is None:
+    if cache is None:  # the run's own cache holds the training subjects and nothing else
         cache = run_dir / "latents"
         if accelerator.is_main_process and not (cache / "latents.json").is_file():
-            encode_dataset(model_dir, data_cfg["path"], cache, data_cfg=data_cfg,
-                           batch_size=int(cfg_get(cfg.autoencoder, "encode_batch_size", 8)), device=accelerator.device)
+            encode_dataset(model_dir, data_cfg["path"], cache, data_cfg=data_cfg, samples=train_images.samples,
+                           batch_size=int(cfg_get(cfg.autoencoder, "encode_batch_size", 8)),
+                           device=accelerator.device, source=source)
         accelerator.wait_for_everyone()
     latents, meta = load_latent_cache(cache)
     if meta.get("autoencoder_sha256") != ae_sha:
         raise ConfigError(f"latent cache {cache} was made by another autoencoder (sha256 {meta.get('autoencoder_sha256')}) "
                           f"than autoencoder.run={run} ({ae_sha}); re-encode or drop autoencoder.cache")
+    if meta.get("source", "quantized") != source:
+        raise ConfigError(f"latent cache {cache} holds {meta.get('source', 'quantized')} latents but latent.source={source}; "
+                          f"re-encode with `medgen encode --source {source}` or drop autoencoder.cache")
     train_subjects = {s.subject_id for s in train_images.samples}
     keep = [i for i, s in enumerate(meta["subject_ids"]) if s in train_subjects]
     if not keep:
         raise ConfigError(f"latent cache {cache} holds none of the training subjects of {data_cfg['path']}")
-    scale = float(meta["scale_factor"])
-    info["dataset"] = LatentDataset(latents[keep] * scale, [int(meta["labels"][i]) for i in keep])
-    info["sample_shape"] = list(latents.shape[1:])
-    info["image_shape"] = list(train_images[0]["image"].shape)
-    info["latent"] = {"scale_factor": scale, "autoencoder_sha256": ae_sha, "autoencoder_source": str(Path(run).resolve()),
-                      "cache": str(Path(cache).resolve())}
-    info["autoencoder_dir"] = model_dir
-    return info
+    train_latents = latents[keep]  # (N_train, C, *S')
+    scaling = LatentScaling.fit(str(cfg_get(cfg.latent, "scaling", "std")), train_latents, meta.get("codebook_range"))
+    std = None
+    if source == "posterior_sample":  # scaled posterior std, for a fresh draw per item
+        std = (0.5 * load_latent_logvar(cache)[keep]).exp() * scaling.scale_factor
+    return {
+        "dataset": LatentDataset(scaling.normalize(train_latents), [int(meta["labels"][i]) for i in keep], std),
+        "sample_shape": list(latents.shape[1:]),
+        "latent": {**scaling.to_dict(), "source": source, "autoencoder_sha256": ae_sha,
+                   "autoencoder_source": str(Path(run).resolve()), "cache": str(Path(cache).resolve())},
+        "autoencoder_dir": model_dir,
+    }
 
 
-# ----------------------------------------------------------------------------- previews
+# ----------------------------------------------------------------------------- EMA
 
 
-# ----------------------------------------------------------------------------- EMA state (safetensors + JSON)
+def build_ema(ema_cfg, model: torch.nn.Module):
+    """diffusers' `EMAModel` per the `ema:` section, or None when `ema.enabled` is false.
+
+    `warmup: false` is a constant decay once the EMA starts (Medical Diffusion's `EMA`):
+    diffusers would otherwise ramp it as (1 + k) / (10 + k), so min_decay pins it to `decay`.
+    `update_after`: the EMA holds a copy of the weights through that optimizer step (at least
+    step 1; diffusers' `update_after_step` counts one more).
+    """
+    from diffusers.training_utils import EMAModel
+
+    if not bool(cfg_get(ema_cfg, "enabled", True)):
+        return None
+    decay, warmup = float(ema_cfg.decay), bool(ema_cfg.warmup)
+    every = int(cfg_get(ema_cfg, "every", 1))
+    if every < 1:
+        raise ConfigError(f"ema.every={every} must be >= 1")
+    return EMAModel(model.parameters(), decay=decay, use_ema_warmup=warmup, power=float(ema_cfg.power),
+                    min_decay=0.0 if warmup else decay, update_after_step=max(int(ema_cfg.update_after) - 1, 0))
+
+
+def ema_update(ema, parameters, step: int, every: int = 1) -> bool:
+    """Update the EMA after optimizer step `step` (1-based) when due: after steps 1, 1 + every,
+    1 + 2 every, ... (Medical Diffusion's trainer checks `step % update_ema_every == 0` on its
+    0-based counter). diffusers counts its warm-up and `update_after_step` in calls of `step`;
+    setting its counter to the optimizer step makes both count optimizer steps whatever `every`."""
+    if (step - 1) % every:
+        return False
+    ema.optimization_step = step - 1  # EMAModel.step adds one
+    ema.step(parameters)
+    return True
 
 
 def _ema_hooks(accelerator, ema) -> None:
@@ -236,7 +238,7 @@ def _ema_hooks(accelerator, ema) -> None:
     def load_hook(models, input_dir):
         path = Path(input_dir)
         if not (path / EMA_WEIGHTS).is_file():
-            raise RunError(f"{path} has no {EMA_WEIGHTS}; it is not a diffusion checkpoint")
+            raise RunError(f"{path} has no {EMA_WEIGHTS}; it is not a diffusion checkpoint with EMA (ema.enabled)")
         tensors = load_file(str(path / EMA_WEIGHTS))
         state = json.loads((path / EMA_STATE).read_text())
         if len(tensors) != len(ema.shadow_params):
@@ -249,7 +251,23 @@ def _ema_hooks(accelerator, ema) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-# ----------------------------------------------------------------------------- training
+def _inference_copy(raw, ema) -> torch.nn.Module:
+    """A fresh denoiser (from its config, channels-first, no checkpointing) holding the EMA weights
+    (the trained weights when the EMA is off)."""
+    from medgen.models.unet import denoiser_from_config
+
+    params = dict(raw.config)
+    if params.get("backbone", "medgen") == "medgen":
+        params.update(gradient_checkpointing=False, channels_last=False)
+    net = denoiser_from_config(params)
+    if ema is not None:
+        ema.copy_to(net.parameters())
+    else:
+        net.load_state_dict(raw.state_dict())
+    return net.eval()
+
+
+# ----------------------------------------------------------------------------- model, optimizer, loss
 
 
 def _num_classes(cfg, info) -> int:
@@ -278,69 +296,137 @@ def build_model_from_config(cfg, in_channels: int, spatial_dims: int, num_classe
         raise ConfigError(f"model: {e}") from None
 
 
-def model_config_json(net, schedule: NoiseSchedule, info: dict, step: int) -> dict:
+def _check_divisible(model, shape, cfg) -> None:
+    downsample = 2 ** getattr(model, "downsample_levels", 0)
+    if any(s % downsample for s in shape):
+        raise ConfigError(f"sample shape {list(shape)} is not divisible by {downsample} (2^(levels-1) of model.channels "
+                          f"{list(cfg.model.channels)}); use fewer levels or another data.shape")
+
+
+def build_optimizer(tcfg, model: torch.nn.Module):
+    """AdamW and a linear warm-up over `train.lr_warmup_steps` optimizer steps.
+
+    The scheduler is stepped once per optimizer step that was taken (`_optimizer_step`), so its
+    count is in optimizer steps whatever the processes and gradient accumulation; step t (1-based)
+    runs at lr * min(1, t / warmup).
+    """
+    opt = torch.optim.AdamW(model.parameters(), lr=float(tcfg.lr), betas=tuple(float(b) for b in tcfg.betas),
+                            weight_decay=float(tcfg.weight_decay))
+    warm = int(cfg_get(tcfg, "lr_warmup_steps", 0))
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+    return opt, lr_sched
+
+
+def build_loss(cfg, schedule: NoiseSchedule, device: torch.device | str = "cpu") -> DiffusionLoss:
+    return DiffusionLoss(schedule.alphas_cumprod().to(device), prediction=schedule.prediction, loss=str(cfg.loss.type),
+                         min_snr_gamma=cfg_get(cfg.loss, "min_snr_gamma"), cond_drop_prob=float(cfg.loss.cond_drop_prob),
+                         cond_drop_mode=str(cfg_get(cfg.loss, "cond_drop_mode", "sample")))
+
+
+def model_config_json(net, schedule: NoiseSchedule, info: dict, step: int, sample_cfg=None) -> dict:
     """`model/config.json`: everything `medgen.load_pipeline` needs, no training code."""
     params = dict(net.config)
     backbone = params.pop("backbone", "medgen")
     target = "medgen.models.unet.UNet" if backbone == "medgen" else "medgen.models.unet.MonaiUNet"
+    sampling = {k: v for k, v in dict(to_dict(sample_cfg) or {}).items() if k in ("sampler", "steps", "guidance", "eta")}
     return {
         "target": target, "params": params, "kind": "diffusion", "backbone": backbone,
         "diffusion": schedule.to_dict(), "sample_shape": info["sample_shape"], "image_shape": info["image_shape"],
         "spatial_dims": net.spatial_dims, "num_classes": net.num_classes, "null_label": net.null_label,
         "latent": info["latent"], "spacing": info["spacing"], "data": info["data"], "step": int(step),
+        "sampling": sampling,  # the run's default sampler (its config's `sample:` section)
     }
 
 
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class _Training:
+    """The prepared pieces one optimizer step works on."""
+
+    accelerator: Any
+    model: torch.nn.Module  # prepared by accelerate (DDP-wrapped on several processes)
+    raw: torch.nn.Module  # the denoiser itself
+    net: Callable  # what the loss calls: `model`, or its torch.compile
+    ema: Any  # EMAModel or None
+    opt: Any
+    lr_sched: Any
+    loss_fn: DiffusionLoss
+    batches: Iterator[dict]
+    num_classes: int
+
+
+def _optimizer_step(t: _Training, step: int, accum: int, max_norm: float | None) -> dict[str, Any]:
+    """`accum` micro-batches, one optimizer step, then one scheduler step (if the optimizer stepped).
+
+    accelerate's `accumulate` skips `opt.step()` and `zero_grad()` on all but the last micro-batch;
+    the scheduler is stepped here, after the optimizer, once per optimizer step.
+    """
+    acc, logs = t.accelerator, {}
+    null_label = t.raw.null_label if t.num_classes > 0 else None
+    for _ in range(accum):
+        batch = next(t.batches)
+        x, labels = batch["image"], batch["label"] if t.num_classes > 0 else None
+        with acc.accumulate(t.model):
+            with acc.autocast():
+                loss = t.loss_fn(t.net, x, labels, null_label)
+            check_finite(loss, step, "diffusion loss", acc)
+            acc.backward(loss)
+            if acc.sync_gradients:
+                logs["lr"] = t.opt.param_groups[0]["lr"]  # the rate this optimizer step applies
+                if max_norm:
+                    logs["grad_norm"] = acc.clip_grad_norm_(t.model.parameters(), float(max_norm))
+            t.opt.step()
+            t.opt.zero_grad(set_to_none=True)
+    if not acc.optimizer_step_was_skipped:  # fp16: a step skipped for overflow does not count
+        t.lr_sched.step()
+    logs["loss"] = acc.reduce(loss.detach(), reduction="mean")
+    return logs
+
+
+@removes_failed_run
 def train_diffusion(cfg, out: str | Path, resume: str | None = None) -> Path:
     """Train per `cfg` (see DEFAULTS) into run directory `out`; returns the run directory."""
-    from diffusers.training_utils import EMAModel
+    from accelerate.utils import set_seed
+
+    from medgen.data import DataConfig
 
     tcfg = cfg.train
     schedule = NoiseSchedule.from_config(cfg.diffusion)
+    DataConfig.from_any(_data_cfg(cfg))  # the data section (and the autoencoder run) check out before --out is made
     run_dir = prepare_run_dir(out, cfg, resume)
     accelerator = build_accelerator(tcfg, run_dir)
-    from accelerate.utils import set_seed
-
     set_seed(int(tcfg.seed), device_specific=True)  # different noise draws on each process
     info = build_training_data(cfg, run_dir, accelerator)
-    dataset = info["dataset"]
     shape = info["sample_shape"]  # (C, *S)
-    spatial_dims = len(shape) - 1
     num_classes = _num_classes(cfg, info)
-
-    model = build_model_from_config(cfg, shape[0], spatial_dims, num_classes)
-    downsample = 2 ** getattr(model, "downsample_levels", 0)
-    if any(s % downsample for s in shape[1:]):
-        raise ConfigError(f"sample shape {shape[1:]} is not divisible by {downsample} (2^(levels-1) of model.channels "
-                          f"{list(cfg.model.channels)}); use fewer levels or another data.shape")
-    ema = EMAModel(model.parameters(), decay=float(cfg.ema.decay), use_ema_warmup=bool(cfg.ema.warmup),
-                   power=float(cfg.ema.power), update_after_step=int(cfg.ema.update_after))
-    opt = torch.optim.AdamW(model.parameters(), lr=float(tcfg.lr), betas=tuple(float(b) for b in tcfg.betas),
-                            weight_decay=float(tcfg.weight_decay))
-    warm = int(cfg_get(tcfg, "lr_warmup_steps", 0))
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
-
-    seed = int(tcfg.seed)
-    batch_size = int(tcfg.batch_size)
-    sampler = EpochSampler(len(dataset), shuffle=True, seed=seed)
-    loader = make_loader(dataset, batch_size, sampler, int(tcfg.num_workers), drop_last=True, seed=seed)
+    model = build_model_from_config(cfg, shape[0], len(shape) - 1, num_classes)
+    _check_divisible(model, shape[1:], cfg)
+    ema = build_ema(cfg.ema, model)
+    opt, lr_sched = build_optimizer(tcfg, model)
+    seed, accum = int(tcfg.seed), int(cfg_get(tcfg, "gradient_accumulation_steps", 1))
+    sampler = EpochSampler(len(info["dataset"]), shuffle=True, seed=seed)
+    loader = make_loader(info["dataset"], int(tcfg.batch_size), sampler, int(tcfg.num_workers), drop_last=True, seed=seed)
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model, opt, loader, lr_sched = accelerator.prepare(model, opt, loader, lr_sched)
     raw = accelerator.unwrap_model(model)
-    ema.to(accelerator.device)
-    _ema_hooks(accelerator, ema)
+    if ema is not None:
+        ema.to(accelerator.device)
+        _ema_hooks(accelerator, ema)
     net = model
     if bool(cfg_get(tcfg, "compile", False)):
         if hasattr(raw, "set_channels_last") and accelerator.device.type == "cuda":
             raw.set_channels_last(True)
-        net = torch.compile(model)
-
-    autoencoder = None
-    if info["latent"] is not None and accelerator.is_main_process:
-        from medgen.models.autoencoder import load_autoencoder
-
-        autoencoder = load_autoencoder(info["autoencoder_dir"], accelerator.device).requires_grad_(False)
+        if accelerator.is_main_process:
+            log.info("train.compile: compiling the denoiser with torch.compile%s; the first steps are slow while it "
+                     "compiles (minutes for a large 3D model)", " (regional: its repeated blocks)"
+                     if hasattr(raw, "compile_blocks") else "")
+        if hasattr(raw, "compile_blocks"):  # regional compilation: a fraction of the whole-network warm-up
+            raw.compile_blocks()
+        else:
+            net = torch.compile(model)
 
     ckpt = CheckpointManager(run_dir, keep_last=int(tcfg.keep_last))
     start = int(ckpt.resume(accelerator, resume)["step"]) if resume else 0
@@ -349,102 +435,78 @@ def train_diffusion(cfg, out: str | Path, resume: str | None = None) -> Path:
     if accelerator.is_main_process and start == 0:
         log.info("denoiser: %s, %.2fM parameters, %s mode, sample shape %s, %d classes",
                  type(raw).__name__, count_parameters(raw) / 1e6, "latent" if info["latent"] else "pixel", shape, num_classes)
-
-    loss_fn = DiffusionLoss(schedule.alphas_cumprod().to(accelerator.device), prediction=schedule.prediction,
-                            loss=str(cfg.loss.type), min_snr_gamma=cfg_get(cfg.loss, "min_snr_gamma"),
-                            cond_drop_prob=float(cfg.loss.cond_drop_prob))
-    accum = int(cfg_get(tcfg, "gradient_accumulation_steps", 1))
-    batches = infinite_batches(accelerator, loader, sampler, start * accum, seed=seed)
-    max_steps = int(tcfg.max_steps)
-    max_norm = cfg_get(tcfg, "max_grad_norm")
-    null_label = raw.null_label if num_classes > 0 else None
-    bar = progress_bar(accelerator, max_steps, start, desc="diffusion")
-    tic = time.perf_counter()
-
-    step = start
-    while step < max_steps:
-        step += 1
-        logs: dict[str, Any] = {}
-        for _ in range(accum):
-            batch = next(batches)
-            x, labels = batch["image"], batch["label"] if num_classes > 0 else None
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss = loss_fn(net, x, labels, null_label)
-                check_finite(loss, step, "diffusion loss", accelerator)
-                accelerator.backward(loss)
-                if max_norm and accelerator.sync_gradients:
-                    logs["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), float(max_norm))
-                opt.step()
-                lr_sched.step()
-                opt.zero_grad(set_to_none=True)
-        ema.step(raw.parameters())
-        logs["loss"] = accelerator.reduce(loss.detach(), reduction="mean")
-        if step % int(tcfg.log_every) == 0 or step == max_steps or step == start + 1:
-            row = dict(logs, lr=lr_sched.get_last_lr()[0], ema_decay=ema.cur_decay_value or 0.0,
-                       steps_per_s=(step - start) / max(time.perf_counter() - tic, 1e-9))
-            metrics_log.log(step, row)
-            bar.set_postfix(loss=f"{logs['loss'].item():.4f}")
-        bar.update(1)
-        if accelerator.is_main_process and (step % int(tcfg.preview_every) == 0 or step == max_steps):
-            with preserved_rng():  # previews leave the training RNG untouched (resume stays identical)
-                write_preview(run_dir / "samples" / f"step_{step}.png", raw, ema, schedule, shape, cfg, num_classes,
-                              autoencoder, info, accelerator.device)
-        if step % int(tcfg.checkpoint_every) == 0 or step == max_steps:
-            ckpt.save(accelerator, step, {"max_steps": max_steps})
-    bar.close()
+    training = _Training(accelerator, model, raw, net, ema, opt, lr_sched, build_loss(cfg, schedule, accelerator.device),
+                         infinite_batches(accelerator, loader, sampler, start * accum, seed=seed), num_classes)
+    step = _train_loop(training, cfg, run_dir, ckpt, metrics_log, schedule, info, start, accum)
     if accelerator.is_main_process:
-        _save_model(run_dir, raw, ema, schedule, info, step)
+        _save_model(run_dir, raw, ema, schedule, info, step, cfg.sample)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
 
 
-def _ema_copy(raw, ema) -> torch.nn.Module:
-    """A fresh denoiser (from its config, channels-first, no checkpointing) holding the EMA weights."""
-    from medgen.models.unet import denoiser_from_config
+def _train_loop(t: _Training, cfg, run_dir: Path, ckpt: CheckpointManager, metrics_log: MetricsLogger,
+                schedule: NoiseSchedule, info: dict, start: int, accum: int) -> int:
+    """Optimizer steps start+1 .. train.max_steps with EMA updates, logging, previews and
+    checkpoints; returns the last step."""
+    tcfg, acc = cfg.train, t.accelerator
+    max_steps, max_norm = int(tcfg.max_steps), cfg_get(tcfg, "grad_clip")
+    ema_every = int(cfg_get(cfg.ema, "every", 1))
+    autoencoder = None
+    if info["latent"] is not None and acc.is_main_process:  # previews decode
+        from medgen.models.autoencoder import load_autoencoder
 
-    params = dict(raw.config)
-    if params.get("backbone", "medgen") == "medgen":
-        params.update(gradient_checkpointing=False, channels_last=False)
-    net = denoiser_from_config(params)
-    ema.copy_to(net.parameters())
-    return net.eval()
+        autoencoder = load_autoencoder(info["autoencoder_dir"], acc.device).requires_grad_(False)
+    bar = progress_bar(acc, max_steps, start, desc="diffusion")
+    tic = time.perf_counter()
+    for step in range(start + 1, max_steps + 1):
+        logs = _optimizer_step(t, step, accum, max_norm)
+        if t.ema is not None:
+            ema_update(t.ema, t.raw.parameters(), step, ema_every)
+        if step % int(tcfg.log_every) == 0 or step == max_steps or step == start + 1:
+            ema_decay = (t.ema.cur_decay_value or 0.0) if t.ema is not None else None
+            metrics_log.log(step, dict(logs, ema_decay=ema_decay,
+                                       steps_per_s=(step - start) / max(time.perf_counter() - tic, 1e-9)))
+            bar.set_postfix(loss=f"{logs['loss'].item():.4f}")
+        bar.update(1)
+        if acc.is_main_process and (step % int(tcfg.preview_every) == 0 or step == max_steps):
+            with preserved_rng():  # previews leave the training RNG untouched (resume stays identical)
+                write_preview(run_dir / "samples" / f"step_{step}.png", _inference_copy(t.raw, t.ema), schedule,
+                              cfg.sample, t.num_classes, autoencoder, info, acc.device)
+        if step % int(tcfg.checkpoint_every) == 0 or step == max_steps:
+            ckpt.save(acc, step, {"max_steps": max_steps})
+    bar.close()
+    return max(start, max_steps)
+
+
+# ----------------------------------------------------------------------------- previews, model/
 
 
 @torch.no_grad()
-def write_preview(path: Path, raw, ema, schedule, shape, cfg, num_classes, autoencoder, info, device) -> None:
-    """EMA samples (labels cycling through the classes) as a PNG grid; 3D: three mid slices."""
-    net = _ema_copy(raw, ema).to(device)
-    n = int(cfg.sample.n_preview)
+def write_preview(path: Path, net, schedule, sample_cfg, num_classes, autoencoder, info, device) -> None:
+    """Samples of `net` (labels cycling through the classes) as a PNG grid; 3D: three mid slices."""
+    net = net.to(device)
+    n = int(sample_cfg.n_preview)
     labels = torch.arange(n) % num_classes if num_classes > 0 else None
-    sampler, steps = default_sampler(latent=autoencoder is not None)
-    z = sample_loop(net, schedule, shape, generators(range(n)), sampler=str(cfg.sample.sampler or sampler),
-                    steps=int(cfg.sample.steps or steps), labels=labels, guidance=float(cfg.sample.guidance),
-                    null_label=net.null_label if num_classes > 0 else None, clip_x0=autoencoder is None, device=device)
-    x = decode(autoencoder, z, info["latent"]) if autoencoder is not None else z
+    scaling = LatentScaling.from_dict(info["latent"]) if info["latent"] is not None else None
+    sampler, steps = default_sampler(latent=info["latent"] is not None)  # for a null sample.sampler / sample.steps
+    z = sample_loop(net, schedule, info["sample_shape"], generators(range(n)), sampler=str(sample_cfg.sampler or sampler),
+                    steps=int(sample_cfg.steps or steps), labels=labels, guidance=float(sample_cfg.guidance),
+                    eta=float(cfg_get(sample_cfg, "eta", 0.0)), null_label=net.null_label if num_classes > 0 else None,
+                    clip_x0=scaling is None or scaling.clip_x0, device=device)
+    x = decode_latents(autoencoder, z, scaling) if autoencoder is not None else z
     atomic_write_bytes(path, grid_png(x.clamp(-1, 1)))
 
 
-def decode(autoencoder, z: torch.Tensor, latent: dict, batch_size: int = 8) -> torch.Tensor:
-    """Scaled latents -> images through the frozen autoencoder (z / scale_factor first)."""
-    scale = float(latent["scale_factor"])
-    out = []
-    for chunk in z.split(batch_size):
-        p = next(autoencoder.parameters())
-        out.append(autoencoder.decode((chunk / scale).to(p.device, p.dtype)).float())
-    return torch.cat(out)
-
-
-def _save_model(run_dir: Path, raw, ema, schedule, info, step: int) -> None:
-    net = _ema_copy(raw, ema)
-    save_inference_model(net, run_dir / "model", model_config_json(net, schedule, info, step))
+def _save_model(run_dir: Path, raw, ema, schedule, info, step: int, sample_cfg) -> None:
+    net = _inference_copy(raw, ema)
+    save_inference_model(net, run_dir / "model", model_config_json(net, schedule, info, step, sample_cfg))
     if info["latent"] is not None:  # the run carries its own decoder
         dst = run_dir / "autoencoder"
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(info["autoencoder_dir"], dst)
-    log.info("diffusion model (EMA) saved to %s", run_dir / "model")
+    log.info("diffusion model (%s) saved to %s", "EMA" if ema is not None else "no EMA", run_dir / "model")
 
 
 def estimate_memory(cfg, steps: int = 2) -> dict[str, Any]:
@@ -457,8 +519,6 @@ def estimate_memory(cfg, steps: int = 2) -> dict[str, Any]:
     To size a latent model before stage 1 exists, describe the latents directly, e.g.
     `autoencoder.run=null data.shape=[32,32,32] data.channels=8`.
     """
-    from diffusers.training_utils import EMAModel
-
     from medgen.profiling import measure_steps
 
     data = _data_cfg(cfg)
@@ -479,19 +539,14 @@ def estimate_memory(cfg, steps: int = 2) -> dict[str, Any]:
         int(cfg_get(cfg.model, "num_classes") or 0)
     torch.manual_seed(int(cfg.train.seed))
     model = build_model_from_config(cfg, channels, len(shape), num_classes)
-    downsample = 2 ** getattr(model, "downsample_levels", 0)
-    if any(s % downsample for s in shape):
-        raise ConfigError(f"sample shape {shape} is not divisible by {downsample} (2^(levels-1) of model.channels)")
-    schedule = NoiseSchedule.from_config(cfg.diffusion)
-    loss_fn = DiffusionLoss(schedule.alphas_cumprod(), prediction=schedule.prediction, loss=str(cfg.loss.type),
-                            min_snr_gamma=cfg_get(cfg.loss, "min_snr_gamma"), cond_drop_prob=float(cfg.loss.cond_drop_prob))
+    _check_divisible(model, shape, cfg)
+    loss_fn = build_loss(cfg, NoiseSchedule.from_config(cfg.diffusion))
     batch = int(cfg.train.batch_size)
     x = torch.randn(batch, channels, *shape)
     labels = torch.randint(0, num_classes, (batch,)) if num_classes else None
     null_label = model.null_label if num_classes else None
-    ema = EMAModel(model.parameters(), decay=float(cfg.ema.decay))
-    opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.train.lr), betas=tuple(float(b) for b in cfg.train.betas),
-                            weight_decay=float(cfg.train.weight_decay))
+    ema = build_ema(cfg.ema, model)
+    opt, _ = build_optimizer(cfg.train, model)
 
     def step() -> None:
         with autocast:
@@ -499,10 +554,12 @@ def estimate_memory(cfg, steps: int = 2) -> dict[str, Any]:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema.step(model.parameters())
+        if ema is not None:
+            ema.step(model.parameters())
 
     # persistent: parameters, AdamW moments, EMA weights
-    return {**measure_steps(step, [model], inputs=[x, labels], state=ema.shadow_params, steps=steps),
+    return {**measure_steps(step, [model], inputs=[x, labels], state=ema.shadow_params if ema is not None else [],
+                            steps=steps),
             "batch": batch, "shape": shape, "channels": channels, "precision": str(cfg.train.mixed_precision),
             "gradient_checkpointing": bool(cfg.model.gradient_checkpointing)}
 
@@ -517,13 +574,13 @@ def train_from_args(args: argparse.Namespace) -> int:
 
 
 def demo_stage(ctx) -> None:
-    """Train the demo denoiser (latent mode on ctx.state["autoencoder_run"], else pixel mode), then sample.
+    """Train the demo denoiser (latent mode on ctx.state["autoencoder_run"], else pixel mode).
 
-    Sets ctx.state["diffusion_run"] and ctx.state["samples"] (a sample directory).
+    Sets ctx.state["diffusion_run"]; the demo's `sample` stage (medgen.sample.commands) samples it.
     """
     from medgen.config import load_config
     from medgen.demo import demo_config
-    from medgen.sample.pipeline import load_pipeline, write_samples
+    from medgen.train.common import read_metrics
 
     ae_run = ctx.state.get("autoencoder_run")
     size = ctx.cohort_settings()["size"]
@@ -542,9 +599,4 @@ def demo_stage(ctx) -> None:
     run = train_diffusion(cfg, Path(ctx.out) / "diffusion")
     ctx.state["diffusion_run"] = run
     losses = [r["loss"] for r in read_metrics(run) if "loss" in r]
-    pipe = load_pipeline(run, device="cpu" if not torch.cuda.is_available() else None)
-    n = (8 if ctx.dims == 2 else 4) if ctx.quick else (64 if ctx.dims == 2 else 16)
-    samples = write_samples(pipe, Path(ctx.out) / "samples", n, overwrite=True)
-    ctx.state["samples"] = samples
     print(f"  diffusion: {run} ({'latent' if ae_run else 'pixel'} mode), loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    print(f"  samples: {n} in {samples} (grid: {samples / 'grid.png'})")
