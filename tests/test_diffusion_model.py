@@ -294,6 +294,9 @@ def test_noise_risk_names_eps_pixel_priors_with_deterministic_samplers():
         assert risk and "157" in risk and "prediction=v" in risk and "ddpm" in risk
     assert noise_risk("ddpm", eps, pixel=True) is None  # ancestral steps forget the error
     assert noise_risk("ddim", eps, pixel=True, eta=1.0) is None
+    assert noise_risk("ddim", eps, pixel=True, eta=0.5)  # does not re-noise fully
+    scaled = NoiseSchedule(schedule="scaled_linear", prediction="eps")  # gain 15: still noisy in 3D
+    assert " 15 " in noise_risk("dpmpp", scaled, pixel=True)
     assert noise_risk("dpmpp", eps, pixel=False) is None  # latents: measured clean
     v = NoiseSchedule(schedule="linear", beta_start=1e-4, beta_end=0.02, prediction="v")
     assert all(noise_risk(s, v, pixel=True) is None for s in ("ddim", "dpmpp", "euler"))
