@@ -239,10 +239,87 @@ def test_sampler_determinism_across_batch_sizes(sampler):
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
 def test_clip_x0_keeps_pixel_samples_in_range(sampler):
     """A denoiser that predicts eps = 0 claims x0 = x_t / sqrt(a): unbounded unless clipped."""
-    schedule = NoiseSchedule(schedule="linear", beta_start=1e-4, beta_end=0.02)
+    schedule = NoiseSchedule(schedule="linear", beta_start=1e-4, beta_end=0.02, prediction="eps")
     zero = lambda x, t, labels: torch.zeros_like(x)  # noqa: E731
     kw = dict(sampler=sampler, steps=10)
     wild = sample_loop(zero, schedule, (1, 8, 8), generators(range(4)), **kw)
     tame = sample_loop(zero, schedule, (1, 8, 8), generators(range(4)), clip_x0=True, **kw)
     assert wild.abs().max() > 5
     assert tame.abs().max() <= 1.0 + 1e-5
+
+
+# --------------------------------------------------------------------------- sample quality (issue 16)
+
+
+def test_gaussian_blur_matches_torchvision_and_is_shared_by_2d_and_3d():
+    import torchvision.transforms.functional as TF
+
+    from medgen.diffusion.quality import gaussian_blur
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 20, 24)
+    torch.testing.assert_close(gaussian_blur(x, 1.0), TF.gaussian_blur(x, kernel_size=7, sigma=1.0), rtol=0, atol=1e-6)
+    # a volume constant along depth blurs like each of its slices
+    v = x[:, :, None].expand(3, 2, 5, 20, 24)
+    torch.testing.assert_close(gaussian_blur(v, 1.0)[:, :, 2], gaussian_blur(x, 1.0), rtol=0, atol=1e-6)
+
+
+def test_high_frequency_energy_closed_forms():
+    """White noise N(0, 1): x - G*x is Gaussian with variance sum_k (delta_k - g_k)^2, so
+    E|x - G*x| = sqrt(2/pi) sqrt(1 - 2 g_0 + sum g_k^2). A smooth image has almost none."""
+    from medgen.diffusion.quality import high_frequency_energy, noisy_fraction
+
+    k = torch.exp(-0.5 * torch.arange(-3, 4, dtype=torch.float64) ** 2)
+    g = torch.outer(k, k) / k.sum() ** 2
+    expected = math.sqrt(2 / math.pi * (1 - 2 * g[3, 3] + g.square().sum()).item())
+    noise = torch.randn(8, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    hf = high_frequency_energy(noise)
+    assert hf.shape == (8,)
+    assert hf.mean().item() == pytest.approx(expected, rel=0.01)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
+    smooth = (-(xx**2 + yy**2) * 2).exp().expand(8, 1, 64, 64)
+    assert high_frequency_energy(smooth).max().item() < 0.01 * expected
+    mixed = torch.cat([smooth[:6], smooth[:2] + 0.5 * noise[:2]])  # 2 of 8 under noise
+    assert noisy_fraction(mixed, reference_hf=high_frequency_energy(smooth).mean().item()) == 0.25
+
+
+def test_noise_risk_names_eps_pixel_priors_with_deterministic_samplers():
+    from medgen.diffusion.sampling import eps_error_gain, noise_risk
+
+    eps = NoiseSchedule(schedule="linear", beta_start=1e-4, beta_end=0.02, prediction="eps")
+    a_T = math.prod(1 - (1e-4 + (0.02 - 1e-4) * i / 999) for i in range(1000))
+    assert eps_error_gain(eps) == pytest.approx(math.sqrt((1 - a_T) / a_T), rel=1e-3)  # 157
+    for sampler in ("ddim", "dpmpp", "euler"):
+        risk = noise_risk(sampler, eps, pixel=True)
+        assert risk and "157" in risk and "prediction=v" in risk and "ddpm" in risk
+    assert noise_risk("ddpm", eps, pixel=True) is None  # ancestral steps forget the error
+    assert noise_risk("ddim", eps, pixel=True, eta=1.0) is None
+    assert noise_risk("ddim", eps, pixel=True, eta=0.5)  # does not re-noise fully
+    scaled = NoiseSchedule(schedule="scaled_linear", prediction="eps")  # gain 15: still noisy in 3D
+    assert " 15 " in noise_risk("dpmpp", scaled, pixel=True)
+    assert noise_risk("dpmpp", eps, pixel=False) is None  # latents: measured clean
+    v = NoiseSchedule(schedule="linear", beta_start=1e-4, beta_end=0.02, prediction="v")
+    assert all(noise_risk(s, v, pixel=True) is None for s in ("ddim", "dpmpp", "euler"))
+
+
+def test_pipeline_defaults_and_warns_once(caplog):
+    from medgen.diffusion.sampling import DEFAULT_SAMPLER
+    from medgen.sample.pipeline import DiffusionPipeline
+
+    net = UNet(spatial_dims=2, in_channels=1, **TINY).eval()
+    config = {"sample_shape": [1, 8, 8], "latent": None}
+    eps = NoiseSchedule(schedule="linear", beta_start=1e-4, beta_end=0.02, prediction="eps")
+    pipe = DiffusionPipeline(net, eps, config)
+    s = pipe.sampling_settings()  # a run saved before sample.sampler existed: the measured default
+    assert (s["sampler"], s["steps"]) == DEFAULT_SAMPLER["pixel"]
+    own = DiffusionPipeline(net, eps, {**config, "sampling": {"sampler": "ddpm", "steps": 7}}).sampling_settings()
+    assert (own["sampler"], own["steps"]) == ("ddpm", 7)  # the run's own choice wins over the default
+    with caplog.at_level("WARNING", logger="medgen.sample.pipeline"):
+        pipe.sample(3, sampler="dpmpp", steps=2, batch_size=1)
+        pipe.sample(1, sampler="dpmpp", steps=2)
+    assert len([r for r in caplog.records if "leaves noise" in r.getMessage()]) == 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medgen.sample.pipeline"):
+        pipe.sample(1, sampler="ddpm", steps=2)
+        DiffusionPipeline(net, NoiseSchedule(prediction="v"), config).sample(1, sampler="dpmpp", steps=2)
+    assert not caplog.records

@@ -90,7 +90,7 @@ class DiffusionLoss:
     """`loss = DiffusionLoss(...)(model, x0, labels)`; one calling convention for all targets."""
 
     alphas_cumprod: torch.Tensor  # (T,)
-    prediction: str = "eps"
+    prediction: str = "v"
     loss: str = "l2"  # l2 | l1
     min_snr_gamma: float | None = None  # e.g. 5.0
     cond_drop_prob: float = 0.1

@@ -6,6 +6,16 @@ Samplers (all with trailing timestep spacing, Lin et al. 2024):
 - dpmpp: DPM-Solver++(2M), multistep second order (Lu et al. 2022), deterministic;
 - euler: Euler discretisation of the probability-flow ODE (Karras et al. 2022), deterministic.
 
+Which sampler for which prior (issue 16, measured with eval/sampler_quality.py, eval/RESULTS.md):
+an eps-prediction prior in pixel space recovers x0 = (x_t - sqrt(1 - a) eps) / sqrt(a), which
+multiplies the network's error by sqrt((1 - a) / a), 157 at t = T - 1 on the linear schedule.
+Ancestral sampling re-noises every step and forgets that error; the deterministic samplers (DDIM
+at eta 0, DPM-Solver++, Euler) integrate it, and on the demo prior a third of their samples came
+out as brains under noise, made in the top fifth of the schedule (clipping x0 at t >= 800 alone
+removes it). A v-prediction prior (Salimans & Ho 2022) recovers x0 = sqrt(a) x_t - sqrt(1 - a) v,
+with no such gain: every sampler is clean on it at 25 steps. `noise_risk` says when a
+combination is expected to leave noise; `default_sampler` is the measured choice per space.
+
 Reproducibility: every sample owns a `torch.Generator` seeded with `seed + index`; the initial
 noise and every stochastic step draw each sample's noise from its own generator (diffusers'
 `randn_tensor` accepts a list of generators), so the same seed gives the same samples whatever
@@ -22,6 +32,42 @@ from medgen.diffusion.schedule import NoiseSchedule
 from medgen.errors import ConfigError
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp", "euler")
+
+# Default sampler and step count per space: the fastest whose FD_pca stays within 10 % of 1000
+# ancestral steps on the demo priors (eval/RESULTS.md, "Samplers").
+DEFAULT_SAMPLER = {"pixel": ("dpmpp", 25), "latent": ("dpmpp", 25)}
+
+
+def default_sampler(latent: bool) -> tuple[str, int]:
+    """(sampler, steps) measured best per space (pixel or latent)."""
+    return DEFAULT_SAMPLER["latent" if latent else "pixel"]
+
+
+def renoises(sampler: str, eta: float = 0.0) -> bool:
+    """Whether `sampler` re-noises fully at every step (DDPM; DDIM at eta 1), forgetting the x0 error."""
+    return sampler == "ddpm" or (sampler == "ddim" and eta >= 1)
+
+
+def eps_error_gain(schedule: NoiseSchedule) -> float:
+    """sqrt((1 - a_T) / a_T): how much an eps-prediction's error grows in x0 at the noisiest step."""
+    a = float(schedule.alphas_cumprod()[-1])
+    return float("inf") if a <= 0 else ((1 - a) / a) ** 0.5
+
+
+def noise_risk(sampler: str, schedule: NoiseSchedule, *, pixel: bool, eta: float = 0.0) -> str | None:
+    """Why `sampler` is expected to leave noise in this prior's samples, or None when it is not.
+
+    Every eps-prediction prior in pixel space with a sampler that does not re-noise fully: measured
+    noisy on the linear schedule (gain 157, 2D) and on scaled_linear (gain 15, 3D); v and
+    latent priors were clean with every sampler (eval/RESULTS.md "Samplers").
+    """
+    if not pixel or schedule.prediction != "eps" or renoises(sampler, eta):
+        return None
+    return (f"the {sampler} sampler on an eps-prediction pixel-space prior leaves noise in the samples: x0 = "
+            f"(x_t - sqrt(1 - a) eps) / sqrt(a) multiplies the network's error by up to "
+            f"{eps_error_gain(schedule):.0f} at the noisiest step, and a sampler that does not re-noise carries that "
+            f"error into the image (eval/RESULTS.md \"Samplers\": up to half of the samples noisy). Use --sampler "
+            f"ddpm (ancestral steps forget the error), or train the prior with diffusion.prediction=v")
 
 
 def make_scheduler(sampler: str, schedule: NoiseSchedule, clip_x0: bool = False):

@@ -34,7 +34,7 @@ class NoiseSchedule:
     beta_start: float = 0.00085  # Rombach et al. 2022 (scaled_linear); DDPM linear uses 1e-4
     beta_end: float = 0.012  # Rombach et al. 2022 (scaled_linear); DDPM linear uses 0.02
     zero_terminal_snr: bool = False
-    prediction: str = "eps"  # eps | v | x0 (the network's target)
+    prediction: str = "v"  # v | eps | x0; eps in pixel space: deterministic samplers leave noise (sampling.py)
 
     @classmethod
     def from_config(cls, cfg: Any) -> "NoiseSchedule":

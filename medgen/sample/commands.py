@@ -14,8 +14,10 @@ def register(subparsers) -> None:
     p.add_argument("--run", required=True, help="diffusion run directory (medgen train diffusion --out)")
     p.add_argument("--n", type=int, required=True, help="number of samples")
     p.add_argument("--out", required=True, help="sample folder to create")
-    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the run's own (its config's sample.sampler)")
-    p.add_argument("--steps", type=int, default=None, help="default: the run's own (sample.steps)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="default: the run's own (its config's sample.sampler; null there: the measured default for "
+                        "the model's space, dpmpp; eval/RESULTS.md \"Samplers\")")
+    p.add_argument("--steps", type=int, default=None, help="default: the run's own (sample.steps; null there: 25)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (1: none); default: the run's own (sample.guidance)")
     p.add_argument("--label", type=int, default=None, help="class to generate (conditional models); default: unconditional")

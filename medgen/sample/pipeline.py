@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -21,12 +22,16 @@ import torch
 
 from medgen.diffusion import NoiseSchedule, generators, sample_loop
 from medgen.diffusion.latents import LatentScaling, decode_latents
+from medgen.diffusion.sampling import default_sampler, noise_risk
 from medgen.errors import ConfigError, RunError
 from medgen.io import atomic_dir, ensure_new_output, sha256_file
 
+log = logging.getLogger(__name__)
+
 MANIFEST_FIELDS = ("file", "label", "seed", "sampler", "steps", "guidance", "checkpoint_sha256")
-# what a run written before model/config.json carried its `sampling` entry samples with
-SAMPLING_DEFAULTS = {"sampler": "dpmpp", "steps": 25, "guidance": 1.0, "eta": 0.0}
+# what a run written before model/config.json carried its `sampling` entry samples with (sampler,
+# steps None: the measured default for the run's space, medgen.diffusion.default_sampler)
+SAMPLING_DEFAULTS = {"sampler": None, "steps": None, "guidance": 1.0, "eta": 0.0}
 
 
 class DiffusionPipeline:
@@ -48,6 +53,7 @@ class DiffusionPipeline:
         self.latent_scaling = LatentScaling.from_dict(config["latent"]) if config.get("latent") else None
         self.clip_x0 = self.latent_scaling is None or self.latent_scaling.clip_x0
         self.sampling = {**SAMPLING_DEFAULTS, **(config.get("sampling") or {})}
+        self._warned: set[str] = set()
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device | None = None) -> "DiffusionPipeline":
@@ -88,9 +94,20 @@ class DiffusionPipeline:
 
     def sampling_settings(self, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
                           eta: float | None = None) -> dict:
-        """The given settings, the run's own for those left None."""
+        """The given settings, the run's own for those left None; where the run's own sampler or
+        steps are null too, the measured default for its space (`default_sampler`). Logs a warning
+        (once per pipeline) when the combination is expected to leave noise in the samples."""
         given = {"sampler": sampler, "steps": steps, "guidance": guidance, "eta": eta}
-        return {k: self.sampling[k] if v is None else v for k, v in given.items()}
+        s = {k: self.sampling[k] if v is None else v for k, v in given.items()}
+        pixel = self.latent_scaling is None
+        default = default_sampler(latent=not pixel)
+        s["sampler"] = s["sampler"] or default[0]
+        s["steps"] = s["steps"] or default[1]
+        risk = noise_risk(s["sampler"], self.schedule, pixel=pixel, eta=float(s["eta"]))
+        if risk and risk not in self._warned:  # once per pipeline, not once per batch
+            self._warned.add(risk)
+            log.warning("sampling: %s", risk)
+        return s
 
     @torch.no_grad()
     def sample(self, n: int, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
@@ -98,9 +115,10 @@ class DiffusionPipeline:
                progress: bool = False) -> torch.Tensor:
         """`n` samples (n, C, *S) float32 on the CPU in [-1, 1] (decoded in latent mode).
 
-        sampler, steps, guidance, eta: None takes the run's own (`self.sampling`). label: None
-        (unconditional; a conditional model uses its null class), one class for all, or one per
-        sample. guidance: classifier-free guidance scale (1 = plain conditional).
+        sampler, steps, guidance, eta: None takes the run's own (`self.sampling`; a null sampler or
+        step count there: the measured default for the run's space). label: None (unconditional; a
+        conditional model uses its null class), one class for all, or one per sample. guidance:
+        classifier-free guidance scale (1 = plain conditional).
         """
         s = self.sampling_settings(sampler, steps, guidance, eta)
         if n < 1 or batch_size < 1:

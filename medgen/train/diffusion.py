@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from medgen.config import to_dict
-from medgen.diffusion import DiffusionLoss, NoiseSchedule, generators, sample_loop
+from medgen.diffusion import DiffusionLoss, NoiseSchedule, default_sampler, generators, sample_loop
 from medgen.diffusion.latents import LatentScaling, decode_latents
 from medgen.errors import ConfigError, RunError
 from medgen.io import atomic_write_bytes, atomic_write_json, sha256_file
@@ -489,8 +489,9 @@ def write_preview(path: Path, net, schedule, sample_cfg, num_classes, autoencode
     n = int(sample_cfg.n_preview)
     labels = torch.arange(n) % num_classes if num_classes > 0 else None
     scaling = LatentScaling.from_dict(info["latent"]) if info["latent"] is not None else None
-    z = sample_loop(net, schedule, info["sample_shape"], generators(range(n)), sampler=str(sample_cfg.sampler),
-                    steps=int(sample_cfg.steps), labels=labels, guidance=float(sample_cfg.guidance),
+    sampler, steps = default_sampler(latent=info["latent"] is not None)  # for a null sample.sampler / sample.steps
+    z = sample_loop(net, schedule, info["sample_shape"], generators(range(n)), sampler=str(sample_cfg.sampler or sampler),
+                    steps=int(sample_cfg.steps or steps), labels=labels, guidance=float(sample_cfg.guidance),
                     eta=float(cfg_get(sample_cfg, "eta", 0.0)), null_label=net.null_label if num_classes > 0 else None,
                     clip_x0=scaling is None or scaling.clip_x0, device=device)
     x = decode_latents(autoencoder, z, scaling) if autoencoder is not None else z

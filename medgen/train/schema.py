@@ -228,8 +228,9 @@ class PreviewSampling:
     """`sample:` how previews are sampled, and the default sampler of `medgen sample` /
     `load_pipeline(run).sample()` for this run (saved in model/config.json)."""
 
-    sampler: str = setting("dpmpp", choices=("ddpm", "ddim", "dpmpp", "euler"))
-    steps: int = setting(25, ge=1)
+    # null: the measured default for the run's space (medgen.diffusion.default_sampler: dpmpp, 25 steps)
+    sampler: str | None = setting(None, choices=("ddpm", "ddim", "dpmpp", "euler"))
+    steps: int | None = setting(None, ge=1)  # null: the measured default (25)
     guidance: float = setting(1.0, ge=0)  # classifier-free guidance scale; 1: none
     eta: float = setting(0.0, ge=0, le=1)  # DDIM: 0 deterministic, 1 ~ ancestral
     n_preview: int = setting(8, ge=1)  # samples per preview PNG
