@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "medgen.train.encode",
     "medgen.sample.commands",
     "medgen.privacy.commands",
+    "medgen.release.commands",
 )
 
 
