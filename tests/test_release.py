@@ -231,11 +231,27 @@ def test_planted_copies_are_refused_and_leave_the_release_alone(demo, capsys, mo
     assert code == 1 and leftovers(out) == ["release"]
 
     monkeypatch.undo()
-    import medgen.metrics.report as report
+    import medgen.privacy.verdict as verdict
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report, "evaluate", interrupted)  # the last step before the card
+    monkeypatch.setattr(verdict, "judge", interrupted)  # round 1's files are written, its audit is under way
     code, _, err = run_cli(capsys, *_release_args(out, "--n", "4", "--out", out / "release_interrupted"))
     assert code == 130 and leftovers(out) == ["release"]
+
+
+@pytest.mark.slow
+def test_a_card_that_would_name_a_patient_refuses_the_release(demo, capsys, monkeypatch):
+    import medgen.release.card as card
+
+    subject = json.loads((demo[0] / "diffusion" / "split.json").read_text())["subjects"]["train"][0]
+    build = card.build_card
+
+    def careless(**kwargs):  # a card that slipped a subject id into a note
+        return {**build(**kwargs), "note": f"closest training subject {subject}"}
+
+    monkeypatch.setattr(card, "build_card", careless)
+    code, _, err = run_cli(capsys, *_release_args(demo[0], "--n", "16", "--out", demo[0] / "release_leak"))
+    assert code == 1 and f"the release would name real data: data_card.json: {subject}" in err
+    assert leftovers(demo[0]) == ["release"]

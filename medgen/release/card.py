@@ -268,11 +268,11 @@ def real_identifiers(run: Path, samples: Iterable, data: str | os.PathLike | Non
             ids.update(_file_names(Path(f)) for f in group)
             ids.update(Path(f).name for f in group)
         if meta.get("data"):
-            ids.add(str(meta["data"]))
-    for s in samples:
-        ids.update((s.subject_id, Path(s.path).name, _file_names(Path(s.path)), str(Path(s.path).parent)))
+            ids.add(str(Path(meta["data"]).resolve()))
+    for s in samples:  # folders as absolute paths: a relative 'cohort' would be a word of the card
+        ids.update((s.subject_id, Path(s.path).name, _file_names(Path(s.path)), str(Path(s.path).resolve().parent)))
     if data is not None:
-        ids.add(str(data))
+        ids.add(str(Path(data).resolve()))
     return {i for i in ids if _checkable(i)}
 
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from medgen.errors import ConfigError, DataError, MedgenError, ReleaseRefused, RunError
+from medgen.errors import ConfigError, MedgenError, ReleaseRefused, RunError
 from medgen.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_new_output, sha256_file
 
 ROUNDS = ".rounds"  # staging folder of the sampling rounds inside the temp release folder
@@ -224,7 +224,7 @@ def make_release(
     say = echo if processes.is_main else (lambda _: None)
     train_s, hold_s, data_cfg, split_info = training_sets(run, train, holdout, holdout_splits=holdout_splits, data=data)
     pipe = load_pipeline(run, processes.device or device)
-    settings = pipe.sampling_settings(sampler, steps, guidance, eta)
+    settings = pipe.sampling_settings(sampler, steps, guidance, eta)  # as the rounds resolve them (for the card)
     main: dict[str, Any] = {}  # the main process's state: images, the fitted audit, the rounds
 
     def fit() -> None:
@@ -326,8 +326,8 @@ def make_release(
     with processes.atomic_dir(out, overwrite=overwrite, what="release folder") as tmp:
         size, start = n, 0
         for r in range(1, policy.max_rounds + 1):
-            folder = write_samples(pipe, tmp / ROUNDS / f"round_{r}", size, seed=seed + start, label=label, batch_size=batch_size,
-                                   bit_depth=bit_depth, processes=processes, **settings)
+            folder = write_samples(pipe, tmp / ROUNDS / f"round_{r}", size, sampler=sampler, steps=steps, guidance=guidance, eta=eta,
+                                   seed=seed + start, label=label, batch_size=batch_size, bit_depth=bit_depth, processes=processes)
             start, size = start + size, _on_main(processes, lambda r=r, folder=folder, start=start: judge_round(r, folder, start))
             if not size:
                 break
