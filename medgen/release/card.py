@@ -237,7 +237,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"- released samples above tau: {a['released_samples_above_tau']}",
         f"- policy: {a['policy']}", "",
         "## Rounds", "",
-        "| round | indices | sampled | copies dropped | not anatomy dropped | kept |", "|---|---|---|---|---|---|",
+        "| round | indices | sampled | above tau (copies), dropped | not anatomy, dropped | kept |", "|---|---|---|---|---|---|",
         *[f"| {r['round']} | {r['indices'][0]}..{r['indices'][1] - 1} | {r['sampled']} | {r['copies']} | {r['not_anatomy']} | {r['kept']} |"
           for r in card["rounds"]], "",
         f"Dropped: {card['dropped']['copies']} copies, {card['dropped']['not_anatomy']} not anatomy; "

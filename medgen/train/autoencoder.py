@@ -532,7 +532,10 @@ def train_from_args(args: argparse.Namespace) -> int:
 
 
 def demo_stage(ctx) -> None:
-    """Train the tiny demo autoencoder on the cohort (quick: 20-24 steps) -> ctx.state["autoencoder_run"]."""
+    """Train the tiny demo autoencoder on the cohort (quick: 60 steps in 2D, 24 in 3D) -> ctx.state["autoencoder_run"].
+
+    Quick 2D trains long enough (with the diffusion stage's 120 steps) that most samples are
+    anatomy, so the audit can judge them and the quick demo ends with a release."""
     from medgen.config import load_config
     from medgen.demo import demo_config
     from medgen.train.common import read_metrics
