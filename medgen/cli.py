@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "medgen.sample.commands",
     "medgen.privacy.commands",
     "medgen.recon.commands",
+    "medgen.release.commands",
 )
 
 

@@ -30,6 +30,7 @@ STAGES: list[tuple[str, str]] = [
     ("sample", "medgen.sample.commands:demo_stage"),
     ("eval", "medgen.metrics.commands:demo_stage"),
     ("audit", "medgen.privacy.commands:demo_stage"),
+    ("release", "medgen.release.commands:demo_stage"),
     ("probe", "medgen.recon.commands:demo_stage"),
 ]
 
@@ -42,10 +43,12 @@ class DemoContext:
     cohort: Path | None = None
     state: dict[str, Any] = field(default_factory=dict)
 
-    def cohort_settings(self) -> dict[str, int]:
+    def cohort_settings(self) -> dict[str, Any]:
+        """Cohort size and subject split. The audit (and so the release) needs at least 20 unseen
+        subjects (held-out + validation): quick cohorts hold out more of their subjects."""
         if self.dims == 2:
-            return {"n": 24, "size": 32} if self.quick else {"n": 200, "size": 64}
-        return {"n": 16, "size": 16} if self.quick else {"n": 80, "size": 32}
+            return {"n": 64, "size": 32, "val": 0.15, "holdout": 0.2} if self.quick else {"n": 200, "size": 64, "val": 0.1, "holdout": 0.1}
+        return {"n": 56, "size": 16, "val": 0.15, "holdout": 0.25} if self.quick else {"n": 80, "size": 32, "val": 0.1, "holdout": 0.15}
 
 
 def cohort_stage(ctx: DemoContext) -> None:
@@ -162,7 +165,47 @@ def run_demo(out: Path, quick: bool = False, dims: int = 2, stages: list[str] | 
         mark_output(out, "medgen demo", exclude=foreign)  # what the demo wrote (the next run may replace it)
         print(f"[demo] {name} done in {timings[name]} s")
     print(f"[demo] finished in {time.perf_counter() - started:.0f} s: {out}")
+    print(summary_table(ctx))
     return ctx
+
+
+def summary_table(ctx: DemoContext) -> str:
+    """What the demo found: the metrics, the audit verdict, the release or why it was refused, and
+    whether the probe's worst-case perturbation transfers to the diffusion reconstructions."""
+    rows: list[tuple[str, str]] = []
+    try:
+        report = json.loads((Path(ctx.state["eval_report"]) / "report.json").read_text())
+    except (KeyError, OSError, ValueError):
+        report = None
+    if report is not None:
+        from medgen.metrics.report import _fmt, _rows
+
+        for name, m in _rows(report["metrics"]):
+            ci = m.get("ci95")
+            rows.append((name, _fmt(m["value"]) + (f"  [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")))
+    try:
+        audit = json.loads(Path(ctx.state["audit_report"]).read_text())
+        t = audit["test"]
+        rows.append(("audit verdict", f"{audit['verdict']}  (copies {audit['n_copies']}/{audit['n_synthetic']}, "
+                                      f"null {t['null_rate_pct']:.1f}%, p = {t['p_value']:.3g})"))
+    except (KeyError, OSError, ValueError):
+        pass
+    if ctx.state.get("release") is not None:
+        rows.append(("release", f"{ctx.state['release']}  (DATA_CARD.md)"))
+    elif ctx.state.get("release_refused"):
+        rows.append(("release", "refused: " + " ".join(str(ctx.state["release_refused"]).split())))
+    try:
+        probe = json.loads(Path(ctx.state["probe_report"]).read_text())
+        eps = max(t["eps"] for t in probe["transfer"])
+        for t in probe["transfer"]:
+            if t["eps"] == eps and t["method"] in ("projection", "dps"):
+                rows.append((f"probe {t['method']} R={t['acceleration']}",
+                             f"PSNR -{t['psnr_drop_worst_case']:.2f} dB at eps {eps:g} (random: -{t['psnr_drop_random']:.2f} dB), "
+                             f"{'transfers' if t['transfers'] else 'does not transfer'}"))
+    except (KeyError, OSError, ValueError):
+        pass
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join(["[demo] summary", *(f"  {k:<{width}}  {v}" for k, v in rows)])
 
 
 def _stages(value: str) -> list[str]:
@@ -174,7 +217,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="run the whole flow on the built-in brain MRI cohort",
         description="Run the whole flow on the built-in brain MRI cohort (no downloads): build the cohort, train "
-                    "the autoencoder and the diffusion model, sample, evaluate and audit the samples. The full 2D "
+                    "the autoencoder and the diffusion model, sample, evaluate and audit the samples, and release them with a data card when the audit passes. The full 2D "
                     "demo takes about 9 minutes on 2 CPU cores; --quick runs every stage at tiny sizes in a few minutes.",
         epilog=f"stages, in flow order: {stage_list}. Each writes its own folder(s) in OUT (OUT/cohort, "
                "OUT/autoencoder, ...); OUT/demo.json records them. A whole run replaces an earlier demo in OUT; "

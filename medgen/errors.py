@@ -25,3 +25,14 @@ class RunError(MedgenError):
 
 class TrainingError(MedgenError):
     """Training cannot continue (NaN/Inf loss, incompatible resume state)."""
+
+
+class ReleaseRefused(MedgenError):
+    """A release was refused (fail closed): its audit failed (exit 1) or could not decide (exit 3),
+    or the release would not be clean. Nothing is released."""
+
+    def __init__(self, message: str, verdict: str = "fail", summary: str | None = None):
+        super().__init__(message)
+        self.verdict = verdict
+        self.summary = summary or message  # one line: why (for tables)
+        self.exit_code = 3 if verdict == "inconclusive" else 1

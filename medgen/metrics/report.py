@@ -43,10 +43,17 @@ PACKAGES = ("medgen", "torch", "numpy", "scipy", "monai", "clean-fid", "torchvis
 
 # ----------------------------------------------------------------------------- inputs
 def load_set(path, what: str) -> tuple[torch.Tensor, list, dict]:
-    """(N, C, *S) in [-1, 1], samples, and a summary (dir, n, shape, source dtypes)."""
+    """(N, C, *S) in [-1, 1], samples, and a summary (dir, n, shape, source dtypes).
+
+    `path` may also be images already in memory, (N, C, *S) in [-1, 1] (the release evaluates
+    the preprocessed sets it audits): no samples, so no feature cache."""
     from medgen.data import load_images, scan_dataset
     from medgen.data.readers import load
 
+    if isinstance(path, torch.Tensor):
+        if path.shape[0] < 2:
+            raise DataError(f"{what} set: {path.shape[0]} image(s); the metrics need at least 2")
+        return path.float(), [], {"dir": None, "n": int(path.shape[0]), "shape": list(path.shape[1:]), "source_dtype": ["in memory"]}
     path = Path(path)
     if not path.exists():
         raise DataError(f"{what} folder {path} does not exist")
@@ -77,6 +84,8 @@ def choose_extractor(name: str, spatial_dims: int, weights=None, device=None) ->
 
 
 def _features(ex: F.FeatureExtractor, images: torch.Tensor, samples, mode: str, use_cache: bool) -> torch.Tensor:
+    if not samples:  # images in memory: no file paths to key a cache on
+        return ex(images)
     key = F.cache_key([s.path for s in samples], ex.recipe, {"mode": mode, "shape": list(images.shape)})
     feats, hit = F.cached_features(key, lambda: {"features": ex(images)}, use_cache)
     log.info("features %s (%s): %s", ex.recipe.get("extractor"), mode, "cache hit" if hit else "computed")

@@ -24,7 +24,7 @@ from medgen.diffusion import NoiseSchedule, generators, sample_loop
 from medgen.diffusion.latents import LatentScaling, decode_latents
 from medgen.diffusion.sampling import default_sampler, noise_risk
 from medgen.errors import ConfigError, RunError
-from medgen.io import atomic_dir, ensure_new_output, sha256_file
+from medgen.io import ensure_new_output, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -175,32 +175,48 @@ def _write_nifti(path: Path, vol: torch.Tensor, spacing: Sequence[float] | None)
 def write_samples(pipeline: DiffusionPipeline, out: str | os.PathLike, n: int, sampler: str | None = None,
                   steps: int | None = None, guidance: float | None = None, label: int | None = None, seed: int = 0,
                   batch_size: int = 16, bit_depth: int = 8, overwrite: bool = False, eta: float | None = None,
-                  progress: bool = False) -> Path:
+                  progress: bool = False, processes=None) -> Path:
     """Generate `n` samples into a new sample directory (complete or not at all); sampler, steps,
-    guidance and eta default to the run's own."""
+    guidance and eta default to the run's own.
+
+    `processes` (`medgen.sample.shard.ProcessGroup`, default: the processes `accelerate launch`
+    started, else this one): each samples its own block of indices (sample i keeps seed + i) and
+    writes its files; the main process writes the manifest and grid.
+    """
     from medgen.io import atomic_write_bytes
+    from medgen.sample.shard import ProcessGroup
     from medgen.train.preview import grid_png
 
     if bit_depth not in (8, 16):
         raise ConfigError(f"bit depth must be 8 or 16, got {bit_depth}")
+    if n < 1 or batch_size < 1:
+        raise ConfigError(f"n and batch_size must be >= 1 (got {n}, {batch_size})")
     out = ensure_new_output(out, overwrite, "sample folder")
     s = pipeline.sampling_settings(sampler, steps, guidance, eta)
-    x = pipeline.sample(n, **s, label=label, seed=seed, batch_size=batch_size, progress=progress)
-    with atomic_dir(out, overwrite=True) as tmp:
-        rows = []
-        for i, img in enumerate(x):
+    processes = processes or ProcessGroup.current(pipeline.device)
+    shard = processes.shard(n, batch_size)  # this process's indices; sample i keeps seed + i
+    x = pipeline.sample(len(shard), **s, label=label, seed=seed + shard.start, batch_size=batch_size,
+                        progress=progress) if len(shard) else torch.empty(0, *pipeline.sample_shape)
+    names = [f"sample_{i:05d}" + (".png" if pipeline.spatial_dims == 2 else ".nii.gz") for i in range(n)]
+    with processes.atomic_dir(out, overwrite=True) as tmp:
+        for i, img in zip(shard, x):
             if pipeline.spatial_dims == 2:
-                name = f"sample_{i:05d}.png"
-                atomic_write_bytes(tmp / name, _png_bytes(img, bit_depth))
+                atomic_write_bytes(tmp / names[i], _png_bytes(img, bit_depth))
             else:
-                name = f"sample_{i:05d}.nii.gz"
-                _write_nifti(tmp / name, img, pipeline.spacing)
-            rows.append({"file": name, "label": "" if label is None else int(label), "seed": seed + i,
-                         "sampler": s["sampler"], "steps": s["steps"], "guidance": s["guidance"],
-                         "checkpoint_sha256": pipeline.checkpoint_sha256 or ""})
-        with open(tmp / "manifest.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
-            w.writeheader()
-            w.writerows(rows)
-        atomic_write_bytes(tmp / "grid.png", grid_png(x[:64] if pipeline.spatial_dims == 2 else x[:8]))
+                _write_nifti(tmp / names[i], img, pipeline.spacing)
+        n_grid = 64 if pipeline.spatial_dims == 2 else 8
+        grid = processes.gather(list(x[: max(0, n_grid - shard.start)]))  # after every process wrote its files
+        if processes.is_main:
+            missing = [name for name in names if not (tmp / name).is_file()]
+            if missing:
+                raise RunError(f"{len(missing)} sample file(s) written by other processes are not in {tmp} (e.g. {missing[0]}); "
+                               f"with several machines --out must be on a filesystem every machine sees")
+            rows = [{"file": names[i], "label": "" if label is None else int(label), "seed": seed + i,
+                     "sampler": s["sampler"], "steps": s["steps"], "guidance": s["guidance"],
+                     "checkpoint_sha256": pipeline.checkpoint_sha256 or ""} for i in range(n)]
+            with open(tmp / "manifest.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+                w.writeheader()
+                w.writerows(rows)
+            atomic_write_bytes(tmp / "grid.png", grid_png(torch.stack(grid)))
     return Path(out)

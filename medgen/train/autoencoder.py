@@ -532,15 +532,19 @@ def train_from_args(args: argparse.Namespace) -> int:
 
 
 def demo_stage(ctx) -> None:
-    """Train the tiny demo autoencoder on the cohort (quick: 20-24 steps) -> ctx.state["autoencoder_run"]."""
+    """Train the tiny demo autoencoder on the cohort (quick: 60 steps in 2D, 24 in 3D) -> ctx.state["autoencoder_run"].
+
+    Quick 2D trains long enough (with the diffusion stage's 120 steps) that most samples are
+    anatomy, so the audit can judge them and the quick demo ends with a release."""
     from medgen.config import load_config
     from medgen.demo import demo_config
     from medgen.train.common import read_metrics
 
-    size = ctx.cohort_settings()["size"]
-    overrides = [f"data.path={ctx.cohort}", f"data.shape={[size] * ctx.dims}", "train.tracker=none"]
+    settings = ctx.cohort_settings()
+    overrides = [f"data.path={ctx.cohort}", f"data.shape={[settings['size']] * ctx.dims}", "train.tracker=none",
+                 f"data.split.val={settings['val']}", f"data.split.holdout={settings['holdout']}"]
     if ctx.quick:
-        steps = 20 if ctx.dims == 2 else 24
+        steps = 60 if ctx.dims == 2 else 24
         overrides += [f"train.max_steps={steps}", f"loss.disc_start={steps // 2}", f"train.val_every={steps}",
                       f"train.checkpoint_every={steps}", f"train.preview_every={steps}"]
     cfg = load_config(demo_config(f"demo_autoencoder_{ctx.dims}d.yaml"), overrides, DEFAULTS)

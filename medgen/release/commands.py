@@ -1,0 +1,110 @@
+"""`medgen release` and the demo's release stage.
+
+    medgen release --run RUN_DIR [--train DIR --holdout DIR] --n N --out RELEASE_DIR [--policy max_copy_rate=0.01] ...
+
+Exit codes: 0 released, 1 refused (audit fail, too few clean samples), 3 refused (audit
+inconclusive), 2 an error a user can fix (bad input, training data that does not match the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from medgen.errors import ReleaseRefused, RunError
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp", "euler")  # = medgen.diffusion.sampling.SAMPLERS (no torch import to parse)
+DEFAULT_DETECTORS = "ssl,pixel-rank"  # = medgen.privacy.calibration.DEFAULT_DETECTORS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "release", help="release a synthetic dataset with its data card, only when the privacy audit passes (exit 0, else 1/3)",
+        description="Sample N images from a diffusion run, audit them for copies of training patients, drop flagged samples and "
+                    "sample more (bounded rounds, all judged against the same calibrated audit), evaluate the set against the "
+                    "training images, and write RELEASE_DIR: the files under neutral names, manifest.csv (file, sha256, seed, label, ...), "
+                    "grid.png, DATA_CARD.md and data_card.json. Fails closed: no folder appears when the audit fails, is inconclusive "
+                    "or cannot run, when --train is not the run's training data, or when anything would name the real data. "
+                    "Exit codes: 0 released, 1 refused (fail), 3 refused (inconclusive), 2 error.",
+        epilog="Under `accelerate launch -m medgen release ...` the processes share the sampling of every round; the main "
+               "process audits and writes.")
+    p.add_argument("--run", type=Path, required=True, help="diffusion run directory (medgen train diffusion --out)")
+    p.add_argument("--n", type=int, required=True, help="number of samples to release")
+    p.add_argument("--out", type=Path, required=True, help="release folder to create (appears only when complete)")
+    p.add_argument("--train", type=Path, default=None, help="the training images (folder or manifest.csv); must be exactly the "
+                   "run's training subjects (split.json). Default: taken from the run's split")
+    p.add_argument("--holdout", type=Path, default=None, help="held-out images of patients the model never saw (calibrate tau and "
+                   "the null rate). Default: the run's --holdout-splits")
+    p.add_argument("--holdout-splits", default="holdout", help="without --train/--holdout: the run's unseen splits that calibrate "
+                   "tau, holdout and/or val (comma-separated; default holdout)")
+    p.add_argument("--data", type=Path, default=None, help="without --train/--holdout: the run's dataset folder, when it moved")
+    p.add_argument("--policy", default="", help="comma-separated key=value: alpha (0.05: significance of the copy-rate test), "
+                   "max_copy_rate (none: also refuse when the copy rate exceeds the null rate by more than this fraction), "
+                   "max_rounds (5: sampling rounds to replace dropped samples), min_control_recall (1: positive control)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the run's own")
+    p.add_argument("--steps", type=int, default=None, help="default: the run's own")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; default: the run's own")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta; default: the run's own")
+    p.add_argument("--label", type=int, default=None, help="class to generate (conditional models); default: unconditional")
+    p.add_argument("--seed", type=int, default=0, help="sample index i uses seed+i (indices continue across rounds)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="PNG bit depth for 2D samples")
+    p.add_argument("--detector", default=DEFAULT_DETECTORS, help="copy detectors, as `medgen audit --detector` (default ssl,pixel-rank; "
+                   "a folder from `medgen audit train-detector` skips training the SSL detector)")
+    p.add_argument("--features", default="auto", help="feature extractor of the metrics, as `medgen eval --features`")
+    p.add_argument("--bootstrap", type=int, default=200, help="replicates for the metrics' 95%% intervals")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available; each process's own GPU under accelerate)")
+    p.add_argument("--overwrite", action="store_true", help="replace a release folder medgen wrote")
+    p.set_defaults(func=_release)
+
+
+def _release(args: argparse.Namespace) -> int:
+    from medgen.release.pipeline import ReleasePolicy, make_release
+
+    policy = ReleasePolicy.parse(args.policy)
+    card = make_release(
+        args.run, args.out, args.n, train=args.train, holdout=args.holdout,
+        holdout_splits=[x.strip() for x in args.holdout_splits.split(",") if x.strip()], data=args.data, policy=policy,
+        sampler=args.sampler, steps=args.steps, guidance=args.guidance, eta=args.eta, label=args.label, seed=args.seed,
+        batch_size=args.batch_size, bit_depth=args.bit_depth, detector=args.detector, bootstrap=args.bootstrap,
+        features=args.features, device=args.device, overwrite=args.overwrite,
+    )
+    if card is not None:
+        print(summary_line(card))
+    return 0
+
+
+def summary_line(card: dict) -> str:
+    a = card["audit"]
+    return (f"released {card['dataset']['n']} samples: audit {a['verdict']} (copies {a['copy_rate_pct']:.2f}% vs null "
+            f"{a['null_rate_pct']:.2f}%, p = {a['all_samples']['test']['p_value']:.3g}), {card['dropped']['copies']} copies and "
+            f"{card['dropped']['not_anatomy']} non-anatomical samples dropped in {len(card['rounds'])} round(s)")
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def demo_stage(ctx) -> None:
+    """Release the demo's samples: same run, same split (held-out + validation subjects) and the
+    SSL detector the audit stage trained, so the release is judged by the audit the demo showed.
+    A refusal is a result: ctx.state["release_refused"] says why."""
+    from medgen.release.pipeline import make_release
+
+    run = ctx.state.get("diffusion_run")
+    if run is None:
+        raise RunError("the release stage needs the diffusion stage first")
+    detector = DEFAULT_DETECTORS
+    audit_dir = ctx.state.get("audit_dir")
+    if audit_dir is not None and (Path(audit_dir) / "detector").is_dir():
+        detector = f"{Path(audit_dir) / 'detector'},pixel-rank"
+    out = Path(ctx.out) / "release"
+    n = 16 if ctx.quick else (64 if ctx.dims == 2 else 16)
+    try:
+        card = make_release(run, out, n, holdout_splits=("holdout", "val"), detector=detector, bootstrap=50 if ctx.quick else 200,
+                            overwrite=True, echo=lambda m: print(f"  {m}"))
+    except ReleaseRefused as e:
+        ctx.state["release_refused"] = e.summary
+        print(f"  {e}")
+        return
+    ctx.state["release"] = out
+    print(f"  {summary_line(card)}\n  data card: {out / 'DATA_CARD.md'}")

@@ -1,0 +1,342 @@
+"""`make_release`: sample, audit, drop flagged samples and resample, evaluate, write the dataset
+with its data card; or refuse, leaving nothing that looks like a release.
+
+The steps (issue 14):
+
+1. Match the training data: `--train`/`--holdout` must be the subjects of the run's `split.json`
+   (training subjects exactly; held-out subjects never trained on), or are taken from it.
+2. Fit the audit once (`medgen.privacy.CopyAudit`: detectors, tau, null rate, positive control).
+3. Round 1 samples N and is judged; any verdict but `pass` refuses the release. Flagged samples
+   (copies, and samples that are no anatomy) are dropped and later rounds sample what is missing,
+   each scored against the same fitted audit, at most `policy.max_rounds` rounds. All samples of
+   all rounds (what the model generated) are judged together once more: it must pass too.
+4. Evaluate the released set against the training images (`medgen eval` metrics), write the
+   files under neutral names, `manifest.csv`, `grid.png`, `DATA_CARD.md`, `data_card.json`,
+   check that nothing of the real data is in them, and rename the folder into place.
+
+The audit scores the files as written (PNG/NIfTI read back through the run's data config), so
+what is audited is what leaves. Under `accelerate launch` every process samples its share of
+each round (`medgen.sample.shard`); the main process audits, decides and writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from medgen.errors import ConfigError, MedgenError, ReleaseRefused, RunError
+from medgen.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_new_output, sha256_file
+
+ROUNDS = ".rounds"  # staging folder of the sampling rounds inside the temp release folder
+MANIFEST_FIELDS = ("file", "sha256", "seed", "label", "sampler", "steps", "guidance", "checkpoint_sha256")
+FILE_STEM = "synthetic"  # released files: synthetic_00000.png, ... (neutral: position in the release)
+
+
+@dataclass(frozen=True)
+class ReleasePolicy:
+    """What a release demands (`--policy key=value,...`)."""
+
+    alpha: float = 0.05  # significance of the copy-rate test against the null (medgen.privacy.verdict)
+    max_copy_rate: float | None = None  # also refuse when the excess copy rate above the null is larger (a fraction)
+    max_rounds: int = 5  # sampling rounds, the first included, to replace dropped samples
+    min_control_recall: float = 1.0  # share of the positive control the audit must flag
+
+    @classmethod
+    def parse(cls, text: str | None) -> "ReleasePolicy":
+        values: dict[str, Any] = {}
+        names = {f.name for f in fields(cls)}
+        for item in (text or "").split(","):
+            if not item.strip():
+                continue
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep or key not in names:
+                raise ConfigError(f"--policy {item.strip()!r}: expected key=value with key one of {', '.join(sorted(names))}")
+            try:
+                values[key] = int(value) if key == "max_rounds" else None if value.strip().lower() in ("none", "") else float(value)
+            except ValueError:
+                raise ConfigError(f"--policy {key}={value}: not a number") from None
+        policy = cls(**values)
+        policy.validate()
+        return policy
+
+    def validate(self) -> None:
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"--policy alpha={self.alpha}: must be in (0, 1)")
+        if self.max_copy_rate is not None and not 0 <= self.max_copy_rate <= 1:
+            raise ConfigError(f"--policy max_copy_rate={self.max_copy_rate}: a fraction in [0, 1] (0.01 = 1%)")
+        if self.max_rounds < 1:
+            raise ConfigError(f"--policy max_rounds={self.max_rounds}: must be >= 1")
+        if not 0 <= self.min_control_recall <= 1:
+            raise ConfigError(f"--policy min_control_recall={self.min_control_recall}: a fraction in [0, 1]")
+
+
+# ----------------------------------------------------------------------------- training data
+
+
+def _examples(ids: Sequence[str], k: int = 3) -> str:
+    return ", ".join(ids[:k]) + (", ..." if len(ids) > k else "")
+
+
+def training_sets(run: str | os.PathLike, train=None, holdout=None, *, holdout_splits: Sequence[str] = ("holdout",),
+                  data: str | os.PathLike | None = None) -> tuple[list, list, dict | None, dict]:
+    """The training and held-out samples of `run`, checked against its `split.json`, the run's
+    data config, and what was checked (for the card).
+
+    Without `train`/`holdout` they come from the split (`holdout_splits`, in the dataset `data`
+    when it moved). Given, `train` must hold exactly the run's training subjects and files, and
+    `holdout` no training subject; otherwise `RunError` says what differs.
+    """
+    from medgen.data import load_split, scan_dataset
+    from medgen.privacy.audit import run_split
+
+    run = Path(run)
+    split_file = run / "split.json"
+    if not split_file.is_file():
+        raise RunError(f"{run} has no split.json: a release needs the run's record of which subjects it trained on "
+                       f"(written by `medgen train diffusion`)")
+    split = load_split(split_file)
+    info = {"split_json_sha256": sha256_file(split_file), "holdout_splits": list(holdout_splits)}
+    if train is None and holdout is None:
+        t, h, cfg = run_split(run, holdout_splits, data)
+        return t, h, cfg, {**info, "source": "the run's split.json"}
+    if train is None or holdout is None:
+        raise RunError("pass both --train and --holdout, or neither (then the run's split.json gives them)")
+    model_cfg = run / "model" / "config.json"
+    cfg = json.loads(model_cfg.read_text()).get("data") if model_cfg.is_file() else None
+    t, h = scan_dataset(train), scan_dataset(holdout)
+    run_train = set(split.get("train", []))
+    given = {s.subject_id for s in t}
+    missing, extra = sorted(run_train - given), sorted(given - run_train)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of the run's {len(run_train)} training subjects are not in --train ({_examples(missing)})")
+        if extra:
+            parts.append(f"{len(extra)} subject(s) of --train were not trained on ({_examples(extra)})")
+        raise RunError(f"--train {train} does not match the training data of {run} (its split.json): {'; '.join(parts)}. "
+                       f"Pass exactly the run's training subjects, or leave out --train/--holdout to take them from the run")
+    trained_files = len(json.loads(split_file.read_text()).get("files", {}).get("train", [])) or len(t)
+    if trained_files != len(t):
+        raise RunError(f"--train {train} holds {len(t)} files of the run's training subjects but the run trained on {trained_files} "
+                       f"(its split.json); pass the same files the run was trained on")
+    shared = sorted({s.subject_id for s in h} & run_train)
+    if shared:
+        raise RunError(f"--holdout {holdout}: {len(shared)} subject(s) were trained on ({_examples(shared)}); "
+                       f"held-out patients must be unseen by the model")
+    return t, h, cfg, {**info, "source": "--train/--holdout, matched to the run's split.json"}
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def _on_main(processes, fn: Callable[[], Any]) -> Any:
+    """Run `fn` on the main process only; every process returns its (small) result or raises
+    its error, so no process waits for a main process that gave up."""
+    outcome: tuple = ("ok", None)
+    if processes.is_main:
+        try:
+            outcome = ("ok", fn())
+        except MedgenError as e:
+            outcome = ("error", e)
+        except BaseException:
+            processes.broadcast(("crash", None)) if processes.num_processes > 1 else None
+            raise
+    outcome = processes.broadcast(outcome)
+    if outcome[0] == "ok":
+        return outcome[1]
+    if outcome[0] == "error":
+        raise outcome[1]
+    raise RunError("the main process stopped the release (see its error)")
+
+
+# ----------------------------------------------------------------------------- the release
+
+
+def _refuse(what: str, result) -> ReleaseRefused:
+    from medgen.privacy.commands import verdict_line
+
+    lines = [f"{what}: {verdict_line(result.report)}"]
+    lines += [f"  {r}" for r in result.reasons]
+    why = "; ".join(result.reasons) or (f"{result.report['n_copies']} of {result.report['n_synthetic']} samples above tau, "
+                                        f"p = {result.p_value:.3g} against the null")
+    return ReleaseRefused("release refused (nothing written). " + "\n".join(lines), result.verdict, f"{what} {result.verdict}: {why}")
+
+
+def make_release(
+    run: str | os.PathLike,
+    out: str | os.PathLike,
+    n: int,
+    *,
+    train=None,
+    holdout=None,
+    holdout_splits: Sequence[str] = ("holdout",),
+    data: str | os.PathLike | None = None,
+    policy: ReleasePolicy | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    eta: float | None = None,
+    label: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    bit_depth: int = 8,
+    detector: Any = None,
+    detector_options: dict | None = None,
+    bootstrap: int = 200,
+    features: str = "auto",
+    device=None,
+    overwrite: bool = False,
+    processes=None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any] | None:
+    """Release `n` synthetic samples of diffusion run `run` into `out`, or refuse.
+
+    Returns the data card (dict; None on processes other than the main one). Raises
+    `ReleaseRefused` (exit 1 fail, 3 inconclusive) when the audit does not pass or the release
+    cannot be made clean, `RunError`/`DataError` for bad input; then `out` is not written (an
+    existing one is left as it was).
+    """
+    from medgen.data import load_images
+    from medgen.privacy.calibration import DEFAULT_DETECTORS, CopyAudit
+    from medgen.sample.pipeline import load_pipeline, write_samples
+    from medgen.sample.shard import ProcessGroup
+
+    policy = policy or ReleasePolicy()
+    policy.validate()
+    if n < 1:
+        raise ConfigError(f"--n must be >= 1, got {n}")
+    out = Path(out)
+    ensure_new_output(out, overwrite, "release folder", inputs={"--run": run, "--train": train, "--holdout": holdout, "--data": data})
+    for name, path in (("--run", run), ("--train", train), ("--holdout", holdout), ("--data", data)):
+        if path is not None and _overlaps(out, Path(path)):
+            raise RunError(f"release folder {out} overlaps the {name} input {path}; inputs are never written, choose another --out")
+    processes = processes or ProcessGroup.current(device)
+    say = echo if processes.is_main else (lambda _: None)
+    train_s, hold_s, data_cfg, split_info = training_sets(run, train, holdout, holdout_splits=holdout_splits, data=data)
+    pipe = load_pipeline(run, processes.device or device)
+    settings = pipe.sampling_settings(sampler, steps, guidance, eta)  # as the rounds resolve them (for the card)
+    main: dict[str, Any] = {}  # the main process's state: images, the fitted audit, the rounds
+
+    def fit() -> None:
+        x_t, s_t = load_images(train_s, data_cfg)
+        x_h, s_h = load_images(hold_s, data_cfg)
+        say(f"release: auditing against {len(x_t)} training and {len(x_h)} held-out images")
+        audit = CopyAudit.fit(
+            x_t, x_h, detector or DEFAULT_DETECTORS, detector_options=detector_options, min_control_recall=policy.min_control_recall,
+            subjects={"train": [s.subject_id for s in s_t], "holdout": [s.subject_id for s in s_h]},
+            names={"train": [s.path.name for s in s_t], "holdout": [s.path.name for s in s_h]}, device=device, seed=seed)
+        main.update(x_t=x_t, x_h=x_h, s_t=s_t, s_h=s_h, audit=audit, rounds=[], images=[], keep=[])
+
+    def judge_round(r: int, folder: Path, start: int) -> int:
+        """Score round r's files; refuse on a first round that does not pass; the next round's size."""
+        from medgen.privacy.verdict import judge
+
+        x, _ = load_images(folder / "manifest.csv", data_cfg)  # the files as written (what would leave)
+        audit = main["audit"]
+        if r == 1:
+            result = judge(audit, x, alpha=policy.alpha, max_copy_rate=policy.max_copy_rate, device=device)
+            main["first"] = result
+            if result.verdict != "pass":
+                raise _refuse("round 1 audit", result)
+            scores = result.scores
+        else:
+            scores = audit.score(x, device=device)
+        copies, anatomical = scores.is_copy, scores.anatomical
+        keep = ~copies & anatomical
+        main["images"].append(x)
+        main["keep"].append(keep)
+        main["rounds"].append({
+            "round": r, "indices": [start, start + len(x)], "seeds": [seed + start, seed + start + len(x) - 1],
+            "sampled": len(x), "copies": int(copies.sum()), "not_anatomy": int((~anatomical).sum()), "kept": int(keep.sum())})
+        kept, made = sum(int(k.sum()) for k in main["keep"]), sum(len(k) for k in main["keep"])
+        say(f"release: round {r}: {len(x)} sampled, {int(copies.sum())} copies and {int((~anatomical).sum())} not anatomy dropped, "
+            f"{kept} of {n} kept")
+        missing = n - kept
+        if missing <= 0 or r == policy.max_rounds:
+            return 0
+        keep_rate = max(kept / made, 0.1)
+        return min(2 * n, math.ceil(1.25 * missing / keep_rate))  # over-sample by the observed drop rate
+
+    def finish(tmp: Path) -> dict[str, Any]:
+        from medgen.metrics.report import evaluate
+        from medgen.privacy.calibration import image_hashes
+        from medgen.privacy.verdict import judge
+        from medgen.release.card import build_card, card_markdown, find_leaks, real_identifiers
+        from medgen.train.preview import grid_png
+
+        rounds = main["rounds"]
+        x_all, keep = torch.cat(main["images"]), torch.cat(main["keep"])
+        if int(keep.sum()) < n:
+            raise ReleaseRefused(f"release refused (nothing written): after {len(rounds)} round(s) (policy max_rounds={policy.max_rounds}) "
+                                 f"only {int(keep.sum())} of {n} samples are neither copies nor non-anatomical "
+                                 f"({sum(r['copies'] for r in rounds)} copies, {sum(r['not_anatomy'] for r in rounds)} not anatomy "
+                                 f"among {len(x_all)} sampled); raise max_rounds or train the model further", "fail")
+        combined = judge(main["audit"], x_all, alpha=policy.alpha, max_copy_rate=policy.max_copy_rate, device=device)
+        if combined.verdict != "pass":
+            raise _refuse(f"audit of all {len(x_all)} samples of {len(rounds)} round(s)", combined)
+        chosen = keep.nonzero().flatten()[:n].tolist()  # global indices, in sampling order
+        x_rel = x_all[chosen]
+        real_hashes = set(image_hashes(main["x_t"])) | set(image_hashes(main["x_h"]))
+        if real_hashes & set(image_hashes(x_rel)):
+            raise ReleaseRefused("release refused (nothing written): a released image is identical to a real one", "fail")
+
+        ext = ".png" if pipe.spatial_dims == 2 else ".nii.gz"
+        bounds = [r["indices"] for r in rounds]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+        w.writeheader()
+        for j, g in enumerate(chosen):
+            r = next(k for k, (a, b) in enumerate(bounds) if a <= g < b)
+            src = tmp / ROUNDS / f"round_{r + 1}" / f"sample_{g - bounds[r][0]:05d}{ext}"
+            name = f"{FILE_STEM}_{j:05d}{ext}"
+            os.replace(src, tmp / name)
+            w.writerow({"file": name, "sha256": sha256_file(tmp / name), "seed": seed + g, "label": "" if label is None else int(label),
+                        "sampler": settings["sampler"], "steps": settings["steps"], "guidance": settings["guidance"],
+                        "checkpoint_sha256": pipe.checkpoint_sha256 or ""})
+        atomic_write_text(tmp / "manifest.csv", buf.getvalue())
+        atomic_write_bytes(tmp / "grid.png", grid_png(x_rel[:64] if pipe.spatial_dims == 2 else x_rel[:8]))
+        shutil.rmtree(tmp / ROUNDS)
+
+        say("release: evaluating the released set against the training images")
+        metrics = evaluate(main["x_t"], x_rel, features=features, bootstrap=bootstrap, seed=seed, device=device,
+                           slice_step=2 if pipe.spatial_dims == 3 else 1)
+        card = build_card(
+            n=n, ext=ext, pipe=pipe, run=Path(run), settings=settings, label=label, seed=seed, bit_depth=bit_depth,
+            policy=asdict(policy), first=main["first"], combined=combined, rounds=rounds, chosen=chosen,
+            metrics=metrics, split_info=split_info, n_train=len(main["x_t"]), n_holdout=len(main["x_h"]),
+            n_train_subjects=len({s.subject_id for s in main["s_t"]}), n_holdout_subjects=len({s.subject_id for s in main["s_h"]}))
+        atomic_write_json(tmp / "data_card.json", card)
+        atomic_write_text(tmp / "DATA_CARD.md", card_markdown(card))
+        leaks = find_leaks(tmp, real_identifiers(Path(run), main["s_t"] + main["s_h"], data))
+        if leaks:
+            raise ReleaseRefused("release refused (nothing written): the release would name real data: " + "; ".join(leaks[:5]), "fail")
+        return card
+
+    _on_main(processes, fit)  # before any folder exists: the long part that can refuse early
+    with processes.atomic_dir(out, overwrite=overwrite, what="release folder") as tmp:
+        size, start = n, 0
+        for r in range(1, policy.max_rounds + 1):
+            folder = write_samples(pipe, tmp / ROUNDS / f"round_{r}", size, sampler=sampler, steps=steps, guidance=guidance, eta=eta,
+                                   seed=seed + start, label=label, batch_size=batch_size, bit_depth=bit_depth, processes=processes)
+            start, size = start + size, _on_main(processes, lambda r=r, folder=folder, start=start: judge_round(r, folder, start))
+            if not size:
+                break
+        card = _on_main(processes, lambda: finish(tmp))
+    if processes.is_main:
+        say(f"release: {n} samples in {out} (DATA_CARD.md, data_card.json, manifest.csv)")
+    return card if processes.is_main else None
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents or a in b.parents
