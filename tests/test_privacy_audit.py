@@ -15,7 +15,6 @@ import torch
 
 from medgen.errors import DataError
 from medgen.privacy.calibration import CopyAudit
-from medgen.privacy.detector import PixelDetector
 from medgen.privacy.families import VALIDATION_FAMILIES
 from medgen.privacy.planting import family_copies
 from medgen.privacy.verdict import judge

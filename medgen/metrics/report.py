@@ -13,10 +13,8 @@ reported x10^3. Intervals: `medgen.metrics.bootstrap`.
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import math
-import platform
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,12 +31,13 @@ from medgen.metrics.fid import frechet_distance
 from medgen.metrics.kid import kernel_inception_distance, kid_bootstrap
 from medgen.metrics.msssim import msssim_diversity
 from medgen.metrics.prdc import prdc_indicators
+from medgen.versions import software_versions
 
 log = logging.getLogger(__name__)
 
 ALL_METRICS = ("fid", "kid", "prdc", "msssim")
 K_PR, K_DC = 3, 5  # Kynkäänniemi et al. 2019; Naeem et al. 2020
-PACKAGES = ("medgen", "torch", "numpy", "scipy", "monai", "clean-fid", "torchvision", "safetensors")
+PACKAGES = ("scipy", "monai", "clean-fid", "torchvision", "safetensors")  # in report.json "versions", with medgen.versions.CORE
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -168,16 +167,6 @@ def fid_2p5d(ex, real, real_s, fake, fake_s, n_boot: int, seed: int, slice_step:
     return out
 
 
-def _versions() -> dict[str, str]:
-    v = {"python": platform.python_version()}
-    for p in PACKAGES:
-        try:
-            v[p] = importlib.metadata.version(p)
-        except importlib.metadata.PackageNotFoundError:
-            v[p] = "not installed"
-    return v
-
-
 # ----------------------------------------------------------------------------- evaluate
 def evaluate(
     real,
@@ -253,7 +242,7 @@ def evaluate(
     if bootstrap:
         recipe["intervals"] = {"fd": HALF_SAMPLE_METHOD, "kid": "two-sample bootstrap, distinct-pair U-statistic",
                                "prdc, msssim": "percentile bootstrap of per-sample terms"}
-    report = {"metrics": results, "recipe": recipe, "versions": _versions(), "notes": notes,
+    report = {"metrics": results, "recipe": recipe, "versions": software_versions(*PACKAGES), "notes": notes,
               "seconds": round(time.perf_counter() - start, 2)}
     if out is not None:
         write_report(report, real_x, fake_x, Path(out), overwrite)

@@ -21,12 +21,10 @@ import io
 import json
 import logging
 import os
-import platform
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -36,6 +34,7 @@ from medgen.privacy.calibration import DEFAULT_DETECTORS, CopyAudit
 from medgen.privacy.memorization import authpct, c_t_statistic, carlini_relative_l2
 from medgen.privacy.report import write_figures, write_markdown
 from medgen.privacy.verdict import ALPHA, AuditResult, judge
+from medgen.versions import software_versions
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +182,6 @@ def _pairs_csv(result: AuditResult, synth_names: Sequence[str], train_names: Seq
         w.writerow([synth_names[i], train_names[int(nearest[i])], f"{float(best[i]):.6f}", "true" if bool(is_copy[i]) else "false",
                     sc.flagged_by(i), sc.not_anatomy[i]] + per)
     return buf.getvalue()
-
-
-def _versions() -> dict[str, str]:
-    import medgen
-
-    return {"medgen": getattr(medgen, "__version__", "?"), "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 
 def filter_synthetic(samples: Sequence, is_copy: torch.Tensor, out: Path, root: Path | None, overwrite: bool = False) -> dict[str, Any]:
@@ -360,7 +353,7 @@ def run_audit(
         report["inputs"] = {k: str(v) if isinstance(v, (str, os.PathLike)) else f"{len(v)} files under {roots[k]}" for k, v in (("train", train), ("holdout", holdout), ("synthetic", synthetic))}
         if run_info is not None:
             report["inputs"].update(run_info)
-        report["versions"] = _versions()
+        report["versions"] = software_versions()
         (tmp / "pairs.csv").write_text(_pairs_csv(result, n_s, n_t))
         report["figures"] = write_figures(result, x_t, x_s, n_t, n_s, tmp, top_k=top_k)
         if filter_out is not None:

@@ -33,7 +33,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from medgen.errors import DataError

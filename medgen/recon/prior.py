@@ -124,22 +124,14 @@ class DiscreteScheduleSDE:
                                device=torch.device(device), dtype=torch.float64)
 
 
-def _model_dir(run_dir: Path) -> Path:
-    return run_dir / "model" if (run_dir / "model" / "config.json").is_file() else run_dir
-
-
 def check_pixel_prior(run_dir: str | os.PathLike) -> dict:
     """The run's model config, or a ConfigError when it cannot serve as an MRI prior."""
-    from medgen.models.serialization import load_model_config
+    from medgen.sample.pipeline import diffusion_model
 
-    run_dir = Path(run_dir)
-    model_dir = _model_dir(run_dir)
-    if not (model_dir / "config.json").is_file():
-        raise RunError(f"--prior {run_dir} holds no diffusion model: expected {run_dir}/model/config.json "
-                       f"(written when `medgen train diffusion` finishes)")
-    config = load_model_config(model_dir)
-    if config.get("kind") != "diffusion":
-        raise RunError(f"--prior {run_dir}: {model_dir / 'config.json'} is not a diffusion model (kind={config.get('kind')!r})")
+    try:
+        _, config = diffusion_model(run_dir)
+    except RunError as e:
+        raise RunError(f"--prior: {e}") from None
     kinds = [name for name, bad in (("latent", bool(config.get("latent"))), ("3D", int(config.get("spatial_dims", 2)) != 2)) if bad]
     if kinds:
         raise ConfigError(f"--prior {run_dir}: the probe needs a 2D pixel-space prior; this run is {'/'.join(kinds)} "

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +49,7 @@ from medgen.recon.sampling import (
     sample_generators,
 )
 from medgen.recon.settings import WHITE_BOX, ProbeSettings
+from medgen.versions import software_versions
 
 log = logging.getLogger(__name__)
 
@@ -75,22 +75,6 @@ def _training_files(prior_dir: Path, surrogate_config: dict | None) -> set[Path]
     if surrogate_config:
         files |= {Path(f).resolve() for f in surrogate_config.get("train", {}).get("train_files", [])}
     return files
-
-
-def _versions() -> dict[str, str]:
-    import deepinv
-
-    import medgen
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "deepinv": deepinv.__version__,
-           "medgen": getattr(medgen, "__version__", "unknown")}
-    try:
-        import sigpy
-
-        out["sigpy"] = sigpy.__version__
-    except ImportError:
-        pass
-    return out
 
 
 @dataclass
@@ -422,7 +406,7 @@ def run_probe(prior: str | os.PathLike, data: str | os.PathLike, out: str | os.P
                 "metrics": {"psnr": "deepinv PSNR, data_range = max of the ground truth (fastMRI)",
                             "ssim": "fastMRI / scikit-image SSIM (7x7 uniform window), data_range = max of the ground truth",
                             "nmse": "deepinv NMSE ||x - g||^2 / ||g||^2", "on": "magnitude images"},
-                "device": str(dev), "seconds": seconds, "settings": asdict(s), "versions": _versions(),
+                "device": str(dev), "seconds": seconds, "settings": asdict(s), "versions": software_versions("deepinv", "sigpy"),
             },
         }
         atomic_write_json(tmp / "report.json", report)

@@ -153,7 +153,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
                          f"{c['posterior_spread']:.4f} | {c['psnr_vs_clean']:.2f} |")
     tv = setup["tv"]["lambda"]
     lines += ["", "## Setup", "",
-              f"- Masks: " + "; ".join(f"R={k}: {v['kind']}, centre fraction {v['center_fraction']:g} ({v['center_columns']} columns), "
+              "- Masks: " + "; ".join(f"R={k}: {v['kind']}, centre fraction {v['center_fraction']:g} ({v['center_columns']} columns), "
                                          f"{v['sampled_columns']} columns sampled (effective R {v['effective_acceleration']:g})"
                                          for k, v in setup["masks"].items()),
               f"- Attack: Adam lr {setup['attack']['lr']}, {setup['attack']['steps']} steps, keep the worst iterate.",

@@ -10,17 +10,17 @@ place, so a slip fails the release instead of leaking.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
-import platform
 import re
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from medgen.versions import software_versions
+
 WITHHELD = "[withheld]"
-SOFTWARE = ("medgen", "torch", "diffusers", "accelerate", "monai", "torchio", "numpy", "scipy", "safetensors", "Pillow", "nibabel")
+SOFTWARE = ("diffusers", "accelerate", "monai", "torchio", "scipy", "safetensors", "Pillow", "nibabel")
 TEXT_SUFFIXES = (".csv", ".json", ".md", ".txt", ".yaml")
 
 INTENDED_USE = [
@@ -34,16 +34,6 @@ OUT_OF_SCOPE = [
     "reproduces what it learned, with its errors and biases, not the population.",
     "Re-identification attempts of any kind.",
 ]
-
-
-def software_versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "platform": platform.platform(terse=True)}
-    for name in SOFTWARE:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def withhold_paths(obj: Any) -> Any:
@@ -168,7 +158,7 @@ def build_card(*, n: int, ext: str, pipe, run: Path, settings: dict, label, seed
         "rounds": rounds,
         "dropped": {"copies": sum(r["copies"] for r in rounds), "not_anatomy": sum(r["not_anatomy"] for r in rounds),
                     "sampled": sum(r["sampled"] for r in rounds), "kept_unused": sum(r["kept"] for r in rounds) - n},
-        "software": software_versions(),
+        "software": software_versions(*SOFTWARE),
         "intended_use": INTENDED_USE,
         "out_of_scope": OUT_OF_SCOPE,
     }

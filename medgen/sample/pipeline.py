@@ -34,6 +34,22 @@ MANIFEST_FIELDS = ("file", "label", "seed", "sampler", "steps", "guidance", "che
 SAMPLING_DEFAULTS = {"sampler": None, "steps": None, "guidance": 1.0, "eta": 0.0}
 
 
+def diffusion_model(run_dir: str | os.PathLike) -> tuple[Path, dict]:
+    """(model folder, its config.json) of a diffusion run folder or of its model/ folder;
+    RunError when it holds no trained diffusion model."""
+    from medgen.models.serialization import load_model_config
+
+    run_dir = Path(run_dir)
+    model_dir = run_dir / "model" if (run_dir / "model" / "config.json").is_file() else run_dir
+    if not (model_dir / "config.json").is_file():
+        raise RunError(f"{run_dir} holds no diffusion model: expected {run_dir}/model/config.json "
+                       f"(written when `medgen train diffusion` finishes)")
+    config = load_model_config(model_dir)
+    if config.get("kind") != "diffusion":
+        raise RunError(f"{model_dir / 'config.json'} is not a diffusion model (kind={config.get('kind')!r})")
+    return model_dir, config
+
+
 class DiffusionPipeline:
     """A trained denoiser + its noise schedule (+ the frozen autoencoder in latent mode)."""
 
@@ -57,16 +73,9 @@ class DiffusionPipeline:
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device | None = None) -> "DiffusionPipeline":
-        from medgen.models.serialization import load_inference_model, load_model_config
+        from medgen.models.serialization import load_inference_model
 
-        run_dir = Path(run_dir)
-        model_dir = run_dir / "model" if (run_dir / "model" / "config.json").is_file() else run_dir
-        if not (model_dir / "config.json").is_file():
-            raise RunError(f"{run_dir} holds no diffusion model: expected {run_dir}/model/config.json "
-                           f"(written when `medgen train diffusion` finishes)")
-        config = load_model_config(model_dir)
-        if config.get("kind") != "diffusion":
-            raise RunError(f"{model_dir / 'config.json'} is not a diffusion model (kind={config.get('kind')!r})")
+        model_dir, config = diffusion_model(run_dir)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         denoiser = load_inference_model(model_dir, device)
         autoencoder = None
