@@ -192,7 +192,7 @@ def demo_stage(ctx) -> None:
         samples = _planted_set(train, holdout, data_cfg, ctx.out / "audit_planted")
         print(f"  no synthetic samples in this demo run; auditing a planted set instead: {samples}")
     # CPU-sized detector training: quick < 60 s for the stage, full < 5 min
-    steps = {(2, True): 100, (3, True): 200, (2, False): 500, (3, False): 300}[(ctx.dims, bool(ctx.quick))]
+    steps = {(2, True): 100, (3, True): 500, (2, False): 500, (3, False): 300}[(ctx.dims, bool(ctx.quick))]
     report = run_audit(
         train, holdout, samples, ctx.out / "audit", data_cfg=data_cfg, overwrite=True,
         detector_options={"steps": steps, "batch_size": 64 if ctx.dims == 2 else 32}, filter_out=ctx.out / "samples_filtered",

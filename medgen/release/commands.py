@@ -98,7 +98,7 @@ def demo_stage(ctx) -> None:
     if audit_dir is not None and (Path(audit_dir) / "detector").is_dir():
         detector = f"{Path(audit_dir) / 'detector'},pixel-rank"
     out = Path(ctx.out) / "release"
-    n = 16 if ctx.quick else (64 if ctx.dims == 2 else 16)
+    n = 16 if ctx.quick else (64 if ctx.dims == 2 else 48)
     try:
         card = make_release(run, out, n, holdout_splits=("holdout", "val"), detector=detector, bootstrap=50 if ctx.quick else 200,
                             overwrite=True, echo=lambda m: print(f"  {m}"))
