@@ -311,7 +311,10 @@ def test_pipeline_defaults_and_warns_once(caplog):
     eps = NoiseSchedule(schedule="linear", beta_start=1e-4, beta_end=0.02, prediction="eps")
     pipe = DiffusionPipeline(net, eps, config)
     s = pipe.sampling_settings()  # a run saved before sample.sampler existed: the measured default
-    assert (s["sampler"], s["steps"]) == DEFAULT_SAMPLER["pixel"]
+    assert (s["sampler"], s["steps"]) == DEFAULT_SAMPLER[("pixel", 2)]
+    volume = DiffusionPipeline(UNet(spatial_dims=3, in_channels=1, **TINY).eval(), NoiseSchedule(prediction="v"),
+                               {"sample_shape": [1, 8, 8, 8], "latent": None}).sampling_settings()
+    assert (volume["sampler"], volume["steps"]) == DEFAULT_SAMPLER[("pixel", 3)] == ("ddpm", 25)  # measured per dimensionality
     own = DiffusionPipeline(net, eps, {**config, "sampling": {"sampler": "ddpm", "steps": 7}}).sampling_settings()
     assert (own["sampler"], own["steps"]) == ("ddpm", 7)  # the run's own choice wins over the default
     with caplog.at_level("WARNING", logger="medgen.sample.pipeline"):

@@ -18,7 +18,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="sample folder to create")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="default: the run's own (its config's sample.sampler; null there: the measured default for "
-                        "the model's space, dpmpp; eval/RESULTS.md \"Samplers\")")
+                        "the model's space: dpmpp, ddpm for 3D pixel models; eval/RESULTS.md \"Samplers\")")
     p.add_argument("--steps", type=int, default=None, help="default: the run's own (sample.steps; null there: 25)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (1: none); default: the run's own (sample.guidance)")

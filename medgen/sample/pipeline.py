@@ -109,7 +109,7 @@ class DiffusionPipeline:
         given = {"sampler": sampler, "steps": steps, "guidance": guidance, "eta": eta}
         s = {k: self.sampling[k] if v is None else v for k, v in given.items()}
         pixel = self.latent_scaling is None
-        default = default_sampler(latent=not pixel)
+        default = default_sampler(latent=not pixel, spatial_dims=self.spatial_dims)
         s["sampler"] = s["sampler"] or default[0]
         s["steps"] = s["steps"] or default[1]
         risk = noise_risk(s["sampler"], self.schedule, pixel=pixel, eta=float(s["eta"]))

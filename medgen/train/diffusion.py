@@ -489,7 +489,8 @@ def write_preview(path: Path, net, schedule, sample_cfg, num_classes, autoencode
     n = int(sample_cfg.n_preview)
     labels = torch.arange(n) % num_classes if num_classes > 0 else None
     scaling = LatentScaling.from_dict(info["latent"]) if info["latent"] is not None else None
-    sampler, steps = default_sampler(latent=info["latent"] is not None)  # for a null sample.sampler / sample.steps
+    sampler, steps = default_sampler(latent=info["latent"] is not None,  # for a null sample.sampler / sample.steps
+                                     spatial_dims=len(info["sample_shape"]) - 1)
     z = sample_loop(net, schedule, info["sample_shape"], generators(range(n)), sampler=str(sample_cfg.sampler or sampler),
                     steps=int(sample_cfg.steps or steps), labels=labels, guidance=float(sample_cfg.guidance),
                     eta=float(cfg_get(sample_cfg, "eta", 0.0)), null_label=net.null_label if num_classes > 0 else None,

@@ -228,7 +228,7 @@ class PreviewSampling:
     """`sample:` how previews are sampled, and the default sampler of `medgen sample` /
     `load_pipeline(run).sample()` for this run (saved in model/config.json)."""
 
-    # null: the measured default for the run's space (medgen.diffusion.default_sampler: dpmpp, 25 steps)
+    # null: the measured default for the run's space (medgen.diffusion.default_sampler: dpmpp, 25 steps; ddpm for 3D pixel runs)
     sampler: str | None = setting(None, choices=("ddpm", "ddim", "dpmpp", "euler"))
     steps: int | None = setting(None, ge=1)  # null: the measured default (25)
     guidance: float = setting(1.0, ge=0)  # classifier-free guidance scale; 1: none
