@@ -196,15 +196,20 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), s
     layers: list[tuple[Any, str]] = []
     if path is not None:
         layers.append((_read_yaml(Path(path)), f"{path}: "))
+    if overrides:
+        layers.append((parse_overrides(overrides), ""))
+    return merge_config(schema, layers)
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    """`["train.lr=1e-4", ...]` as a config layer; ConfigError for an item that is not key=value."""
     bad = [item for item in overrides if "=" not in item or item.startswith("=")]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not of the form key.sub=value")
-    if overrides:
-        try:
-            layers.append((OmegaConf.from_dotlist(list(overrides)), ""))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"could not parse the overrides {list(overrides)}: {_first_line(e)}") from None
-    return merge_config(schema, layers)
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"could not parse the overrides {list(overrides)}: {_first_line(e)}") from None
 
 
 def merge_config(schema: type | None, layers: Sequence[tuple[Any, str]]) -> DictConfig:

@@ -76,7 +76,7 @@ class SurrogateConfig:
     """Every key `medgen probe train-surrogate` understands as key=value, with its default."""
 
     acceleration: int = setting(8, ge=2)  # R of the training masks
-    mask: str = setting("equispaced", choices=("equispaced", "random"))
+    mask: str = setting("equispaced", choices=MASK_KINDS)
     center_fraction: float | None = setting(None, gt=0, lt=1)  # null: fastMRI's (0.08 at R=4, 0.04 at R=8, else 0.32 / R)
     coils: int = setting(1, ge=1)  # 1: single-coil MRI; N > 1: MultiCoilMRI with N simulated birdcage coils
     network: SurrogateNetwork = section(SurrogateNetwork)
@@ -226,18 +226,12 @@ def surrogate_data(data_cfg: dict | None) -> dict:
 
 def surrogate_config(overrides: list[str] | None = None, **values: Any) -> dict:
     """`SurrogateConfig` defaults <- `values` (top-level keys, e.g. acceleration=8; None: not set)
-    <- dotted overrides, checked against the schema (medgen.recon.settings)."""
-    from medgen.config import merge_config, to_dict
+    <- dotted overrides, checked against the schema (`SurrogateConfig`)."""
+    from medgen.config import merge_config, parse_overrides, to_dict
 
-    given = {k: v for k, v in values.items() if v is not None}
-    layers = [(given, "")]
+    layers = [({k: v for k, v in values.items() if v is not None}, "")]
     if overrides:
-        from omegaconf import OmegaConf
-
-        bad = [item for item in overrides if "=" not in item or item.startswith("=")]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r} is not of the form key.sub=value")
-        layers.append((OmegaConf.from_dotlist(list(overrides)), ""))
+        layers.append((parse_overrides(overrides), ""))
     cfg = to_dict(merge_config(SurrogateConfig, layers))
     if not cfg["data"].get("path"):
         raise DataError("the surrogate needs training data: pass --data DIR")
