@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medgen.diffusion import DiffusionLoss, NoiseSchedule, generators, make_scheduler  # noqa: E402
 from medgen.models.unet import build_denoiser  # noqa: E402
+from medgen.versions import cpu_name  # noqa: E402
 
 # dense bf16 tensor-core peaks from the vendor datasheets (TFLOP/s)
 BF16_PEAK = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
@@ -181,11 +181,7 @@ def main(argv=None) -> int:
         name = torch.cuda.get_device_name(device)
         peak = args.peak_tflops or next((v for k, v in BF16_PEAK.items() if k in name), None)
     else:
-        name = platform.processor() or platform.machine()
-        try:
-            name = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
+        name = cpu_name()
         peak = args.peak_tflops
     iters = args.iters or (20 if cuda else 3)
     warmup = 5 if cuda else 1

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medgen.diffusion import generators  # noqa: E402
 from medgen.diffusion.quality import high_frequency_energy  # noqa: E402
 from medgen.diffusion.schedule import PREDICTION_TYPES  # noqa: E402
+from medgen.versions import cpu_name  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- real images
@@ -286,11 +286,7 @@ def main() -> None:
     real_hf = float(high_frequency_energy(real).mean())
     extractor = PCAExtractor().fit(real)
     real_feats = extractor(real)
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    try:
-        machine = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")) + f", {torch.get_num_threads()} threads"
-    except (OSError, StopIteration):
-        pass
+    machine = f"{cpu_name()}, {torch.get_num_threads()} threads"
     print(f"run {args.run}: {len(real)} training images, hf mean {real_hf:.4f}; {args.n} samples per row, seed {args.seed}; {machine}")
     if args.profile:
         print("| t | SNR | eps MSE | x0 RMSE | noise gain |")

@@ -178,11 +178,9 @@ def summary_table(ctx: DemoContext) -> str:
     except (KeyError, OSError, ValueError):
         report = None
     if report is not None:
-        from medgen.metrics.report import _fmt, _rows
+        from medgen.metrics.report import metric_cells
 
-        for name, m in _rows(report["metrics"]):
-            ci = m.get("ci95")
-            rows.append((name, _fmt(m["value"]) + (f"  [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")))
+        rows += [(name, value + (f"  {ci}" if ci else "")) for name, value, ci in metric_cells(report["metrics"])]
     try:
         audit = json.loads(Path(ctx.state["audit_report"]).read_text())
         t = audit["test"]

@@ -66,13 +66,12 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _print_summary(report: dict) -> None:
-    from medgen.metrics.report import _fmt, _rows
+    from medgen.metrics.report import metric_cells
 
     feats = report["recipe"].get("features", {}).get("extractor", "-")
     print(f"features: {feats}  (n_real={report['recipe']['n_real']}, n_fake={report['recipe']['n_fake']})")
-    for name, m in _rows(report["metrics"]):
-        ci = m.get("ci95")
-        print(f"  {name:<16} {_fmt(m['value']):>10}" + (f"  [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""))
+    for name, value, ci in metric_cells(report["metrics"]):
+        print(f"  {name:<16} {value:>10}" + (f"  {ci}" if ci else ""))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -271,6 +271,16 @@ def _fmt(x) -> str:
     return f"{x:.4g}"
 
 
+def metric_cells(metrics: dict) -> list[tuple[str, str, str | None]]:
+    """(label, value, "[lo, hi]" or None) per row of `_rows`: one formatting for report.md, the
+    CLI summary, the demo's summary table and the data card."""
+    out = []
+    for name, m in _rows(metrics):
+        ci = m.get("ci95")
+        out.append((name, _fmt(m["value"]), f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else None))
+    return out
+
+
 def _explanations(report: dict) -> list[str]:
     """What the distances in this report are and how to read them (below the table)."""
     metrics, lines = report["metrics"], []
@@ -305,10 +315,9 @@ def report_markdown(report: dict) -> str:
              f"synthetic: `{r['inputs']['fake']['dir']}` ({r['n_fake']} images, shape {r['inputs']['fake']['shape']})"
              + (" - different sizes: the feature extractor resized both." if r['inputs']['real']['shape'] != r['inputs']['fake']['shape'] else "."), "",
              "| metric | value | 95% CI | better |", "|---|---|---|---|"]
-    for name, m in _rows(report["metrics"]):
-        ci = m.get("ci95")
+    for name, value, ci in metric_cells(report["metrics"]):
         better = "lower" if _lower_is_better(name) else ("closer to real" if name.startswith("msssim") else ("~1" if name == "density" else "higher"))
-        lines.append(f"| {name} | {_fmt(m['value'])} | {'[' + _fmt(ci[0]) + ', ' + _fmt(ci[1]) + ']' if ci else '-'} | {better} |")
+        lines.append(f"| {name} | {value} | {ci or '-'} | {better} |")
     lines += [""] + [line for text in _explanations(report) for line in (text, "")]
     lines += ["## Recipe", ""]
     for key in ("features", "features_2.5d"):

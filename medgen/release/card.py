@@ -181,13 +181,9 @@ def _ranges(indices: Sequence[int]) -> list[list[int]]:
 
 
 def _metric_rows(values: dict) -> list[str]:
-    from medgen.metrics.report import _fmt, _rows
+    from medgen.metrics.report import metric_cells
 
-    rows = []
-    for name, m in _rows(values):
-        ci = m.get("ci95")
-        rows.append(f"| {name} | {_fmt(m['value'])} | " + (f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "-") + " |")
-    return rows
+    return [f"| {name} | {value} | {ci or '-'} |" for name, value, ci in metric_cells(values)]
 
 
 def card_markdown(card: dict[str, Any]) -> str:
