@@ -1,35 +1,36 @@
-"""Validation harness of the copy audit: recall on copy families the detectors never train on.
+"""Validation harness of the copy audit: recall on copy families the detectors never train on,
+the null on new subjects, and every detector's positive control, at the demo's sizes.
 
-On the built-in cohort (a cohort seed other than the one the detector settings were chosen on),
-disjoint subjects form the training set, the held-out calibration set (60) and genuine other
-subjects (60). The default audit (`CopyAudit.fit`: SSL + pixel-rank in union, each tau at the
-95th percentile) is fitted with the settings frozen in medgen, then scores:
+On the built-in cohort, disjoint subjects form the training set, the held-out calibration set
+and genuine other subjects. A VQ-GAN is trained on the training images the way the demo trains
+it (`configs/demo_autoencoder_{2,3}d.yaml`, the demo's steps); it stands for a latent model's
+autoencoder. Two audits are fitted with the settings frozen in medgen, sharing one SSL detector:
 
-- copies of training images from each validation family (`medgen.privacy.families`; k each),
-  including a round trip through a medgen autoencoder trained on the training images; a copy
-  counts when a detector flags it *and* points at its source (`Scores.caught`);
+- `pixel`: the audit of a pixel-space model (ssl + pixel-rank, calibrated on held-out images);
+- `latent`: the audit of a latent model (ssl + pixel-rank + latent, calibrated on held-out images
+  decoded through the autoencoder; latent control families).
+
+Each then scores:
+
+- copies of training images from each family (`medgen.privacy.families`; k each); a copy counts
+  when a detector flags it *and* points at its source (`Scores.caught`);
 - the same transforms applied to other subjects (not copies): flagged there means a detector
-  reacts to the transform itself, which would inflate its recall;
-- copies made with the SSL detector's own training augmentations (shift, flip, scale,
-  intensity, noise): listed for contrast, not evidence;
-- genuine other subjects (false flags), the held-out null rate, and non-anatomical images
-  (white noise, smooth noise, blank, inverted contrast, decoded random latents of the
-  autoencoder): these must never count as copies.
+  reacts to the transform, not the patient;
+- copies made with the SSL detector's own training augmentations: listed for contrast, not evidence;
+- genuine other subjects (the null on new subjects; decoded through the autoencoder for the
+  latent audit: what an honest latent model outputs at best) and non-anatomical images.
 
-Per detector seed: recall of each detector and of the union; the summary gives mean and min
-over seeds. `--markdown` prints the table for eval/RESULTS.md.
+`--cohort-seed 0` is the tuning cohort (settings were chosen on it); the test cohort is another
+seed. `--markdown` prints the tables of eval/RESULTS.md. Prints one JSON line at the end.
 
-    python eval/audit_harness.py --dims 2 --seeds 0,1,2
-    python eval/audit_harness.py --dims 3 --seeds 0,1,2
-
-Prints one JSON line at the end.
+    python eval/audit_harness.py --dims 2 --cohort-seed 3 --seeds 0,1,2 --markdown
+    python eval/audit_harness.py --dims 3 --cohort-seed 3 --seeds 0,1,2 --markdown
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -42,15 +43,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medgen.data import load_images  # noqa: E402
 from medgen.data.cohort import synth_brain  # noqa: E402
 from medgen.privacy.calibration import CopyAudit  # noqa: E402
-from medgen.privacy.families import TRAINING_AUGMENTATIONS, VALIDATION_FAMILIES, gaussian_blur  # noqa: E402
+from medgen.privacy.detector import train_detector  # noqa: E402
+from medgen.privacy.families import LATENT_FAMILIES, TRAINING_AUGMENTATIONS, VALIDATION_FAMILIES, RoundTrip, gaussian_blur, run_roundtrip  # noqa: E402
 from medgen.privacy.planting import family_copies, train_roundtrip_autoencoder  # noqa: E402
+from medgen.versions import cpu_name  # noqa: E402
 
-# Settings per dims: the unit-test sizes (tests/test_privacy_audit.py asserts these rates).
-SETTINGS = {2: {"size": 32, "n_train": 30, "steps": 400, "batch_size": 64}, 3: {"size": 16, "n_train": 45, "steps": 600, "batch_size": 64}}
-N_HOLDOUT = N_GENUINE = 60
+# The demo's sizes: 2D 64^2 (the full 2D demo), 3D 32^3 (the full 3D demo); autoencoder steps as the demo's config.
+SETTINGS = {
+    2: {"size": 64, "n_train": 100, "n_holdout": 60, "n_genuine": 60, "steps": 500, "batch_size": 64, "ae_steps": 200},
+    3: {"size": 32, "n_train": 60, "n_holdout": 40, "n_genuine": 40, "steps": 300, "batch_size": 32, "ae_steps": 120},
+}
 
 
-def non_anatomical(genuine: torch.Tensor, g: torch.Generator, roundtrip=None) -> dict[str, torch.Tensor]:
+def non_anatomical(genuine: torch.Tensor, g: torch.Generator, roundtrip: RoundTrip | None) -> dict[str, torch.Tensor]:
     shape = tuple(genuine.shape[1:])
     n = 12
     sets = {
@@ -60,111 +65,133 @@ def non_anatomical(genuine: torch.Tensor, g: torch.Generator, roundtrip=None) ->
         "inverted contrast": -genuine[:n],
     }
     if roundtrip is not None:
-        ae = roundtrip.autoencoder
-        with torch.no_grad():
-            z = torch.randn((n,) + tuple(ae.latent_shape(shape[1:])), generator=g)
-            sets["decoded random latents"] = ae.decode(z).clamp(-1, 1)
+        z = roundtrip.encode(genuine[:n])
+        sets["decoded random latents"] = roundtrip.decode(torch.randn(z.shape, generator=g) * z.std() + z.mean())
     return sets
 
 
-def rates(scores, detectors: list[str], sources=None) -> dict[str, float]:
+def rates(scores, sources=None) -> dict[str, float]:
     """Share flagged per detector and for the union; with `sources`, a copy counts only when
-    the flagging detector's nearest training image is its source (`Scores.caught`)."""
+    the flagging detector's nearest training image is its source."""
+    detectors = scores.detectors
     if sources is None:
-        out = {d: float(scores.flagged[:, k].double().mean()) for k, d in enumerate(detectors)}
+        out = {d: float((scores.flagged[:, k] & scores.anatomical).double().mean()) for k, d in enumerate(detectors)}
         out["union"] = float(scores.is_copy.double().mean())
     else:
         src = torch.tensor(sources)
-        out = {d: float((scores.flagged[:, k] & (scores.nearest[:, k] == src)).double().mean()) for k, d in enumerate(detectors)}
+        out = {d: float((scores.anatomical & scores.flagged[:, k] & (scores.nearest[:, k] == src)).double().mean()) for k, d in enumerate(detectors)}
         out["union"] = float(scores.caught(sources).double().mean())
     return {k: round(v, 4) for k, v in out.items()}
+
+
+def evaluate(audit: CopyAudit, train, genuine, families, k, seed, roundtrip) -> dict:
+    g = torch.Generator().manual_seed(100 + seed)
+    c = audit.control
+    out = {
+        "thresholds": audit.thresholds, "reasons": audit.reasons, "null_holdout": round(audit.null_rate, 4),
+        "control": {"n": c.n, "recall": round(c.recall, 4), "by_detector": {d: v["recall"] for d, v in c.summary()["by_detector"].items()},
+                    "blind": c.blind_detectors()},
+        "genuine": rates(audit.score(genuine)),
+        "validation": {}, "transformed_others": {}, "training_augmentations": {}, "not_anatomy": {},
+    }
+    if audit.decoded:
+        out["genuine_decoded"] = rates(audit.score(roundtrip(genuine)))
+    for fam in families:
+        copies, sources = family_copies(train, fam, k, seed=seed, autoencoder=roundtrip)
+        out["validation"][fam] = rates(audit.score(copies), sources)
+        others, _ = family_copies(genuine, fam, k, seed=seed, autoencoder=roundtrip)
+        out["transformed_others"][fam] = rates(audit.score(others))
+    for kind in TRAINING_AUGMENTATIONS:
+        copies, sources = family_copies(train, kind, k, seed=seed)
+        out["training_augmentations"][kind] = rates(audit.score(copies), sources)
+    for name, imgs in non_anatomical(genuine, g, roundtrip).items():
+        sc = audit.score(imgs)
+        out["not_anatomy"][name] = {"counted_as_copy": round(float(sc.is_copy.double().mean()), 4),
+                                    "reported_not_anatomy": round(1 - float(sc.anatomical.double().mean()), 4)}
+    return out
+
+
+def agg(runs: list[dict], get) -> dict[str, float]:
+    vals = [get(r) for r in runs]
+    return {"mean": round(sum(vals) / len(vals), 4), "min": round(min(vals), 4), "max": round(max(vals), 4)}
+
+
+def markdown(mode: str, runs: list[dict], families: list[str], dims: int) -> str:
+    fmt = lambda a: f"{100 * a['mean']:.0f}% ({100 * a['min']:.0f}-{100 * a['max']:.0f})"  # noqa: E731
+    detectors = list(runs[0]["genuine"])
+    lines = [f"\n{mode} audit ({dims}D): " + ", ".join(d for d in detectors if d != "union"),
+             "", f"| copy family | " + " | ".join(detectors) + " | same transform of other subjects (union) |",
+             "|---|" + "---|" * (len(detectors) + 1)]
+    for fam in families:
+        lines.append(f"| {fam} | " + " | ".join(fmt(agg(runs, lambda r: r["validation"][fam][d])) for d in detectors)
+                     + f" | {fmt(agg(runs, lambda r: r['transformed_others'][fam]['union']))} |")
+    for kind in TRAINING_AUGMENTATIONS:
+        lines.append(f"| ({kind}: training augmentation) | " + " | ".join(fmt(agg(runs, lambda r: r["training_augmentations"][kind][d])) for d in detectors) + " | |")
+    lines.append("| **new subjects (false flags)** | " + " | ".join(fmt(agg(runs, lambda r: r["genuine"][d])) for d in detectors) + " | |")
+    if "genuine_decoded" in runs[0]:
+        lines.append("| **new subjects, decoded (false flags)** | " + " | ".join(fmt(agg(runs, lambda r: r["genuine_decoded"][d])) for d in detectors) + " | |")
+    ctrl = runs[0]["control"]["by_detector"]
+    lines.append("| control recall, own families | " + " | ".join(fmt(agg(runs, lambda r: r["control"]["by_detector"][d])) if d in ctrl else "" for d in detectors[:-1])
+                 + f" | {fmt(agg(runs, lambda r: r['control']['recall']))} (pooled) | |")
+    lines += ["", "| non-anatomical | counted as copies | reported as not anatomy |", "|---|---|---|"]
+    for name in runs[0]["not_anatomy"]:
+        lines.append(f"| {name} | {fmt(agg(runs, lambda r: r['not_anatomy'][name]['counted_as_copy']))} | "
+                     f"{fmt(agg(runs, lambda r: r['not_anatomy'][name]['reported_not_anatomy']))} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dims", type=int, choices=(2, 3), default=2)
-    ap.add_argument("--cohort-seed", type=int, default=1, help="cohort seed (detector settings were chosen on seed 0)")
+    ap.add_argument("--cohort-seed", type=int, default=3, help="cohort seed (0 is the tuning cohort)")
     ap.add_argument("--seeds", default="0,1,2", help="detector (and copy) seeds")
-    ap.add_argument("--k", type=int, default=12, help="copies per family")
-    ap.add_argument("--ae-steps", type=int, default=300, help="autoencoder training steps for the autoencoder family (0: skip)")
-    ap.add_argument("--steps", type=int, default=None, help="SSL training steps (default: the test setting)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--k", type=int, default=20, help="copies per family")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--workdir", type=Path, default=None, help="keep the cohort and the autoencoder here and reuse them on the next run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    st = dict(SETTINGS[args.dims])
-    if args.steps:
-        st["steps"] = args.steps
+    st = SETTINGS[args.dims]
     seeds = [int(s) for s in args.seeds.split(",")]
     start = time.perf_counter()
+    n_t, n_h, n_g = st["n_train"], st["n_holdout"], st["n_genuine"]
     with tempfile.TemporaryDirectory() as tmp:
-        cohort = synth_brain(Path(tmp) / "cohort", n=st["n_train"] + N_HOLDOUT + N_GENUINE, dims=args.dims, size=st["size"], seed=args.cohort_seed)
+        work = args.workdir / f"{args.dims}d_seed{args.cohort_seed}" if args.workdir else Path(tmp)
+        cohort = work / "cohort"
+        if not cohort.is_dir():
+            synth_brain(cohort, n=n_t + n_h + n_g, dims=args.dims, size=st["size"], seed=args.cohort_seed)
         x, samples = load_images(cohort)
-        roundtrip = train_roundtrip_autoencoder([s.path for s in samples[: st["n_train"]]], args.dims, st["size"], args.ae_steps, Path(tmp)) if args.ae_steps else None
-    train, holdout = x[: st["n_train"]], x[st["n_train"] : st["n_train"] + N_HOLDOUT]
-    genuine = x[st["n_train"] + N_HOLDOUT :]
-    families = [f for f in VALIDATION_FAMILIES if f != "autoencoder" or roundtrip is not None]
-    runs = []
+        if (work / "autoencoder" / "model" / "config.json").is_file():
+            roundtrip = run_roundtrip(work / "autoencoder")
+        else:
+            roundtrip = train_roundtrip_autoencoder([s.path for s in samples[:n_t]], args.dims, st["size"], st["ae_steps"], work)
+    recon_l1 = float((roundtrip(x[:n_t]) - x[:n_t]).abs().mean())
+    train, holdout, genuine = x[:n_t], x[n_t : n_t + n_h], x[n_t + n_h :]
+    families = {"pixel": list(VALIDATION_FAMILIES), "latent": list(VALIDATION_FAMILIES) + list(LATENT_FAMILIES[1:])}
+    runs: dict[str, list] = {"pixel": [], "latent": []}
     for seed in seeds:
         t0 = time.perf_counter()
-        audit = CopyAudit.fit(train, holdout, detector_options={"steps": st["steps"], "batch_size": st["batch_size"]}, seed=seed)
-        fit_s = time.perf_counter() - t0
-        names = [f.name for f in audit.fits]
-        g = torch.Generator().manual_seed(100 + seed)
-        run = {"seed": seed, "fit_seconds": round(fit_s, 1), "thresholds": audit.thresholds, "reasons": audit.reasons,
-               "control_recall": None if audit.control is None else audit.control.recall,
-               "null": {d: round(float(f.holdout_flagged.double().mean()), 4) for d, f in zip(names, audit.fits)} | {"union": round(audit.null_rate, 4)},
-               "validation": {}, "transformed_others": {}, "training_augmentations": {}, "not_anatomy": {}}
-        run["genuine"] = rates(audit.score(genuine), names)
-        for fam in families:
-            copies, sources = family_copies(train, fam, args.k, seed=seed, autoencoder=roundtrip)
-            run["validation"][fam] = rates(audit.score(copies), names, sources)
-            # the same transform applied to other subjects: flagged means the detector reacts to the transform, not the patient
-            others, _ = family_copies(genuine, fam, args.k, seed=seed, autoencoder=roundtrip)
-            run["transformed_others"][fam] = rates(audit.score(others), names)
-        for kind in TRAINING_AUGMENTATIONS:
-            copies, sources = family_copies(train, kind, args.k, seed=seed)
-            run["training_augmentations"][kind] = rates(audit.score(copies), names, sources)
-        for name, imgs in non_anatomical(genuine, g, roundtrip).items():
-            sc = audit.score(imgs)
-            run["not_anatomy"][name] = {"flagged_as_copy": round(float(sc.is_copy.double().mean()), 4),
-                                        "reported_not_anatomy": round(1 - float(sc.anatomical.double().mean()), 4),
-                                        "ssl_above_tau": round(float(sc.flagged[:, 0].double().mean()), 4)}
-        runs.append(run)
-        print(json.dumps(run), flush=True)
-
-    def agg(get) -> dict[str, float]:
-        vals = [get(r) for r in runs]
-        return {"mean": round(sum(vals) / len(vals), 4), "min": round(min(vals), 4), "max": round(max(vals), 4)}
-
-    detectors = list(runs[0]["genuine"])
-    summary = {
-        "validation": {fam: {d: agg(lambda r: r["validation"][fam][d]) for d in detectors} for fam in families},
-        "transformed_others": {fam: {d: agg(lambda r: r["transformed_others"][fam][d]) for d in detectors} for fam in families},
-        "training_augmentations": {k: {d: agg(lambda r: r["training_augmentations"][k][d]) for d in detectors} for k in TRAINING_AUGMENTATIONS},
-        "genuine": {d: agg(lambda r: r["genuine"][d]) for d in detectors},
-        "null": {d: agg(lambda r: r["null"][d]) for d in detectors},
-        "not_anatomy": {k: {m: agg(lambda r: r["not_anatomy"][k][m]) for m in runs[0]["not_anatomy"][k]} for k in runs[0]["not_anatomy"]},
-        "control_recall": agg(lambda r: r["control_recall"] or 0.0),
-    }
+        ssl = train_detector(train, steps=st["steps"], batch_size=st["batch_size"], seed=seed, progress=False)
+        ssl_s = time.perf_counter() - t0
+        for mode in ("pixel", "latent"):
+            t0 = time.perf_counter()
+            audit = CopyAudit.fit(train, holdout, [ssl, "pixel-rank"] + (["latent"] if mode == "latent" else []),
+                                  autoencoder=roundtrip if mode == "latent" else None, seed=seed)
+            run = {"seed": seed, "ssl_seconds": round(ssl_s, 1), "fit_seconds": round(time.perf_counter() - t0, 1),
+                   **evaluate(audit, train, genuine, families[mode], args.k, seed, roundtrip)}
+            runs[mode].append(run)
+            print(json.dumps({"mode": mode, **run}), flush=True)
     result = {"harness": "audit", "dims": args.dims, "cohort_seed": args.cohort_seed, "settings": st, "k": args.k, "seeds": seeds,
-              "n_holdout": N_HOLDOUT, "n_genuine": N_GENUINE, "machine": platform.processor() or platform.machine(), "threads": args.threads,
-              "seconds": round(time.perf_counter() - start, 1), "summary": summary, "runs": runs}
+              "autoencoder_recon_l1": round(recon_l1, 4), "machine": cpu_name(), "threads": args.threads,
+              "seconds": round(time.perf_counter() - start, 1), "runs": runs}
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=1) + "\n")
     if args.markdown:
-        fmt = lambda a: f"{100 * a['mean']:.0f}% ({100 * a['min']:.0f}-{100 * a['max']:.0f})"  # noqa: E731
-        print(f"\n| copy family ({args.dims}D) | " + " | ".join(detectors) + " | same transform of other subjects, union |")
-        print("|---|" + "---|" * (len(detectors) + 1))
-        for fam in families:
-            print(f"| {fam} | " + " | ".join(fmt(summary["validation"][fam][d]) for d in detectors) + f" | {fmt(summary['transformed_others'][fam]['union'])} |")
-        for k in TRAINING_AUGMENTATIONS:
-            print(f"| ({k}: training augmentation) | " + " | ".join(fmt(summary["training_augmentations"][k][d]) for d in detectors) + " | |")
-        print("| genuine other subjects (false flags) | " + " | ".join(fmt(summary["genuine"][d]) for d in detectors) + " | |")
-        print("| held-out null rate (leave-one-out) | " + " | ".join(fmt(summary["null"][d]) for d in detectors) + " | |")
-        print(f"\n| non-anatomical ({args.dims}D) | counted as copies | reported as not anatomy | SSL alone above its tau |\n|---|---|---|---|")
-        for k, v in summary["not_anatomy"].items():
-            print(f"| {k} | {fmt(v['flagged_as_copy'])} | {fmt(v['reported_not_anatomy'])} | {fmt(v['ssl_above_tau'])} |")
-        print(f"\npositive control recall: {fmt(summary['control_recall'])}")
-    print(json.dumps(result))
+        for mode in ("pixel", "latent"):
+            print(markdown(mode, runs[mode], families[mode], args.dims))
+        print(f"\nautoencoder round trip L1 on the training images: {recon_l1:.3f}; {result['seconds']:.0f} s on {cpu_name()}")
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
 
 
 if __name__ == "__main__":

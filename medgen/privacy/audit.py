@@ -2,13 +2,15 @@
 
 Method (Dar et al. 2024, "Unconditional latent diffusion models memorize patient imaging data",
 code Cardio-AI/memorization-ldm): embed training, held-out and synthetic images with copy
-detectors; per detector, calibrate tau as the `percentile`-th percentile of each training image's
-best Pearson correlation with the held-out set; a synthetic sample is a copy when its best
-correlation with the training set exceeds tau. medgen adds what makes the verdict trustworthy
-(`medgen.privacy.calibration`, `medgen.privacy.verdict`): a union of detectors, a positive
-control, an anatomy gate, the null rate of genuinely new images and a significance test, and
-`inconclusive` whenever the audit could not have seen copies. Beside it: AuthPct (dgm-eval),
-C_T (Meehan et al. 2020) and Carlini et al. 2023's relative l2 in pixel space.
+detectors; a synthetic sample is above tau when its best correlation with the training set
+exceeds a threshold calibrated on the held-out set. medgen makes the verdict a statement a data
+steward can sign (`medgen.privacy.calibration`, `medgen.privacy.bound`, `medgen.privacy.verdict`):
+tau calibrated in the samples' direction (held-out -> train, conformal), a union of detectors
+(with a latent model's own autoencoder for its copies), a positive control whose recall enters
+an upper confidence bound on the share of copies, an anatomy gate, the null rate of new patients
+and a significance test, and `inconclusive` whenever the audit could not have seen copies.
+Beside it: Dar et al.'s own tau, AuthPct (dgm-eval), C_T (Meehan et al. 2020) and Carlini et
+al. 2023's relative l2 in pixel space.
 
 `audit_images` computes on tensors; `run_audit` reads folders (or a run's split) and writes the
 report directory.
@@ -30,10 +32,10 @@ import torch.nn.functional as F
 
 from medgen.errors import DataError, RunError
 from medgen.io import atomic_dir, atomic_write_json
-from medgen.privacy.calibration import DEFAULT_DETECTORS, CopyAudit
+from medgen.privacy.calibration import DAR_PERCENTILE, NULL_LEVEL, CopyAudit
 from medgen.privacy.memorization import authpct, c_t_statistic, carlini_relative_l2
 from medgen.privacy.report import write_figures, write_markdown
-from medgen.privacy.verdict import ALPHA, AuditResult, judge
+from medgen.privacy.verdict import ALPHA, MAX_COPY_RATE, AuditResult, judge
 from medgen.versions import software_versions
 
 log = logging.getLogger(__name__)
@@ -89,14 +91,18 @@ def audit_images(
     train: torch.Tensor,
     holdout: torch.Tensor,
     synthetic: torch.Tensor,
-    detector: Any = DEFAULT_DETECTORS,
+    detector: Any = "auto",
     *,
     similarity: str = "pearson",
-    percentile: float = 95.0,
+    null_level: float = NULL_LEVEL,
+    percentile: float = DAR_PERCENTILE,
     alpha: float = ALPHA,
-    max_copy_rate: float | None = None,
-    min_control_recall: float = 1.0,
+    max_copy_rate: float = MAX_COPY_RATE,
+    bound_method: str = "conservative",
+    attempt: int | None = None,
+    min_control_recall: float | None = None,
     control_families: Sequence[str] | None = None,
+    autoencoder=None,
     detector_options: dict | None = None,
     carlini_delta: float = 1 / 3,
     subjects: dict[str, Sequence[str]] | None = None,
@@ -107,10 +113,12 @@ def audit_images(
     """Audit `synthetic` against `train` with `holdout` as the calibration set.
 
     Images are (N, C, *S) tensors in [-1, 1] with one shape across the three sets. `detector`:
-    detector names ("ssl,pixel-rank" default), an object with `embed(images) -> (N, D)` and
-    `recipe`, or a list (see `medgen.privacy.detector.build_detectors`). `subjects`/`names` map
-    "train"/"holdout"/"synthetic" to per-image subject ids / names used in checks and messages.
-    Returns the judged result with AuthPct, C_T and Carlini's measure in its report.
+    "auto" (ssl,pixel-rank, and latent with an autoencoder), detector names, an object with
+    `embed(images) -> (N, D)` and `recipe`, or a list (see
+    `medgen.privacy.detector.build_detectors`). `autoencoder`: a latent model's
+    `medgen.privacy.families.RoundTrip`. `subjects`/`names` map "train"/"holdout"/"synthetic"
+    to per-image subject ids / names used in checks and messages. Returns the judged result
+    with AuthPct, C_T and Carlini's measure in its report.
 
     Bad input raises `DataError` (empty or non-finite sets, mismatched shapes, a held-out set that
     is entirely the training set); everything that makes the audit blind gives `inconclusive`.
@@ -119,11 +127,13 @@ def audit_images(
     shapes = {k: tuple(v.shape[1:]) for k, v in (("train", train), ("holdout", holdout), ("synthetic", synthetic)) if isinstance(v, torch.Tensor)}
     if len(set(shapes.values())) > 1:  # before any detector is trained
         raise DataError(f"image shapes (C, *S) differ between sets: {shapes}; pass a data config with data.shape (and data.channels) so all sets are cropped/padded alike")
+    extra = {} if min_control_recall is None else {"min_control_recall": min_control_recall}
     audit = CopyAudit.fit(
-        train, holdout, detector, percentile=percentile, similarity=similarity, detector_options=detector_options,
-        control_families=control_families, min_control_recall=min_control_recall, subjects=subjects, names=names, device=device, seed=seed,
+        train, holdout, detector, null_level=null_level, percentile=percentile, similarity=similarity, detector_options=detector_options,
+        autoencoder=autoencoder, control_families=control_families, subjects=subjects, names=names, device=device, seed=seed, **extra,
     )
-    result = judge(audit, synthetic, alpha=alpha, max_copy_rate=max_copy_rate, names=names.get("synthetic"), device=device)
+    result = judge(audit, synthetic, alpha=alpha, max_copy_rate=max_copy_rate, bound_method=bound_method, attempt=attempt,
+                   names=names.get("synthetic"), device=device)
     part, ratio, warnings = reference_measures(train, holdout, synthetic, carlini_delta=carlini_delta, device=device, seed=seed)
     result.report.update(part)
     result.report["warnings"] += warnings
@@ -291,12 +301,15 @@ def run_audit(
     run: str | os.PathLike | None = None,
     holdout_splits: Sequence[str] = ("holdout",),
     data: str | os.PathLike | None = None,
-    detector: Any = DEFAULT_DETECTORS,
+    detector: Any = "auto",
     similarity: str = "pearson",
-    percentile: float = 95.0,
+    null_level: float = NULL_LEVEL,
+    percentile: float = DAR_PERCENTILE,
     alpha: float = ALPHA,
-    max_copy_rate: float | None = None,
-    min_control_recall: float = 1.0,
+    max_copy_rate: float = MAX_COPY_RATE,
+    bound_method: str = "conservative",
+    min_control_recall: float | None = None,
+    autoencoder: Any = None,
     filter_out: str | os.PathLike | None = None,
     overwrite: bool = False,
     data_cfg: Any = None,
@@ -312,11 +325,17 @@ def run_audit(
     `train`, `holdout`, `synthetic`: dataset folders, manifest.csv files or lists of
     `medgen.data.Sample`, read with `medgen.data.load_images(..., data_cfg)`. Or `run`: a training
     run whose split.json gives the training and held-out (`holdout_splits`) subjects and whose
-    data config preprocesses all three sets (unless `data_cfg` is given). Returns the report dict
-    (also in report.json; `report["verdict"]` is pass, fail or inconclusive). `filter_out`: a
-    folder that receives copies of the synthetic files not flagged, whatever the verdict.
-    Raises `DataError`/`RunError` for bad input or outputs that exist.
+    data config preprocesses all three sets (unless `data_cfg` is given); a latent run's
+    autoencoder joins the audit, and the audit is recorded in the run's attempt log
+    (`medgen.privacy.attempts`). `autoencoder`: a latent model's autoencoder (a run folder or a
+    `RoundTrip`) for folder audits. Returns the report dict (also in report.json;
+    `report["verdict"]` is pass, fail or inconclusive). `filter_out`: a folder that receives
+    copies of the synthetic files not flagged, whatever the verdict. Raises
+    `DataError`/`RunError` for bad input or outputs that exist.
     """
+    from medgen.privacy.attempts import attempt_entry, check_writable, record_attempt
+    from medgen.privacy.families import RoundTrip, run_roundtrip
+
     if out is None or synthetic is None:
         raise RunError("run_audit needs synthetic= and out=")
     run_info = None
@@ -326,6 +345,9 @@ def run_audit(
         train, holdout, run_cfg = run_split(run, holdout_splits, data)
         data_cfg = data_cfg if data_cfg is not None else run_cfg
         run_info = {"run": str(run), "holdout_splits": list(holdout_splits)}
+        check_writable(run)
+        if autoencoder is None:
+            autoencoder = run_roundtrip(run, device)
     elif train is None or holdout is None:
         raise RunError("pass --train and --holdout, or --run RUN_DIR")
     out = Path(out)
@@ -336,12 +358,15 @@ def run_audit(
     x_t, s_t = _load(train, data_cfg, "training")
     x_h, s_h = _load(holdout, data_cfg, "held-out")
     x_s, s_s = _load(synthetic, data_cfg, "synthetic")
+    if autoencoder is not None and not isinstance(autoencoder, RoundTrip):
+        autoencoder = run_roundtrip(autoencoder, device)
     n_t, n_h, n_s = ([_display_name(Path(s.path), roots[k]) for s in ss] for k, ss in (("train", s_t), ("holdout", s_h), ("synthetic", s_s)))
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         result = audit_images(
-            x_t, x_h, x_s, detector, similarity=similarity, percentile=percentile, alpha=alpha, max_copy_rate=max_copy_rate,
-            min_control_recall=min_control_recall, detector_options=detector_options, carlini_delta=carlini_delta,
+            x_t, x_h, x_s, detector, similarity=similarity, null_level=null_level, percentile=percentile, alpha=alpha,
+            max_copy_rate=max_copy_rate, bound_method=bound_method, min_control_recall=min_control_recall, autoencoder=autoencoder,
+            detector_options=detector_options, carlini_delta=carlini_delta,
             subjects={"train": [s.subject_id for s in s_t], "holdout": [s.subject_id for s in s_h]},
             names={"train": n_t, "holdout": n_h, "synthetic": n_s}, device=device, seed=seed,
         )
@@ -360,6 +385,8 @@ def run_audit(
             report["filter_out"] = filter_synthetic(s_s, result.is_copy, filter_out, roots["synthetic"], overwrite=overwrite)
         atomic_write_json(tmp / "report.json", report)
         write_markdown(report, tmp / "report.md")
+        if run is not None:  # on the record before the report appears
+            record_attempt(run, attempt_entry("audit", result, seed=seed, n=len(x_s), policy=report["policy"], out=out))
     log.info("audit: %s (%d of %d synthetic flagged, p = %.3g) -> %s", report["verdict"], report["n_copies"], report["n_synthetic"], report["test"]["p_value"], out)
     return report
 

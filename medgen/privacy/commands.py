@@ -20,7 +20,7 @@ from pathlib import Path
 from medgen.errors import RunError
 from medgen.io import ensure_new_output
 
-DEFAULT_DETECTORS = "ssl,pixel-rank"  # = medgen.privacy.calibration.DEFAULT_DETECTORS (the CLI does not import torch to parse)
+DEFAULT_DETECTORS = "auto"  # ssl,pixel-rank, and latent for a latent model (medgen.privacy.calibration.default_detectors)
 
 
 def _data_cfg(config: Path | None):
@@ -49,12 +49,14 @@ def _training_options(args: argparse.Namespace) -> dict:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "audit",
-        help="memorization audit: flag synthetic samples that copy training images (exit 0 pass, 1 fail, 3 inconclusive)",
-        description="Flag synthetic samples that copy training images (Dar et al. 2024): embed with copy detectors, "
-        "calibrate each tau on train->held-out similarities, flag synthetic samples whose best training similarity exceeds a tau. "
-        "The verdict is 'fail' when samples exceed tau significantly more often than held-out patients do, 'inconclusive' when "
-        "the audit could not have seen copies (failed positive control, collapsed detector, shared subjects, too few images). "
-        "Exit codes: 0 pass, 1 fail, 3 inconclusive, 2 error. Use `medgen audit train-detector --help` to train the SSL detector separately.",
+        help="memorization audit: bound the share of synthetic samples that copy training patients (exit 0 pass, 1 fail, 3 inconclusive)",
+        description="Flag synthetic samples that copy training images (Dar et al. 2024): embed with copy detectors, calibrate each tau "
+        "on held-out->train similarities (a new patient exceeds it with probability <= --null-level), flag samples whose best training "
+        "similarity exceeds a tau, and bound the share of copies: flagged share over the detectors' recall on a positive control, at "
+        "confidence 1 - alpha. 'pass' when the bound is within --max-copy-rate, 'fail' when samples exceed tau significantly more often "
+        "than held-out patients do, 'inconclusive' otherwise or when the audit could not have seen copies (a detector blind to its "
+        "control, collapsed detector, shared subjects, too few images). Exit codes: 0 pass, 1 fail, 3 inconclusive, 2 error. "
+        "Use `medgen audit train-detector --help` to train the SSL detector separately.",
     )
     p.add_argument("--train", type=Path, help="training images the model saw (folder or manifest.csv)")
     p.add_argument("--holdout", type=Path, help="held-out images of patients NOT used for training (calibrates tau)")
@@ -63,13 +65,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, default=None, help="with --run: the dataset folder, when it moved since training")
     p.add_argument("--synthetic", type=Path, help="synthetic images to audit (folder or manifest.csv)")
     p.add_argument("--out", type=Path, help="audit folder to write (report.json, report.md, pairs.csv, figures)")
-    p.add_argument("--detector", default=DEFAULT_DETECTORS, help="comma-separated detectors, flagged when any flags (default ssl,pixel-rank): ssl (trained on --train now), "
-                   "pixel-rank, pixel, a folder from `medgen audit train-detector`, or a feature extractor of the evaluation registry (name or TorchScript path)")
+    p.add_argument("--detector", default=DEFAULT_DETECTORS, help="comma-separated detectors, flagged when any flags (default auto: ssl,pixel-rank, "
+                   "and latent for a latent model): ssl (trained on --train now), pixel-rank, pixel, latent (needs the model's autoencoder), "
+                   "a folder from `medgen audit train-detector`, or a feature extractor of the evaluation registry (name or TorchScript path)")
+    p.add_argument("--autoencoder", type=Path, default=None, help="the latent model's autoencoder (a latent diffusion run, an autoencoder run "
+                   "or model folder): held-out images are decoded through it and the latent detector joins (with --run: the run's own)")
     p.add_argument("--similarity", choices=("pearson", "cosine"), default="pearson")
-    p.add_argument("--percentile", type=float, default=95.0, help="tau = this percentile of train->held-out best similarities (default 95, Dar et al.)")
-    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the test of the synthetic rate against the null rate (default 0.05)")
-    p.add_argument("--max-copy-rate", type=float, default=None, help="policy: also fail when the excess rate above the null (a fraction, 0.01 = 1%%) is larger (default: the test alone decides)")
-    p.add_argument("--min-control-recall", type=float, default=1.0, help="share of the positive control that must be flagged, else inconclusive (default 1: all)")
+    p.add_argument("--null-level", type=float, default=0.01, help="tau: a new patient exceeds it with probability at most this "
+                   "(or 1/(held-out images + 1), whichever is larger; default 0.01)")
+    p.add_argument("--percentile", type=float, default=95.0, help="Dar et al.'s tau (this percentile of train->held-out best similarities), "
+                   "reported as a measure (default 95)")
+    p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence of the bound, and the level of the test against the null (default 0.05)")
+    p.add_argument("--max-copy-rate", type=float, default=0.05, help="policy: pass only when at most this share of the model's outputs "
+                   "can be copies at confidence 1 - alpha (default 0.05 = 5%%)")
+    p.add_argument("--bound", choices=("conservative", "null-adjusted"), default="conservative", help="conservative (default): every "
+                   "sample above tau may be a copy; null-adjusted: subtract the held-out null (valid only if the model's non-copies "
+                   "exceed tau at least as often as new patients)")
+    p.add_argument("--min-control-recall", type=float, default=None, help="share of the copies of its own control families each "
+                   "detector must catch, else inconclusive (default 0.8)")
     p.add_argument("--filter-out", type=Path, default=None, help="write copies of the synthetic files NOT flagged to this folder, whatever the verdict (inputs are never moved)")
     p.add_argument("--top-k", type=int, default=8, help="pairs shown in top_pairs.png")
     p.add_argument("--config", type=Path, default=None, help="YAML whose data: section preprocesses all three sets (e.g. data.shape); with --run: instead of the run's")
@@ -103,13 +116,14 @@ def _audit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.run is not None and (args.train is not None or args.holdout is not None):
         parser.error("--run takes the training and held-out subjects from the run; drop --train/--holdout")
     ensure_new_output(args.out, args.overwrite, "audit folder",
-                      inputs={f"--{k}": getattr(args, k) for k in ("train", "holdout", "synthetic", "run")})
+                      inputs={f"--{k}": getattr(args, k) for k in ("train", "holdout", "synthetic", "run", "autoencoder")})
     options = {**_training_options(args), "weights": args.weights}
     report = run_audit(
         args.train, args.holdout, args.synthetic, args.out, run=args.run, data=args.data,
         holdout_splits=[x.strip() for x in args.holdout_splits.split(",") if x.strip()],
-        detector=args.detector, similarity=args.similarity, percentile=args.percentile, alpha=args.alpha, max_copy_rate=args.max_copy_rate,
-        min_control_recall=args.min_control_recall, filter_out=args.filter_out, overwrite=args.overwrite, data_cfg=_data_cfg(args.config),
+        detector=args.detector, similarity=args.similarity, null_level=args.null_level, percentile=args.percentile, alpha=args.alpha,
+        max_copy_rate=args.max_copy_rate, bound_method=args.bound, min_control_recall=args.min_control_recall, autoencoder=args.autoencoder,
+        filter_out=args.filter_out, overwrite=args.overwrite, data_cfg=_data_cfg(args.config),
         detector_options=options, top_k=args.top_k, device=None if args.device == "auto" else args.device, seed=args.seed,
     )
     print(verdict_line(report))
@@ -122,9 +136,11 @@ def _audit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def verdict_line(report: dict) -> str:
-    t, c = report["test"], report.get("control") or {}
-    control = f"  control: {100 * c['recall']:.0f}%" if c else ""
-    return (f"verdict: {report['verdict']}  copies: {report['n_copies']}/{report['n_synthetic']} ({report['n_copies_pct']:.2f}%)  "
+    t, c, b = report["test"], report.get("control") or {}, report.get("bound") or {}
+    control = f"  control recall: {100 * c['recall']:.0f}%" if c else ""
+    bound = (f"  copies <= {b['upper_pct']:.2f}% at {100 * b['confidence']:.4g}% (policy {100 * report['policy']['max_copy_rate']:.4g}%)"
+             if b else "")
+    return (f"verdict: {report['verdict']}{bound}  above tau: {report['n_copies']}/{report['n_synthetic']}  "
             f"null: {t['null_rate_pct']:.2f}%  p: {t['p_value']:.3g}  memorized training images: {report['n_mem_pct']:.2f}%  "
             f"not anatomy: {report['n_not_anatomy']}{control}")
 

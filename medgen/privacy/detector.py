@@ -1,7 +1,7 @@
 """Copy detectors: map images (N, C, *S) in [-1, 1] to embeddings (N, D) whose correlation says
 "same image" rather than "same anatomy".
 
-Three kinds share one interface (`embed(images) -> (N, D)`, `recipe`, `name`):
+Four kinds share one interface (`embed(images) -> (N, D)`, `recipe`, `name`):
 
 - `SSLCopyDetector`: a contrastive encoder trained on the training set itself, following
   Dar et al. 2024 ("Unconditional latent diffusion models memorize patient imaging data"):
@@ -14,9 +14,15 @@ Three kinds share one interface (`embed(images) -> (N, D)`, `recipe`, `name`):
   training fast enough to run on the fly.
 - `PixelDetector`: correlation on area-downsampled images: Pearson ("pixel", the baseline) or
   Spearman on pixel ranks ("pixel-rank", the SSL detector's partner in the default union).
+- `LatentDetector` ("latent"): Pearson correlation at native resolution between a sample and
+  the training images *decoded through the latent model's own autoencoder*. A latent model's
+  copy is a decoded training latent; the demo's VQ-GANs move a round trip as far from its
+  source image as another subject is (every pixel detector missed them in 3D), but not from the
+  decoded source. Needs the model's autoencoder (`medgen.privacy.families.RoundTrip`).
 - `FeatureDetector`: any extractor of the evaluation registry (`medgen.metrics.features`).
 
-`build_detectors("ssl,pixel-rank", train)` builds them from names.
+A detector may define `reference(train) -> images`: what samples are compared with (default:
+the training images themselves). `build_detectors("ssl,pixel-rank", train)` builds them from names.
 """
 
 from __future__ import annotations
@@ -62,6 +68,9 @@ ENCODER_DEFAULTS = {
 # a copy while other patients still differ (chosen on the 2D cohort, eval/RESULTS.md).
 PIXEL_SIZE = {2: 32, 3: 16}
 PIXEL_RANK_SIZE = {2: 16, 3: 12}
+# The latent detector works at native resolution, area-downsampled beyond this longest side so
+# that 100k-image audits of 256^2 / 128^3 data stay in memory (an embedding is the image itself).
+LATENT_MAX_SIZE = {2: 128, 3: 64}
 # Gaussian sigma (input pixels) before the rank detector downsamples. 3D: ranks of flat background
 # are ranks of noise, and 16^3 -> 12^3 barely averages it, so any smooth volume ranked like the
 # least noisy training volume rather than its source (blurred copies "flagged" against the wrong
@@ -391,6 +400,34 @@ class PixelDetector:
         return torch.cat(out)
 
 
+class LatentDetector:
+    """Native-resolution Pearson correlation with the training images decoded through the latent
+    model's autoencoder (`roundtrip`: a `RoundTrip`); images larger than LATENT_MAX_SIZE are
+    area-downsampled to it. The audit calibrates it, like every detector, on held-out images
+    decoded the same way (`CopyAudit.fit(..., autoencoder=)`): what the model would output for a
+    patient it never saw."""
+
+    name = "latent"
+
+    def __init__(self, roundtrip, spatial_dims: int, size: int | None = None):
+        self.roundtrip = roundtrip
+        self.spatial_dims = spatial_dims
+        self.size = size if size is not None else LATENT_MAX_SIZE[spatial_dims]
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        return {"detector": self.name, "size": self.size, "reference": "training images decoded through the model's autoencoder",
+                **self.roundtrip.recipe}
+
+    def reference(self, train: torch.Tensor) -> torch.Tensor:
+        return self.roundtrip(train)
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, batch_size: int = 256, device=None) -> torch.Tensor:
+        return torch.cat([to_detector_input(images[s : s + batch_size], self.spatial_dims, self.size).flatten(1)
+                          for s in range(0, images.shape[0], batch_size)])
+
+
 class FeatureDetector:
     """Any extractor of the evaluation registry (`medgen.metrics.features.get_extractor`)."""
 
@@ -518,11 +555,13 @@ def train_detector(
 # ----------------------------------------------------------------------------- choice
 
 
-def build_detectors(spec: Any, train: torch.Tensor, *, options: dict | None = None, device=None, seed: int = 0) -> list:
+def build_detectors(spec: Any, train: torch.Tensor, *, options: dict | None = None, device=None, seed: int = 0, autoencoder=None) -> list:
     """Detectors from `spec`: an object with `embed`, a list, or a comma-separated string of
 
     - "ssl": the SSL detector, trained now on `train` (`options`: `train_detector` keywords);
     - "pixel-rank": Spearman correlation at low resolution; "pixel": Pearson correlation;
+    - "latent": native-resolution correlation with the decoded training images (needs
+      `autoencoder`, a `RoundTrip` of the latent model's autoencoder);
     - a folder written by `medgen audit train-detector` (or an audit folder holding detector/);
     - a name or TorchScript path of the evaluation feature registry (`options["weights"]`).
     """
@@ -541,6 +580,11 @@ def build_detectors(spec: Any, train: torch.Tensor, *, options: dict | None = No
             out.append(train_detector(train, spatial_dims=spatial_dims, device=device, **ssl_options))
         elif part in ("pixel", "pixel-rank"):
             out.append(PixelDetector(spatial_dims, ranks=part == "pixel-rank"))
+        elif part == "latent":
+            if autoencoder is None:
+                raise DataError("the latent detector compares samples with training images decoded through the model's autoencoder: "
+                                "audit a latent run (--run RUN_DIR) or pass --autoencoder RUN_DIR")
+            out.append(LatentDetector(autoencoder, spatial_dims))
         elif Path(str(part)).is_dir() and (is_detector_dir(part) or is_detector_dir(Path(part) / "detector")):
             loaded = load_detector(part)
             if loaded.spatial_dims != spatial_dims:

@@ -22,6 +22,14 @@ Two groups, kept apart on purpose (a family a detector trains on is no evidence 
   | rotation | 10-15 deg (beyond the +-5 deg of training), random sign | a rotated copy |
   | elastic | smooth random displacement, up to 3% of the view | a deformed copy |
 
+  With the latent model's own autoencoder (`RoundTrip`), three more (`LATENT_FAMILIES`):
+
+  | family | what it does | what it stands for |
+  |---|---|---|
+  | autoencoder | decode(encode(x)) | a latent model that reproduces a training latent exactly |
+  | latent-noise | decode(z + s * std(z) * e), s in [0.2, 0.3], e ~ N(0, I) | ... up to noise of a quarter of the latent's spread |
+  | latent-blend | decode(0.7 z + 0.3 z'), z' another training image's latent | a latent model mixing two patients |
+
 All functions take one image (C, *S) in [-1, 1] (2D or 3D alike) and a `torch.Generator`.
 """
 
@@ -35,9 +43,12 @@ import torch.nn.functional as F
 
 TRAINING_AUGMENTATIONS = ("shift", "flip", "scale", "intensity", "noise")
 VALIDATION_FAMILIES = ("blur", "gamma", "blend", "downup", "autoencoder", "zoom", "rotation", "elastic")
-# The audit's positive control draws from these: the families the default detectors caught in
-# every harness run in 2D and 3D (blur and resampling missed 1 of 36 copies in 3D; eval/RESULTS.md)
+LATENT_FAMILIES = ("autoencoder", "latent-noise", "latent-blend")  # need the model's own autoencoder
+# The audit's positive control draws from these (its recall enters the privacy bound): pixel-space
+# families the default detectors catch in 2D and 3D, and, for a latent model, the latent copies
+# its `latent` detector is there for. eval/RESULTS.md.
 CONTROL_FAMILIES = ("gamma", "blend", "elastic")
+LATENT_CONTROL_FAMILIES = ("autoencoder", "latent-noise")
 
 
 def _uniform(lo: float, hi: float, g: torch.Generator) -> float:
@@ -90,6 +101,12 @@ def _rotation_matrix(angle: float, nd: int, axis: int) -> torch.Tensor:
     return m
 
 
+def flip(x: torch.Tensor, g: torch.Generator, **_) -> torch.Tensor:
+    """Left-right mirror (last axis). A training augmentation of the SSL detector: the audit uses
+    it only to check that detector is alive, never as evidence or inside the bound's recall."""
+    return x.flip(-1)
+
+
 def blur(x: torch.Tensor, g: torch.Generator, *, sigma: float = 1.0, **_) -> torch.Tensor:
     return gaussian_blur(x, sigma)
 
@@ -138,8 +155,73 @@ def elastic(x: torch.Tensor, g: torch.Generator, *, max_displacement: float = 0.
     return _warp(x, displacement=field.movedim(0, -1))
 
 
+class RoundTrip:
+    """x -> decode(encode(x)) through a medgen autoencoder: what a latent model outputs when it
+    reproduces a training image's latent. Batched, without gradients, on the autoencoder's
+    device; images (N, C, *S) in [-1, 1] in and out (clamped), on the CPU.
+
+    `encode` gives the continuous latent (the VQ encoder's output before the codebook, the KL
+    posterior mean); `decode` re-quantizes VQ latents as the sampling pipeline does."""
+
+    def __init__(self, autoencoder: torch.nn.Module, batch_size: int = 16):
+        self.autoencoder = autoencoder.eval()
+        self.batch_size = batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.autoencoder.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.autoencoder.encode(x[i : i + self.batch_size].float().to(self.device), quantize=False).float().cpu()
+                          for i in range(0, x.shape[0], self.batch_size)])
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.autoencoder.decode(z[i : i + self.batch_size].to(self.device)).float().clamp(-1, 1).cpu()
+                          for i in range(0, z.shape[0], self.batch_size)])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    @property
+    def recipe(self) -> dict:
+        ae = self.autoencoder
+        return {"autoencoder": {"latent": getattr(ae, "latent", None), "downsample": list(getattr(ae, "downsample_factors", ()) or ()),
+                                "latent_channels": getattr(ae, "latent_channels", None)}}
+
+
+def run_roundtrip(path, device=None) -> RoundTrip | None:
+    """The round trip of the autoencoder behind `path`: a latent diffusion run (its frozen
+    `autoencoder/`), an autoencoder run or model folder. None for a pixel-space diffusion run."""
+    from pathlib import Path
+
+    from medgen.models.autoencoder import load_autoencoder
+    from medgen.models.serialization import load_model_config
+
+    path = Path(path)
+    if (path / "autoencoder" / "config.json").is_file():
+        return RoundTrip(load_autoencoder(path / "autoencoder", device or "cpu"))
+    model_dir = path / "model" if (path / "model" / "config.json").is_file() else path
+    if (model_dir / "config.json").is_file() and load_model_config(model_dir).get("kind") == "diffusion":
+        return None  # a pixel-space diffusion run: no autoencoder
+    return RoundTrip(load_autoencoder(path, device or "cpu"))
+
+
+def latent_noise(z: torch.Tensor, g: torch.Generator, *, low: float = 0.2, high: float = 0.3, **_) -> torch.Tensor:
+    """z (C', *S') + s std(z) e: a latent reproduced up to noise (s drawn in [low, high])."""
+    return z + _uniform(low, high, g) * z.std() * torch.randn(z.shape, generator=g)
+
+
+def latent_blend(z: torch.Tensor, g: torch.Generator, *, other: torch.Tensor, weight: float = 0.7, **_) -> torch.Tensor:
+    return weight * z + (1 - weight) * other
+
+
+LATENT_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {"latent-noise": latent_noise, "latent-blend": latent_blend}
+
+
 FAMILY_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
-    "blur": blur, "gamma": gamma, "blend": blend, "downup": downup, "zoom": zoom, "rotation": rotation, "elastic": elastic,
+    "blur": blur, "gamma": gamma, "blend": blend, "downup": downup, "zoom": zoom, "rotation": rotation, "elastic": elastic, "flip": flip,
 }
 
 
@@ -149,28 +231,33 @@ def make_copies(
     sources: Sequence[int],
     *,
     seed: int = 0,
-    autoencoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    autoencoder: RoundTrip | None = None,
 ) -> torch.Tensor:
-    """Copies of `train[sources]` (k, C, *S) of one validation family, clamped to [-1, 1].
+    """Copies of `train[sources]` (k, C, *S) of one family, clamped to [-1, 1].
 
-    `blend` mixes each source with another training image drawn at random; `autoencoder` needs
-    a callable mapping a batch (k, C, *S) to its reconstruction (e.g. `decode(encode(x))`).
+    `blend` and `latent-blend` mix each source with another training image drawn at random; the
+    latent families need `autoencoder`, a `RoundTrip` of the model's autoencoder (for
+    `autoencoder` any callable batch -> reconstruction will do).
     """
     g = torch.Generator().manual_seed(seed)
     x = train[list(sources)].float()
+    if family in LATENT_FAMILIES and autoencoder is None:
+        raise ValueError(f"the {family} family needs autoencoder=RoundTrip(model autoencoder)")
     if family == "autoencoder":
-        if autoencoder is None:
-            raise ValueError("the autoencoder family needs autoencoder=callable(batch) -> reconstruction")
         with torch.no_grad():
             return autoencoder(x).float().clamp(-1, 1).cpu()
-    if family not in FAMILY_FUNCTIONS:
-        raise ValueError(f"unknown copy family {family!r}; one of {VALIDATION_FAMILIES}")
-    fn = FAMILY_FUNCTIONS[family]
-    out = []
-    for i, src in enumerate(sources):
-        other = None
-        if family == "blend":
+    if family not in FAMILY_FUNCTIONS and family not in LATENT_FUNCTIONS:
+        raise ValueError(f"unknown copy family {family!r}; one of {VALIDATION_FAMILIES + LATENT_FAMILIES[1:]}")
+    others = []
+    if family in ("blend", "latent-blend"):
+        for src in sources:
             j = int(torch.randint(train.shape[0] - 1, (1,), generator=g))
-            other = train[j + (j >= src)].float()  # any training image but the source
-        out.append(fn(x[i], g, other=other).clamp(-1, 1))
-    return torch.stack(out)
+            others.append(j + (j >= src))  # any training image but the source
+    if family in LATENT_FUNCTIONS:
+        fn = LATENT_FUNCTIONS[family]
+        z, z_other = autoencoder.encode(x), autoencoder.encode(train[others].float()) if family == "latent-blend" else None
+        latents = torch.stack([fn(z[i], g, other=None if z_other is None else z_other[i]) for i in range(len(sources))])
+        return autoencoder.decode(latents)
+    fn = FAMILY_FUNCTIONS[family]
+    return torch.stack([fn(x[i], g, other=train[others[i]].float() if family == "blend" else None).clamp(-1, 1)
+                        for i in range(len(sources))])

@@ -55,29 +55,37 @@ def copy_threshold(train_to_holdout_best, percentile: float = 95.0) -> float:
     return float(np.percentile(v, percentile))
 
 
-def leave_one_out_thresholds(top2_values: torch.Tensor, top2_indices: torch.Tensor, n_holdout: int, percentile: float = 95.0) -> torch.Tensor:
-    """tau recalibrated without each held-out image in turn: (Nh,).
+def conformal_threshold(scores, level: float) -> tuple[float, float]:
+    """tau such that a new image exchangeable with the calibration images exceeds it with
+    probability at most `level` (split-conformal; Vovk et al. 2005): with the n scores sorted
+    ascending v_1..v_n, tau = v_k, k = ceil((n + 1)(1 - level)), capped at n (the maximum: then
+    the attainable level is 1 / (n + 1), above `level`). Returns (tau, the level attained,
+    (n - k + 1) / (n + 1))."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    v = np.sort(torch.as_tensor(scores).detach().double().cpu().numpy())
+    if v.size == 0 or not np.isfinite(v).all():
+        raise DataError("cannot calibrate the copy threshold: held-out similarities are empty or not finite")
+    n = v.size
+    k = min(n, math.ceil((n + 1) * (1 - level)))
+    return float(v[k - 1]), (n - k + 1) / (n + 1)
 
-    top2_values, top2_indices: (Nt, 2), each training image's two best held-out matches. Without
-    held-out image j, a training row whose best match was j falls back to its second best, so
-    tau_(-j) = percentile of those row maxima. Scoring held-out image j against tau_(-j) makes it
-    as independent of the threshold as a synthetic sample is (the null rate of the audit).
-    """
-    best = top2_values[:, 0].double().numpy()
-    second = top2_values[:, 1].double().numpy()
-    argbest = top2_indices[:, 0].numpy()
-    tau = copy_threshold(best, percentile)
-    out = np.full(n_holdout, tau)
-    # tau interpolates the order statistics at ranks floor(h) and ceil(h), h = (Nt - 1) p / 100.
-    # Lowering values that lie strictly below the floor(h)-th leaves both unchanged, so only
-    # held-out images that are the best match of a row at or above it can move tau.
-    low = np.partition(best, int(math.floor((best.size - 1) * percentile / 100)))[int(math.floor((best.size - 1) * percentile / 100))]
-    for j in np.unique(argbest[best >= low]):
-        rows = argbest == j
-        values = best.copy()
-        values[rows] = second[rows]
-        out[j] = np.percentile(values, percentile)
-    return torch.from_numpy(out)
+
+def leave_one_out_exceedances(scores, level: float) -> torch.Tensor:
+    """(N,) bool: calibration image j scores above the conformal tau of the other N - 1 images.
+    Scored against a tau it did not shape, image j is as independent of the threshold as a
+    synthetic sample is: the share that exceeds is the audit's null rate."""
+    s = torch.as_tensor(scores).detach().double().cpu()
+    n = s.numel()
+    if n < 2:
+        raise DataError(f"the null rate needs at least 2 held-out images, got {n}")
+    v, order = s.sort()
+    k = min(n - 1, math.ceil(n * (1 - level)))  # rank of tau among the n - 1 others (1-based)
+    position = torch.empty(n, dtype=torch.long)
+    position[order] = torch.arange(n)
+    # without image j (at sorted position i), the k-th smallest of the others is v[k - 1] if i >= k, else v[k]
+    tau = torch.where(position >= k, v[k - 1], v[min(k, n - 1)])
+    return s > tau
 
 
 def copy_rate_test(n_flagged: int, n: int, null_flagged: int, null_n: int) -> float:

@@ -34,7 +34,9 @@ def light_transform(x: torch.Tensor, kind: str, generator: torch.Generator) -> t
         shifted[tuple(edge)] = shifted[tuple(src)]
         return shifted
     if kind == "flip":  # left-right (last axis)
-        return torch.flip(x, dims=(-1,))
+        from medgen.privacy.families import flip
+
+        return flip(x, generator)
     if kind == "noise":  # Gaussian, std 0.04 on the [-1, 1] range (~2% of it)
         return x + 0.04 * torch.randn(x.shape, generator=generator)
     if kind == "intensity":  # intensity scaling by 0.9..1.1 around the background
@@ -68,9 +70,9 @@ def family_copies(train: torch.Tensor, family: str, k: int, seed: int = 0, autoe
     """k copies of one copy family from k distinct training images (or all, if fewer): the
     sources are drawn from a generator seeded by (seed, family), so each family's draw does not
     depend on which other families are tested. Returns (copies (k, C, *S), sources)."""
-    from medgen.privacy.families import TRAINING_AUGMENTATIONS, VALIDATION_FAMILIES, make_copies
+    from medgen.privacy.families import LATENT_FAMILIES, TRAINING_AUGMENTATIONS, VALIDATION_FAMILIES, make_copies
 
-    families = VALIDATION_FAMILIES + TRAINING_AUGMENTATIONS
+    families = VALIDATION_FAMILIES + TRAINING_AUGMENTATIONS + LATENT_FAMILIES[1:]
     g = torch.Generator().manual_seed(1000 * seed + families.index(family))
     sources = torch.randperm(train.shape[0], generator=g)[:k].tolist()
     if family in TRAINING_AUGMENTATIONS:
@@ -80,8 +82,9 @@ def family_copies(train: torch.Tensor, family: str, k: int, seed: int = 0, autoe
 
 def train_roundtrip_autoencoder(train_files: Sequence[Path], dims: int, size: int, steps: int, out: Path):
     """Train the demo VQ-GAN (configs/demo_autoencoder_{dims}d.yaml) for `steps` on the given
-    training files only and return `x -> decode(encode(x))` with the loaded model (eval mode):
-    the round trip of a latent model's own autoencoder, for the `autoencoder` copy family."""
+    training files only (the discriminator starting half-way, as the demo configs do) and return
+    its `RoundTrip` (x -> decode(encode(x)), eval mode): a latent model's own autoencoder, for
+    the latent copy families and the latent detector."""
     from medgen.config import load_config
     from medgen.demo import demo_config
     from medgen.models.autoencoder import load_autoencoder
@@ -95,14 +98,9 @@ def train_roundtrip_autoencoder(train_files: Sequence[Path], dims: int, size: in
                  f"train.max_steps={steps}", f"train.checkpoint_every={steps}", f"train.val_every={steps}", f"train.preview_every={steps}",
                  f"loss.disc_start={steps // 2}"]
     cfg = load_config(demo_config(f"demo_autoencoder_{dims}d.yaml"), overrides, DEFAULTS)
-    ae = load_autoencoder(train_autoencoder(cfg, out / "autoencoder"))
+    from medgen.privacy.families import RoundTrip
 
-    def roundtrip(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return ae.decode(ae.encode(x))
-
-    roundtrip.autoencoder = ae
-    return roundtrip
+    return RoundTrip(load_autoencoder(train_autoencoder(cfg, out / "autoencoder")))
 
 
 def write_images(images: torch.Tensor, out: str | Path, names: Sequence[str]) -> list[Path]:

@@ -1,14 +1,19 @@
-"""The verdict of a memorization audit: pass, fail or inconclusive, and the numbers behind it.
+"""The verdict of a memorization audit: pass, fail or inconclusive, and the bound behind it.
 
-- `inconclusive` when the audit could not have seen copies: any reason of the calibrated audit
-  (collapsed or saturated detector, no convergence, held-out images shared with training, too
-  few held-out images, a failed positive control; `medgen.privacy.calibration`), or a test too
-  weak to notice even `detectable_rate` (half) of the samples being copies. The report gives the
-  smallest copy rate the test could have noticed (`min_detectable_rate`).
-- `fail` when synthetic samples exceed tau significantly more often than genuinely new images
-  do: one-sided Fisher exact test of the synthetic rate against the null rate at `alpha`; or when
-  the excess rate (synthetic minus null) is above a `max_copy_rate` policy.
-- `pass` otherwise.
+- `pass` when the privacy bound holds: at confidence 1 - alpha, at most `max_copy_rate` (default
+  5%) of the model's outputs are copies of training patients as the detectors see them
+  (`medgen.privacy.bound`: the flagged share of the samples over the positive control's recall,
+  both with their sampling error).
+- `fail` when the samples exceed tau significantly more often than new patients do: one-sided
+  Fisher exact test of the synthetic rate against the held-out null rate at alpha.
+- `inconclusive` when the audit could not have seen copies (any reason of the calibrated audit:
+  collapsed or saturated detector, no convergence, held-out images shared with training, too
+  few held-out images, a detector blind to its own positive control;
+  `medgen.privacy.calibration`), when no sample is anatomy, or when the bound is above the policy
+  but the excess is not significant: then the report says how many samples would decide it.
+
+`attempt` spends alpha over a model's attempts (attempt k at alpha / 2^k; `bound.attempt_alpha`):
+a model judged again and again passes wrongly with probability at most alpha in all.
 
 Flagged samples are listed whatever the verdict (and can be filtered out). Measures (Dar et al.
 2024, memorization_assessment notebooks of Cardio-AI/memorization-ldm):
@@ -19,6 +24,7 @@ Flagged samples are listed whatever the verdict (and can be filtered out). Measu
   are copies": memorized patients), over all training images.
 - `n_copy_sources_pct`: training images that are the nearest neighbour of a flagged synthetic
   sample (how many patients the flagged samples point at; <= n_mem).
+- `dar`: the share of samples above Dar et al.'s own tau (95th percentile, train -> held-out).
 """
 
 from __future__ import annotations
@@ -30,16 +36,14 @@ import torch
 
 from medgen.errors import DataError
 from medgen.metrics.knn import pairwise_topk
+from medgen.privacy.bound import BOUND_METHODS, CopyBound, attempt_alpha
 from medgen.privacy.calibration import CopyAudit, Scores, check_images
 from medgen.privacy.memorization import copy_rate_test, summary
 
 VERDICTS = ("pass", "fail", "inconclusive")
 EXIT_CODES = {"pass": 0, "fail": 1, "inconclusive": 3}
 ALPHA = 0.05
-# Inconclusive when the test could not notice even this share of copies (the report also gives
-# the smallest share it could notice): with Dar's tau the null rate grows with N_train / N_holdout
-# (a max over more candidates), so small held-out sets leave little power.
-DETECTABLE_RATE = 0.5
+MAX_COPY_RATE = 0.05  # the default policy: at most 5% of the model's outputs may be copies
 
 
 @dataclass
@@ -50,9 +54,9 @@ class AuditResult:
     verdict: str
     reasons: list[str]  # why inconclusive (empty otherwise)
     test: "RateTest"  # synthetic rate vs null rate
-    scores: Scores  # the synthetic samples' scores
+    bound: CopyBound | None  # None when the audit has no positive control
+    scores: Scores
     report: dict[str, Any]
-    train_holdout_best: torch.Tensor  # (Nt,) under the first detector (figures)
     warnings: list[str] = field(default_factory=list)
     audit: CopyAudit | None = None  # the calibrated audit: judge more samples against the same tau
     carlini_ratio: torch.Tensor | None = None  # (Ns,) relative l2 (Carlini et al. 2023), set by audit_images
@@ -109,15 +113,13 @@ def _memorized(audit: CopyAudit, scores: Scores, embeddings: Sequence[torch.Tens
 
 @dataclass
 class RateTest:
-    """The synthetic rate above tau against the null rate: Fisher's one-sided exact test, and
-    its power check (the p-value if `detectable_rate` of the samples were copies)."""
+    """The synthetic rate above tau against the null rate: Fisher's one-sided exact test."""
 
     n_flagged: int
     n_tested: int  # anatomical synthetic samples
     null_flagged: int
     null_n: int
     alpha: float
-    detectable_rate: float
 
     @property
     def rate(self) -> float:
@@ -131,20 +133,17 @@ class RateTest:
     def p_value(self) -> float:
         return copy_rate_test(self.n_flagged, self.n_tested, self.null_flagged, self.null_n)
 
-    def p_if_copied(self, rate: float) -> float:
-        """The p-value the test would give if a share `rate` of the samples were copies (flagged)
-        on top of the null rate: its power at that copy rate, in one number."""
-        expected = int(round(self.n_tested * (self.null_rate + rate * (1 - self.null_rate))))
-        return copy_rate_test(expected, self.n_tested, self.null_flagged, self.null_n)
-
-    @property
-    def p_at_detectable_rate(self) -> float:
-        return self.p_if_copied(self.detectable_rate)
-
-    @property
-    def min_detectable_rate(self) -> float | None:
-        """The smallest copy rate (1% steps) the test would call significant; None if none."""
-        return next((r / 100 for r in range(1, 101) if self.p_if_copied(r / 100) < self.alpha), None)
+    def samples_to_fail(self, limit: int = 10**6) -> int | None:
+        """Samples at which the excess would be significant if both rates stayed as observed
+        (None when the synthetic rate is not above the null)."""
+        if self.rate <= self.null_rate:
+            return None
+        n = max(self.n_tested, 1)
+        while n <= limit:
+            if copy_rate_test(round(self.rate * n), n, self.null_flagged, self.null_n) < self.alpha:
+                return n
+            n = int(n * 1.25) + 1
+        return None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -152,26 +151,40 @@ class RateTest:
             "alpha": self.alpha, "p_value": round(self.p_value, 6),
             "synthetic_rate_pct": round(100.0 * self.rate, 4), "null_rate_pct": round(100.0 * self.null_rate, 4),
             "excess_pct": round(100.0 * (self.rate - self.null_rate), 4),
-            "null_flagged": self.null_flagged, "null_n": self.null_n, "n_tested": self.n_tested,
-            "detectable_rate": self.detectable_rate, "p_at_detectable_rate": round(self.p_at_detectable_rate, 6),
-            "min_detectable_rate": self.min_detectable_rate,
+            "n_flagged": self.n_flagged, "null_flagged": self.null_flagged, "null_n": self.null_n, "n_tested": self.n_tested,
         }
 
 
-def decide(audit: CopyAudit, test: RateTest, n_synthetic: int, max_copy_rate: float | None) -> tuple[str, list[str]]:
-    """(verdict, reasons): inconclusive when the audit or the test was blind, else fail when the
-    synthetic rate is significantly above the null (or its excess above a policy), else pass."""
+def decide(audit: CopyAudit, test: RateTest, bound: CopyBound | None, n_synthetic: int, max_copy_rate: float) -> tuple[str, list[str], dict]:
+    """(verdict, reasons, what would decide it): inconclusive when the audit was blind; pass when
+    the bound is within the policy; fail when the excess over the null is significant; else
+    inconclusive with the number of samples that would decide."""
     reasons = list(audit.reasons)
+    if bound is None:
+        reasons.append("the audit has no positive control, so the detectors' recall on copies is unknown and no bound can be given")
     if test.n_tested == 0:
         reasons.append(f"none of the {n_synthetic} synthetic samples is anatomy (blank, noise or unlike any patient): there is nothing to audit")
-    elif test.p_at_detectable_rate >= test.alpha:
-        reasons.append(f"too few samples for the test: even if {100 * test.detectable_rate:.0f}% of the {test.n_tested} synthetic samples were copies, "
-                       f"p would be {test.p_at_detectable_rate:.3f} >= alpha = {test.alpha:g} against {test.null_n} held-out images; audit more samples or hold out more patients")
     if reasons:
-        return "inconclusive", reasons
-    if test.p_value < test.alpha or (max_copy_rate is not None and test.rate - test.null_rate > max_copy_rate):
-        return "fail", reasons
-    return "pass", reasons
+        return "inconclusive", reasons, {}
+    if bound.upper <= max_copy_rate:
+        return "pass", reasons, {}
+    if test.p_value < test.alpha:
+        return "fail", reasons, {}
+    to_pass, to_fail = bound.samples_to_pass(max_copy_rate), test.samples_to_fail()
+    why = (f"at {100 * (1 - bound.alpha):.4g}% confidence up to {100 * bound.upper:.2f}% of the samples could be copies, above the "
+           f"policy's {100 * max_copy_rate:.4g}%, but they do not exceed tau significantly more often than new patients "
+           f"({100 * test.rate:.2f}% vs {100 * test.null_rate:.2f}%, p = {test.p_value:.3g})")
+    if to_pass is not None:
+        why += f"; about {to_pass} samples would pass if the flagged share stayed at {100 * bound.n_flagged / bound.n_samples:.2f}%"
+    elif bound.recall_lower * max_copy_rate <= 1 / bound.n_samples:
+        why += ("; no number of samples passes at this control recall: the positive control is too small or missed too "
+                "many copies (more training images give more control copies)")
+    else:
+        why += f"; the flagged share {100 * bound.n_flagged / bound.n_samples:.2f}% is too high for the policy at any sample size"
+    if to_fail is not None:
+        why += f"; about {to_fail} samples would show the excess over the null as significant if the rates stayed as observed"
+    reasons.append(why)
+    return "inconclusive", reasons, {"samples_to_pass": to_pass, "samples_to_fail": to_fail}
 
 
 def judge(
@@ -179,32 +192,46 @@ def judge(
     synthetic: torch.Tensor,
     *,
     alpha: float = ALPHA,
-    max_copy_rate: float | None = None,
-    detectable_rate: float = DETECTABLE_RATE,
+    max_copy_rate: float = MAX_COPY_RATE,
+    bound_method: str = "conservative",
+    attempt: int | None = None,
     names: Sequence[str] | None = None,
     device=None,
 ) -> AuditResult:
-    """Score `synthetic` (N, C, *S) against `audit`'s training set and decide the verdict."""
+    """Score `synthetic` (N, C, *S) against `audit`'s training set and decide the verdict.
+
+    `attempt` (1, 2, ...): which attempt on this model this is; alpha is spent over attempts
+    (alpha / 2^attempt). None judges at `alpha` itself (one look)."""
     if not 0 < alpha < 1:
         raise DataError(f"--alpha must be in (0, 1), got {alpha}")
-    if max_copy_rate is not None and not 0 <= max_copy_rate <= 1:
-        raise DataError(f"--max-copy-rate is a fraction of synthetic samples in [0, 1] (0.01 = 1%), got {max_copy_rate}")
-    if not 0 < detectable_rate <= 1:
-        raise DataError(f"detectable_rate must be in (0, 1], got {detectable_rate}")
+    if max_copy_rate is None or not 0 < max_copy_rate <= 1:
+        raise DataError(f"--max-copy-rate is the largest share of copies a pass allows, in (0, 1] (0.05 = 5%), got {max_copy_rate}")
+    if bound_method not in BOUND_METHODS:
+        raise DataError(f"--bound must be one of {', '.join(BOUND_METHODS)}, got {bound_method!r}")
+    level = alpha if attempt is None else attempt_alpha(alpha, attempt)
     check_images(synthetic, "synthetic", names, 1)
     scores, embeddings = audit.score(synthetic, device=device, keep_embeddings=True)
     null = audit.holdout_flagged
-    test = RateTest(int(scores.is_copy.sum()), int(scores.anatomical.sum()), int(null.sum()), len(null), alpha, detectable_rate)
-    verdict, reasons = decide(audit, test, len(scores), max_copy_rate)
-    report = _report(audit, scores, embeddings, test, verdict, reasons, max_copy_rate, device)
-    return AuditResult(verdict, reasons, test, scores, report, audit.fits[0].train_holdout_best, list(audit.warnings), audit)
+    n_flagged = int(scores.is_copy.sum())
+    test = RateTest(n_flagged, int(scores.anatomical.sum()), int(null.sum()), len(null), level)
+    bound = None
+    if audit.control is not None:
+        bound = CopyBound(n_flagged, len(scores), audit.control.n_caught, audit.control.n, level, bound_method, int(null.sum()), len(null))
+    verdict, reasons, decide_info = decide(audit, test, bound, len(scores), max_copy_rate)
+    report = _report(audit, scores, embeddings, test, bound, verdict, reasons, device)
+    report["policy"] = {"max_copy_rate": max_copy_rate, "alpha": alpha, "attempt": attempt, "alpha_used": level, "bound_method": bound_method}
+    report.update(decide_info)
+    if bound is not None:
+        report["bound"] = bound.summary(max_copy_rate)
+    return AuditResult(verdict, reasons, test, bound, scores, report, list(audit.warnings), audit)
 
 
-def _report(audit: CopyAudit, scores: Scores, embeddings, test: RateTest, verdict: str, reasons: list[str], max_copy_rate, device) -> dict[str, Any]:
+def _report(audit: CopyAudit, scores: Scores, embeddings, test: RateTest, bound, verdict: str, reasons: list[str], device) -> dict[str, Any]:
     n_s, n_t = len(scores), audit.n_train
     memorized, mem_per_detector = _memorized(audit, scores, embeddings, device)
     sources = torch.unique(scores.nearest_train[scores.is_copy])
     flagged = scores.flagged & scores.anatomical[:, None]  # (N, K)
+    above_dar = scores.anatomical & (scores.similarity > torch.tensor([f.dar_threshold for f in audit.fits])).any(1)
     not_anatomy = {r: scores.not_anatomy.count(r) for r in ("blank", "noise", "atypical")}
     pct = lambda k, n: round(100.0 * k / n, 4)  # noqa: E731
     detectors = {}
@@ -215,13 +242,16 @@ def _report(audit: CopyAudit, scores: Scores, embeddings, test: RateTest, verdic
     return {
         "verdict": verdict, "reasons": reasons,
         "threshold": round(audit.fits[0].threshold, 6), "thresholds": {f.name: round(f.threshold, 6) for f in audit.fits},
-        "detector": "+".join(f.name for f in audit.fits), "percentile": audit.percentile, "similarity": audit.similarity,
+        "detector": "+".join(f.name for f in audit.fits), "null_level": audit.null_level, "similarity": audit.similarity,
+        "decoded_calibration": audit.decoded,
         "n_train": n_t, "n_holdout": audit.n_holdout, "n_synthetic": n_s,
         "n_copies": test.n_flagged, "n_copies_pct": pct(test.n_flagged, n_s),
         "n_mem": int(memorized.sum()), "n_mem_pct": pct(int(memorized.sum()), n_t),
         "n_copy_sources": int(len(sources)), "n_copy_sources_pct": pct(len(sources), n_t),
         "n_not_anatomy": sum(not_anatomy.values()), "not_anatomy": not_anatomy,
-        "test": test.summary(), "max_copy_rate": max_copy_rate,
+        "test": test.summary(),
+        "dar": {"percentile": audit.percentile, "thresholds": {f.name: round(f.dar_threshold, 6) for f in audit.fits},
+                "n_above": int(above_dar.sum()), "above_pct": pct(int(above_dar.sum()), n_s)},
         "control": None if audit.control is None else audit.control.summary(),
         "detectors": detectors, "anatomy_gate": audit.gate.summary(), "holdout_dropped": audit.holdout_dropped,
         "spatial_dims": audit.spatial_dims, "image_shape": list(audit.image_shape), "warnings": list(audit.warnings),

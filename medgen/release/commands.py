@@ -1,6 +1,6 @@
 """`medgen release` and the demo's release stage.
 
-    medgen release --run RUN_DIR [--train DIR --holdout DIR] --n N --out RELEASE_DIR [--policy max_copy_rate=0.01] ...
+    medgen release --run RUN_DIR [--train DIR --holdout DIR] --n N --out RELEASE_DIR [--policy max_copy_rate=0.05] ...
 
 Exit codes: 0 released, 1 refused (audit fail, too few clean samples), 3 refused (audit
 inconclusive), 2 an error a user can fix (bad input, training data that does not match the run).
@@ -14,14 +14,15 @@ from pathlib import Path
 from medgen.errors import ReleaseRefused, RunError
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp", "euler")  # = medgen.diffusion.sampling.SAMPLERS (no torch import to parse)
-DEFAULT_DETECTORS = "ssl,pixel-rank"  # = medgen.privacy.calibration.DEFAULT_DETECTORS
+DEFAULT_DETECTORS = "auto"  # ssl,pixel-rank, and latent for a latent run (medgen.privacy.calibration.default_detectors)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "release", help="release a synthetic dataset with its data card, only when the privacy audit passes (exit 0, else 1/3)",
         description="Sample N images from a diffusion run, audit them for copies of training patients, drop flagged samples and "
-                    "sample more (bounded rounds, all judged against the same calibrated audit), evaluate the set against the "
+                    "sample more (bounded rounds, all judged against the same calibrated audit; a pass means that at confidence "
+                    "1 - alpha at most max_copy_rate of the model's outputs are copies), evaluate the set against the "
                     "training images, and write RELEASE_DIR: the files under neutral names, manifest.csv (file, sha256, seed, label, ...), "
                     "grid.png, DATA_CARD.md and data_card.json. Fails closed: no folder appears when the audit fails, is inconclusive "
                     "or cannot run, when --train is not the run's training data, or when anything would name the real data. "
@@ -38,9 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--holdout-splits", default="holdout", help="without --train/--holdout: the run's unseen splits that calibrate "
                    "tau, holdout and/or val (comma-separated; default holdout)")
     p.add_argument("--data", type=Path, default=None, help="without --train/--holdout: the run's dataset folder, when it moved")
-    p.add_argument("--policy", default="", help="comma-separated key=value: alpha (0.05: significance of the copy-rate test), "
-                   "max_copy_rate (none: also refuse when the copy rate exceeds the null rate by more than this fraction), "
-                   "max_rounds (5: sampling rounds to replace dropped samples), min_control_recall (1: positive control)")
+    p.add_argument("--policy", default="", help="comma-separated key=value: max_copy_rate (0.05: release only when at most this share "
+                   "of the model's outputs can be copies), alpha (0.05: 1 - confidence, spent over the run's release attempts), "
+                   "audit_samples (400: round 1 judges at least this many samples), max_rounds (5: sampling rounds to replace dropped "
+                   "samples), min_control_recall (0.8: share of its own control copies each detector must catch), bound "
+                   "(conservative or null-adjusted)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the run's own")
     p.add_argument("--steps", type=int, default=None, help="default: the run's own")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; default: the run's own")
@@ -49,8 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sample index i uses seed+i (indices continue across rounds)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="PNG bit depth for 2D samples")
-    p.add_argument("--detector", default=DEFAULT_DETECTORS, help="copy detectors, as `medgen audit --detector` (default ssl,pixel-rank; "
-                   "a folder from `medgen audit train-detector` skips training the SSL detector)")
+    p.add_argument("--detector", default=DEFAULT_DETECTORS, help="copy detectors, as `medgen audit --detector` (default auto: ssl,pixel-rank, "
+                   "and latent for a latent run; a folder from `medgen audit train-detector` skips training the SSL detector)")
     p.add_argument("--features", default="auto", help="feature extractor of the metrics, as `medgen eval --features`")
     p.add_argument("--bootstrap", type=int, default=200, help="replicates for the metrics' 95%% intervals")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available; each process's own GPU under accelerate)")
@@ -76,9 +79,11 @@ def _release(args: argparse.Namespace) -> int:
 
 def summary_line(card: dict) -> str:
     a = card["audit"]
-    return (f"released {card['dataset']['n']} samples: audit {a['verdict']} (copies {a['copy_rate_pct']:.2f}% vs null "
-            f"{a['null_rate_pct']:.2f}%, p = {a['all_samples']['test']['p_value']:.3g}), {card['dropped']['copies']} copies and "
-            f"{card['dropped']['not_anatomy']} non-anatomical samples dropped in {len(card['rounds'])} round(s)")
+    b = a["bound"]
+    return (f"released {card['dataset']['n']} samples: audit {a['verdict']} (at {100 * b['confidence']:.4g}% confidence at most "
+            f"{b['upper_pct']:.2f}% of the model's outputs are copies, policy {100 * a['policy']['max_copy_rate']:.4g}%; "
+            f"{a['all_samples']['n_copies']} of {a['all_samples']['n_synthetic']} samples above tau), {card['dropped']['copies']} "
+            f"flagged and {card['dropped']['not_anatomy']} non-anatomical samples dropped in {len(card['rounds'])} round(s)")
 
 
 # ----------------------------------------------------------------------------- demo
@@ -96,7 +101,8 @@ def demo_stage(ctx) -> None:
     detector = DEFAULT_DETECTORS
     audit_dir = ctx.state.get("audit_dir")
     if audit_dir is not None and (Path(audit_dir) / "detector").is_dir():
-        detector = f"{Path(audit_dir) / 'detector'},pixel-rank"
+        latent = (Path(run) / "autoencoder").is_dir()
+        detector = f"{Path(audit_dir) / 'detector'},pixel-rank" + (",latent" if latent else "")
     out = Path(ctx.out) / "release"
     n = 16 if ctx.quick else (64 if ctx.dims == 2 else 48)
     try:

@@ -5,11 +5,16 @@ The steps (issue 14):
 
 1. Match the training data: `--train`/`--holdout` must be the subjects of the run's `split.json`
    (training subjects exactly; held-out subjects never trained on), or are taken from it.
-2. Fit the audit once (`medgen.privacy.CopyAudit`: detectors, tau, null rate, positive control).
-3. Round 1 samples N and is judged; any verdict but `pass` refuses the release. Flagged samples
-   (copies, and samples that are no anatomy) are dropped and later rounds sample what is missing,
-   each scored against the same fitted audit, at most `policy.max_rounds` rounds. All samples of
-   all rounds (what the model generated) are judged together once more: it must pass too.
+2. Fit the audit once (`medgen.privacy.CopyAudit`: detectors, tau, null rate, positive control;
+   for a latent model with its own autoencoder).
+3. Round 1 samples max(N, `policy.audit_samples`) and is judged; any verdict but `pass` refuses the
+   release. A pass is a bound: at confidence 1 - alpha, at most `max_copy_rate` of the model's
+   outputs are copies (`medgen.privacy.bound`). The attempt is recorded in the run's attempt log
+   as soon as it has a verdict, and alpha is spent over the run's release attempts (attempt k at
+   alpha / 2^k), so reruns cannot buy a pass. Flagged samples (copies, and samples that are no
+   anatomy) are dropped and later rounds sample what is missing, each scored against the same
+   fitted audit, at most `policy.max_rounds` rounds. All samples of all rounds (what the model
+   generated) are judged together once more: it must pass too.
 4. Evaluate the released set against the training images (`medgen eval` metrics), write the
    files under neutral names, `manifest.csv`, `grid.png`, `DATA_CARD.md`, `data_card.json`,
    check that nothing of the real data is in them, and rename the folder into place.
@@ -45,39 +50,50 @@ FILE_STEM = "synthetic"  # released files: synthetic_00000.png, ... (neutral: po
 class ReleasePolicy:
     """What a release demands (`--policy key=value,...`)."""
 
-    alpha: float = 0.05  # significance of the copy-rate test against the null (medgen.privacy.verdict)
-    max_copy_rate: float | None = None  # also refuse when the excess copy rate above the null is larger (a fraction)
+    alpha: float = 0.05  # 1 - confidence of the privacy bound, spent over the run's release attempts (attempt k: alpha / 2^k)
+    max_copy_rate: float = 0.05  # pass only when at most this share of the model's outputs can be copies
+    audit_samples: int = 400  # round 1 judges at least this many samples (eval/RESULTS.md: operating table)
     max_rounds: int = 5  # sampling rounds, the first included, to replace dropped samples
-    min_control_recall: float = 1.0  # share of the positive control the audit must flag
+    min_control_recall: float = 0.8  # share of its own positive-control copies each detector must catch
+    bound: str = "conservative"  # or null-adjusted (valid only if the model's non-copies exceed tau as often as new patients)
 
     @classmethod
     def parse(cls, text: str | None) -> "ReleasePolicy":
         values: dict[str, Any] = {}
-        names = {f.name for f in fields(cls)}
+        types = {f.name: f.type for f in fields(cls)}
         for item in (text or "").split(","):
             if not item.strip():
                 continue
             key, sep, value = item.partition("=")
-            key = key.strip()
-            if not sep or key not in names:
-                raise ConfigError(f"--policy {item.strip()!r}: expected key=value with key one of {', '.join(sorted(names))}")
+            key, value = key.strip(), value.strip()
+            if not sep or key not in types:
+                raise ConfigError(f"--policy {item.strip()!r}: expected key=value with key one of {', '.join(sorted(types))}")
+            kind = {"int": int, "str": str}.get(str(types[key]), float)
             try:
-                values[key] = int(value) if key == "max_rounds" else None if value.strip().lower() in ("none", "") else float(value)
+                values[key] = kind(value)
+                if kind is float and not math.isfinite(values[key]):
+                    raise ValueError
             except ValueError:
-                raise ConfigError(f"--policy {key}={value}: not a number") from None
+                what = {int: "a whole number", str: "a name"}.get(kind, "a number")
+                raise ConfigError(f"--policy {key}={value or '(empty)'}: expected {what}") from None
         policy = cls(**values)
         policy.validate()
         return policy
 
     def validate(self) -> None:
+        from medgen.privacy.bound import BOUND_METHODS
+
         if not 0 < self.alpha < 1:
             raise ConfigError(f"--policy alpha={self.alpha}: must be in (0, 1)")
-        if self.max_copy_rate is not None and not 0 <= self.max_copy_rate <= 1:
-            raise ConfigError(f"--policy max_copy_rate={self.max_copy_rate}: a fraction in [0, 1] (0.01 = 1%)")
-        if self.max_rounds < 1:
-            raise ConfigError(f"--policy max_rounds={self.max_rounds}: must be >= 1")
+        if not 0 < self.max_copy_rate <= 1:
+            raise ConfigError(f"--policy max_copy_rate={self.max_copy_rate}: the largest share of copies a release allows, in (0, 1] "
+                              f"(0.05 = 5%); a bound is never 0, so 0 would refuse every release")
+        if self.audit_samples < 1 or self.max_rounds < 1:
+            raise ConfigError(f"--policy audit_samples={self.audit_samples}, max_rounds={self.max_rounds}: both must be >= 1")
         if not 0 <= self.min_control_recall <= 1:
             raise ConfigError(f"--policy min_control_recall={self.min_control_recall}: a fraction in [0, 1]")
+        if self.bound not in BOUND_METHODS:
+            raise ConfigError(f"--policy bound={self.bound}: one of {', '.join(BOUND_METHODS)}")
 
 
 # ----------------------------------------------------------------------------- training data
@@ -207,7 +223,9 @@ def make_release(
     existing one is left as it was).
     """
     from medgen.data import load_images
-    from medgen.privacy.calibration import DEFAULT_DETECTORS, CopyAudit
+    from medgen.privacy.attempts import attempt_entry, check_writable, read_attempts, record_attempt, release_history, start_release
+    from medgen.privacy.calibration import CopyAudit
+    from medgen.privacy.families import RoundTrip
     from medgen.sample.pipeline import load_pipeline, write_samples
     from medgen.sample.shard import ProcessGroup
 
@@ -226,14 +244,23 @@ def make_release(
     pipe = load_pipeline(run, processes.device or device)
     settings = pipe.sampling_settings(sampler, steps, guidance, eta)  # as the rounds resolve them (for the card)
     main: dict[str, Any] = {}  # the main process's state: images, the fitted audit, the rounds
+    if processes.is_main:
+        check_writable(run)  # an attempt that leaves no record is not allowed
+        earlier = release_history(read_attempts(run))
+        attempt = start_release(run, seed=seed, n=n, policy=asdict(policy), out=str(out))
+    else:
+        earlier, attempt = [], 1  # only the main process judges
+    judging = {"alpha": policy.alpha, "max_copy_rate": policy.max_copy_rate, "bound_method": policy.bound, "attempt": attempt}
 
     def fit() -> None:
         x_t, s_t = load_images(train_s, data_cfg)
         x_h, s_h = load_images(hold_s, data_cfg)
-        say(f"release: auditing against {len(x_t)} training and {len(x_h)} held-out images")
+        autoencoder = RoundTrip(pipe.autoencoder) if pipe.autoencoder is not None else None
+        say(f"release: attempt {attempt} of this run; auditing against {len(x_t)} training and {len(x_h)} held-out images"
+            + (" (held-out images decoded through the model's autoencoder)" if autoencoder is not None else ""))
         audit = CopyAudit.fit(
-            x_t, x_h, detector or DEFAULT_DETECTORS, detector_options=detector_options, min_control_recall=policy.min_control_recall,
-            subjects={"train": [s.subject_id for s in s_t], "holdout": [s.subject_id for s in s_h]},
+            x_t, x_h, detector or "auto", detector_options=detector_options, min_control_recall=policy.min_control_recall,
+            autoencoder=autoencoder, subjects={"train": [s.subject_id for s in s_t], "holdout": [s.subject_id for s in s_h]},
             names={"train": [s.path.name for s in s_t], "holdout": [s.path.name for s in s_h]}, device=device, seed=seed)
         main.update(x_t=x_t, x_h=x_h, s_t=s_t, s_h=s_h, audit=audit, rounds=[], images=[], keep=[])
 
@@ -244,8 +271,9 @@ def make_release(
         x, _ = load_images(folder / "manifest.csv", data_cfg)  # the files as written (what would leave)
         audit = main["audit"]
         if r == 1:
-            result = judge(audit, x, alpha=policy.alpha, max_copy_rate=policy.max_copy_rate, device=device)
+            result = judge(audit, x, device=device, **judging)
             main["first"] = result
+            record_attempt(run, attempt_entry("release", result, seed=seed, n=len(x), policy=asdict(policy), out=out, attempt=attempt))
             if result.verdict != "pass":
                 raise _refuse("round 1 audit", result)
             scores = result.scores
@@ -281,7 +309,7 @@ def make_release(
                                  f"only {int(keep.sum())} of {n} samples are neither copies nor non-anatomical "
                                  f"({sum(r['copies'] for r in rounds)} copies, {sum(r['not_anatomy'] for r in rounds)} not anatomy "
                                  f"among {len(x_all)} sampled); raise max_rounds or train the model further", "fail")
-        combined = judge(main["audit"], x_all, alpha=policy.alpha, max_copy_rate=policy.max_copy_rate, device=device)
+        combined = judge(main["audit"], x_all, device=device, **judging)
         if combined.verdict != "pass":
             raise _refuse(f"audit of all {len(x_all)} samples of {len(rounds)} round(s)", combined)
         chosen = keep.nonzero().flatten()[:n].tolist()  # global indices, in sampling order
@@ -312,7 +340,7 @@ def make_release(
                            slice_step=2 if pipe.spatial_dims == 3 else 1)
         card = build_card(
             n=n, ext=ext, pipe=pipe, run=Path(run), settings=settings, label=label, seed=seed, bit_depth=bit_depth,
-            policy=asdict(policy), first=main["first"], combined=combined, rounds=rounds, chosen=chosen,
+            policy=asdict(policy), first=main["first"], combined=combined, rounds=rounds, chosen=chosen, attempt=attempt, earlier=earlier,
             metrics=metrics, split_info=split_info, n_train=len(main["x_t"]), n_holdout=len(main["x_h"]),
             n_train_subjects=len({s.subject_id for s in main["s_t"]}), n_holdout_subjects=len({s.subject_id for s in main["s_h"]}))
         atomic_write_json(tmp / "data_card.json", card)
@@ -323,16 +351,27 @@ def make_release(
         return card
 
     _on_main(processes, fit)  # before any folder exists: the long part that can refuse early
-    with processes.atomic_dir(out, overwrite=overwrite, what="release folder") as tmp:
-        size, start = n, 0
-        for r in range(1, policy.max_rounds + 1):
-            folder = write_samples(pipe, tmp / ROUNDS / f"round_{r}", size, sampler=sampler, steps=steps, guidance=guidance, eta=eta,
-                                   seed=seed + start, label=label, batch_size=batch_size, bit_depth=bit_depth, processes=processes)
-            start, size = start + size, _on_main(processes, lambda r=r, folder=folder, start=start: judge_round(r, folder, start))
-            if not size:
-                break
-        card = _on_main(processes, lambda: finish(tmp))
+    try:
+        with processes.atomic_dir(out, overwrite=overwrite, what="release folder") as tmp:
+            size, start = max(n, policy.audit_samples), 0
+            if size > n:
+                say(f"release: round 1 samples {size} to audit (policy audit_samples={policy.audit_samples}: fewer samples cannot bound "
+                    f"the copy share under {100 * policy.max_copy_rate:.4g}%) and releases {n} of them")
+            for r in range(1, policy.max_rounds + 1):
+                folder = write_samples(pipe, tmp / ROUNDS / f"round_{r}", size, sampler=sampler, steps=steps, guidance=guidance, eta=eta,
+                                       seed=seed + start, label=label, batch_size=batch_size, bit_depth=bit_depth, processes=processes)
+                start, size = start + size, _on_main(processes, lambda r=r, folder=folder, start=start: judge_round(r, folder, start))
+                if not size:
+                    break
+            card = _on_main(processes, lambda: finish(tmp))
+    except MedgenError as e:
+        if processes.is_main:
+            record_attempt(run, {"kind": "release", "event": "outcome", "attempt": attempt, "released": False,
+                                 "why": getattr(e, "summary", str(e))})
+        raise
     if processes.is_main:
+        record_attempt(run, {"kind": "release", "event": "outcome", "attempt": attempt, "released": True, "n": n,
+                             "bound_upper_pct": card["audit"]["bound"]["upper_pct"]})
         say(f"release: {n} samples in {out} (DATA_CARD.md, data_card.json, manifest.csv)")
     return card if processes.is_main else None
 
