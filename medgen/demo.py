@@ -183,9 +183,11 @@ def summary_table(ctx: DemoContext) -> str:
         rows += [(name, value + (f"  {ci}" if ci else "")) for name, value, ci in metric_cells(report["metrics"])]
     try:
         audit = json.loads(Path(ctx.state["audit_report"]).read_text())
-        t = audit["test"]
-        rows.append(("audit verdict", f"{audit['verdict']}  (copies {audit['n_copies']}/{audit['n_synthetic']}, "
-                                      f"null {t['null_rate_pct']:.1f}%, p = {t['p_value']:.3g})"))
+        b = audit.get("bound") or {}
+        bound = (f"at {100 * b['confidence']:.4g}% confidence <= {b['upper_pct']:.2f}% copies, policy "
+                 f"{100 * audit['policy']['max_copy_rate']:.4g}%; " if b else "")
+        rows.append(("audit verdict", f"{audit['verdict']}  ({bound}{audit['n_copies']}/{audit['n_synthetic']} above tau, "
+                                      f"null {audit['test']['null_rate_pct']:.1f}%)"))
     except (KeyError, OSError, ValueError):
         pass
     if ctx.state.get("release") is not None:

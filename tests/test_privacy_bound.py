@@ -16,7 +16,7 @@ from scipy.stats import binomtest
 
 from medgen.privacy.bound import (CopyBound, attempt_alpha, clopper_pearson_lower, clopper_pearson_upper, coverage,
                                   pass_probability)
-from medgen.privacy.memorization import conformal_threshold, leave_one_out_exceedances
+from medgen.privacy.memorization import calibrated_threshold, conformal_threshold, leave_one_out_exceedances, tail_threshold
 
 
 @pytest.mark.parametrize("x,n", [(0, 10), (3, 64), (17, 400), (64, 64), (1, 1000)])
@@ -130,11 +130,28 @@ def test_conformal_tau_attains_its_level_on_exchangeable_scores():
         conformal_threshold(torch.zeros(5), 0)
 
 
+def test_tail_threshold_extrapolates_past_the_held_out_maximum():
+    """Correlations whose Fisher z is Gaussian: the tail quantile at 0.5% from 60 held-out values
+    is exceeded by new ones about 0.5% of the time, where the conformal quantile (their maximum)
+    attains only 1/61; tau is the larger of the two, so the conformal guarantee still holds."""
+    rng = np.random.default_rng(2)
+    exceed_tail, exceed_tau = [], []
+    for _ in range(2000):
+        s = np.tanh(1.2 + 0.25 * rng.standard_normal(61))
+        held, new = torch.from_numpy(s[:60]), s[60]
+        tau, attained = calibrated_threshold(held, 0.005)
+        assert tau >= conformal_threshold(held, 0.005)[0] and attained == pytest.approx(1 / 61)
+        exceed_tail.append(new > tail_threshold(held, 0.005))
+        exceed_tau.append(new > tau)
+    assert np.mean(exceed_tail) < 0.015 and np.mean(exceed_tau) <= np.mean(exceed_tail)
+    assert np.mean(exceed_tau) < 1 / 61  # below what the maximum alone attains
+
+
 def test_leave_one_out_exceedances_match_recalibration_without_each_image():
     rng = np.random.default_rng(1)
-    for level in (0.01, 0.1, 0.3):
-        s = torch.from_numpy(np.round(rng.standard_normal(37), 1))  # rounded: ties included
+    for level in (0.005, 0.1, 0.3):
+        s = torch.from_numpy(np.round(np.tanh(1 + 0.4 * rng.standard_normal(37)), 2))  # rounded: ties included
         loo = leave_one_out_exceedances(s, level)
         for j in range(len(s)):
             rest = torch.cat([s[:j], s[j + 1 :]])
-            assert bool(loo[j]) == bool(s[j] > conformal_threshold(rest, level)[0]), (level, j)
+            assert bool(loo[j]) == bool(s[j] > calibrated_threshold(rest, level)[0]), (level, j)

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -87,10 +88,13 @@ def test_training_data_must_be_the_runs(tiny_run, cohort_2d, tmp_path):
 def test_policy():
     from medgen.release.pipeline import ReleasePolicy
 
-    assert ReleasePolicy.parse("max_copy_rate=0, max_rounds=3") == ReleasePolicy(max_copy_rate=0.0, max_rounds=3)
-    assert ReleasePolicy.parse("") == ReleasePolicy()
-    for bad, message in (("max_copy=0", "key one of alpha, max_copy_rate"), ("alpha=2", "must be in"),
-                         ("max_rounds=0", ">= 1"), ("max_copy_rate=x", "not a number")):
+    assert ReleasePolicy.parse("max_copy_rate=0.01, max_rounds=3, bound=null-adjusted") == \
+        ReleasePolicy(max_copy_rate=0.01, max_rounds=3, bound="null-adjusted")
+    assert ReleasePolicy.parse("") == ReleasePolicy() and ReleasePolicy().max_copy_rate == 0.05
+    for bad, message in (("max_copy=0", "key one of alpha, audit_samples, bound, max_copy_rate"), ("alpha=2", "must be in"),
+                         ("max_rounds=0", ">= 1"), ("max_copy_rate=x", "expected a number"), ("alpha=", "alpha=\\(empty\\): expected a number"),
+                         ("alpha=none", "expected a number"), ("alpha=nan", "expected a number"), ("max_copy_rate=0", "a bound is never 0"),
+                         ("bound=loose", "one of conservative, null-adjusted"), ("audit_samples=1.5", "expected a whole number")):
         with pytest.raises(ConfigError, match=message):
             ReleasePolicy.parse(bad)
 
@@ -138,7 +142,33 @@ def demo(tmp_path_factory):
 
 def _release_args(out: Path, *extra) -> list[str]:
     return ["release", "--run", str(out / "diffusion"), "--holdout-splits", "holdout,val", "--detector",
-            f"{out / 'audit' / 'detector'},pixel-rank", "--bootstrap", "0", "--device", "cpu", *extra]
+            f"{out / 'audit' / 'detector'},pixel-rank,latent", "--bootstrap", "0", "--device", "cpu", *extra]
+
+
+def _copying_model(monkeypatch, out: Path, kind: str):
+    """Wrap the demo run's sampler so that a fifth of its outputs (every sample index divisible by
+    5) are copies of training images: `exact` the images themselves (a pixel model that memorized
+    them), `autoencoder` their round trips through the run's own autoencoder (a latent model that
+    reproduces a training latent). The other outputs are the model's own samples."""
+    from medgen.data import load_images
+    from medgen.privacy.audit import run_split
+    from medgen.privacy.families import run_roundtrip
+    from medgen.sample.pipeline import DiffusionPipeline
+
+    train, _, cfg = run_split(out / "diffusion", ("holdout", "val"))
+    x_t = load_images(train, cfg)[0]
+    roundtrip = run_roundtrip(out / "diffusion")
+    own = DiffusionPipeline.sample
+
+    def sample(self, n, *args, seed=0, **kwargs):
+        x = own(self, n, *args, seed=seed, **kwargs)
+        for j, i in enumerate(range(seed, seed + n)):
+            if i % 5 == 0:
+                source = x_t[(i // 5) % len(x_t)][None]
+                x[j] = (source if kind == "exact" else roundtrip(source))[0]
+        return x
+
+    monkeypatch.setattr(DiffusionPipeline, "sample", sample)
 
 
 @pytest.mark.slow
@@ -198,47 +228,61 @@ def test_data_card_names_nothing_of_the_cohort(demo):
     for key in ("metrics", "audit", "rounds", "dropped", "software", "intended_use", "limitations", "sampling"):
         assert card[key], key
     a = card["audit"]
-    assert a["verdict"] == "pass" and a["control_recall"] == 1.0 and set(a["tau"]) == {"ssl", "pixel-rank"}
+    assert a["verdict"] == "pass" and a["control_recall"] == 1.0 and set(a["tau"]) == {"ssl", "pixel-rank", "latent"}
+    assert a["bound"]["upper_pct"] <= 100 * a["policy"]["max_copy_rate"] and a["bound"]["n_samples"] >= 400
+    assert a["decoded_calibration"] and "latent" in a["control"]["by_detector"]
     assert card["software"]["torch"] == torch.__version__.split("+")[0] or card["software"]["torch"].startswith(torch.__version__[:3])
     assert "fd_pca" in card["metrics"]["values"] and card["metrics"]["values"]["fd_pca"]["ci95"]
     md = (release / "DATA_CARD.md").read_text()
     for heading in ("## Intended use", "## Privacy audit", "## Rounds", "## Limitations", "## Software"):
         assert heading in md
+    assert f"At 97.5% confidence, at most {a['bound']['upper_pct']:.2f}% of this model's outputs are copies" in md
 
 
 @pytest.mark.slow
-def test_planted_copies_are_refused_and_leave_the_release_alone(demo, capsys, monkeypatch):
-    """A "model" whose every other sample is a training image: the audit fails, the release is
-    refused with exit 1, a new --out is never created, and an existing release under --overwrite
-    stays as it was. An interrupted release leaves nothing either."""
-    from medgen.data import load_images
-    from medgen.privacy.audit import run_split
-    from medgen.sample.pipeline import DiffusionPipeline
+def test_models_that_copy_a_fifth_are_refused_and_every_attempt_is_on_the_record(demo, capsys, monkeypatch):
+    """A model whose outputs are 20% exact training images, and one whose outputs are 20% round
+    trips of training images through its own autoencoder: both releases are refused (exit 1),
+    nothing is written (an existing release under --overwrite stays as it was), and both attempts
+    are in the run's log. The next, honest release is attempt 3: it is judged at alpha / 2^3 and
+    its card lists the refused attempts."""
+    from medgen.privacy.attempts import read_attempts
 
     out = demo[0]
-    train, holdout, cfg = run_split(out / "diffusion", ("holdout", "val"))
-    x_t, x_h = load_images(train, cfg)[0], load_images(holdout, cfg)[0]
-
-    def copying_sample(self, n, *args, seed=0, **kwargs):  # index i -> a training image (even) or a new patient (odd)
-        return torch.stack([x_t[i % len(x_t)] if i % 2 == 0 else x_h[i % len(x_h)] for i in range(seed, seed + n)])
-
-    monkeypatch.setattr(DiffusionPipeline, "sample", copying_sample)
+    run = out / "diffusion"
     before = {p.name: p.read_bytes() for p in (out / "release").iterdir()}
-    code, _, err = run_cli(capsys, *_release_args(out, "--n", "16", "--out", out / "release", "--overwrite"))
-    assert code == 1 and "release refused (nothing written)" in err and "verdict: fail" in err
-    assert {p.name: p.read_bytes() for p in (out / "release").iterdir()} == before
-    code, _, err = run_cli(capsys, *_release_args(out, "--n", "16", "--out", out / "release_copies"))
-    assert code == 1 and leftovers(out) == ["release"]
+    first = len([a for a in read_attempts(run) if a.get("kind") == "release" and a.get("event") == "start"])
+    for kind in ("exact", "autoencoder"):
+        with monkeypatch.context() as m:
+            _copying_model(m, out, kind)
+            code, _, err = run_cli(capsys, *_release_args(out, "--n", "16", "--out", out / "release", "--overwrite"))
+        assert code == 1 and "release refused (nothing written)" in err and "verdict: fail" in err, err[-2000:]
+        assert {p.name: p.read_bytes() for p in (out / "release").iterdir()} == before
+        assert leftovers(out) == ["release"]
+    verdicts = [a for a in read_attempts(run) if a.get("kind") == "release" and a.get("event") == "verdict"]
+    assert [a["verdict"] for a in verdicts[-2:]] == ["fail", "fail"] and [a["attempt"] for a in verdicts[-2:]] == [first + 1, first + 2]
+    assert all(a["bound_upper_pct"] > 15 for a in verdicts[-2:])  # a fifth copied: the bound says so
 
-    monkeypatch.undo()
+    code, _, err = run_cli(capsys, *_release_args(out, "--n", "16", "--out", out / "release_honest"))
+    card = json.loads((out / "release_honest" / "data_card.json").read_text())
+    a = card["audit"]
+    assert code == 0 and a["attempt"] == first + 3 and a["alpha_used"] == pytest.approx(0.05 / 2 ** (first + 3))
+    refused = [e for e in a["earlier_attempts"] if e.get("kind") == "release" and e.get("released") is False]
+    assert len(refused) >= 2 and all(e["verdict"] == "fail" for e in refused[-2:])
+    assert "refused" in (out / "release_honest" / "DATA_CARD.md").read_text()
+    shutil.rmtree(out / "release_honest")
+
+
+@pytest.mark.slow
+def test_an_interrupted_release_leaves_nothing(demo, capsys, monkeypatch):
     import medgen.privacy.verdict as verdict
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(verdict, "judge", interrupted)  # round 1's files are written, its audit is under way
-    code, _, err = run_cli(capsys, *_release_args(out, "--n", "4", "--out", out / "release_interrupted"))
-    assert code == 130 and leftovers(out) == ["release"]
+    code, _, err = run_cli(capsys, *_release_args(demo[0], "--n", "4", "--out", demo[0] / "release_interrupted"))
+    assert code == 130 and leftovers(demo[0]) == ["release"]
 
 
 @pytest.mark.slow

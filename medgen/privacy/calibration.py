@@ -3,10 +3,13 @@ fitted once on the training and held-out sets and then used to score any synthet
 
 Per detector, a sample is scored by its best similarity with a training image, and flagged when
 it is above that detector's tau; several detectors are combined as a union. tau is calibrated in
-the direction the samples are scored: on each held-out image's best similarity with the training
-set, as a split-conformal quantile (`null_level`, default 1%: a patient the model never saw
-exceeds tau with probability at most max(null_level, 1 / (n_holdout + 1)); with fewer than 99
-held-out images, tau is their maximum). Dar et al. 2024's tau (the 95th percentile of each
+the direction the samples are scored, on each held-out image's best similarity with the training
+set: the larger of a split-conformal quantile (distribution-free: a patient the model never saw
+exceeds it with probability at most max(null_level, 1 / (n_holdout + 1)); with fewer than 199
+held-out images that is their maximum) and the Gaussian tail quantile of their Fisher
+z-transforms at `null_level` (default 0.5%), which extrapolates beyond the held-out maximum and
+only raises tau. A higher tau costs recall, which the positive control measures and the bound
+accounts for; it never makes the bound wrong. Dar et al. 2024's tau (the 95th percentile of each
 training image's best held-out similarity: a max over the held-out set, scored against
 samples' max over the larger training set, so new patients exceed it 30% of the time at the
 demo's sizes) is kept as a measure in the report; it no longer decides.
@@ -47,13 +50,13 @@ from typing import Any, Sequence
 import torch
 
 from medgen.errors import DataError
-from medgen.privacy.memorization import SIMILARITIES, conformal_threshold, copy_threshold, effective_rank, leave_one_out_exceedances, summary
+from medgen.privacy.memorization import SIMILARITIES, calibrated_threshold, copy_threshold, effective_rank, leave_one_out_exceedances, summary
 from medgen.metrics.knn import pairwise_topk
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DETECTORS = "ssl,pixel-rank"  # "auto": these, and "latent" when the audit has the model's autoencoder
-NULL_LEVEL = 0.01  # tau: a new patient exceeds it with probability at most this (or 1 / (n_holdout + 1))
+NULL_LEVEL = 0.005  # tau: a new patient exceeds it with probability about this (at most this or 1 / (n_holdout + 1))
 DAR_PERCENTILE = 95.0  # Dar et al. 2024's tau, reported as a measure
 CONTROL_PER_FAMILY = 20  # positive-control copies per family (distinct training images while they last)
 MIN_DETECTOR_RECALL = 0.8  # each detector must catch this share of its own control families
@@ -115,8 +118,8 @@ class DetectorFit:
     name: str
     detector: Any
     train_embeddings: torch.Tensor  # (Nt, D) of the detector's reference (the training images, or their decoded round trips)
-    threshold: float  # tau: conformal quantile of holdout_train_best at the audit's null level
-    attained_level: float  # the level tau attains: max(null_level, 1 / (Nh + 1)) up to rounding
+    threshold: float  # tau: the larger of the conformal and the Gaussian tail quantile of holdout_train_best at the null level
+    attained_level: float  # the conformal quantile's attained level: tau exceeds it, so a new patient is above tau at most this often
     holdout_train_best: torch.Tensor  # (Nh,) each held-out image's best training similarity (the null's scores)
     holdout_flagged: torch.Tensor  # (Nh,) bool: above the tau of the other held-out images (leave-one-out)
     dar_threshold: float  # Dar et al. 2024's tau: percentile of each training image's best held-out similarity (a measure)
@@ -168,7 +171,7 @@ def _fit_detector(detector, train: torch.Tensor, calibration: torch.Tensor, simi
     e_t = _embed(detector, reference, name, "training", device)  # (Nt, D)
     e_h = _embed(detector, calibration, name, "held-out", device)  # (Nh, D)
     hb = pairwise_topk(e_h, e_t, k=1, metric=similarity, device=device)[0][:, 0].float().cpu()  # (Nh,): the samples' direction
-    tau, attained = conformal_threshold(hb, null_level)
+    tau, attained = calibrated_threshold(hb, null_level)
     th = pairwise_topk(e_t, e_h, k=1, metric=similarity, device=device)[0][:, 0].float().cpu()  # (Nt,): Dar's direction
     return DetectorFit(
         name=name, detector=detector, train_embeddings=e_t, threshold=tau, attained_level=attained, holdout_train_best=hb,

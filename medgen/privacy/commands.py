@@ -202,17 +202,22 @@ def demo_stage(ctx) -> None:
 
     if ctx.cohort is None:
         raise RunError("the audit stage needs the cohort stage first")
-    train, holdout, data_cfg = _demo_split(ctx)
     samples = ctx.state.get("samples")
-    if samples is None:
-        samples = _planted_set(train, holdout, data_cfg, ctx.out / "audit_planted")
-        print(f"  no synthetic samples in this demo run; auditing a planted set instead: {samples}")
+    run = ctx.state.get("diffusion_run")
     # CPU-sized detector training: quick < 60 s for the stage, full < 5 min
     steps = {(2, True): 100, (3, True): 500, (2, False): 500, (3, False): 300}[(ctx.dims, bool(ctx.quick))]
-    report = run_audit(
-        train, holdout, samples, ctx.out / "audit", data_cfg=data_cfg, overwrite=True,
-        detector_options={"steps": steps, "batch_size": 64 if ctx.dims == 2 else 32}, filter_out=ctx.out / "samples_filtered",
-    )
+    options = {"detector_options": {"steps": steps, "batch_size": 64 if ctx.dims == 2 else 32}, "filter_out": ctx.out / "samples_filtered",
+               "overwrite": True}
+    if samples is not None and run is not None and (Path(run) / "split.json").is_file():
+        # the run's own split (held-out and validation subjects were both unseen), its autoencoder for a
+        # latent run, and the attempt on the run's record: `medgen audit --run`
+        report = run_audit(synthetic=samples, out=ctx.out / "audit", run=run, holdout_splits=("holdout", "val"), **options)
+    else:
+        train, holdout, data_cfg = _demo_split(ctx)
+        if samples is None:
+            samples = _planted_set(train, holdout, data_cfg, ctx.out / "audit_planted")
+            print(f"  no synthetic samples in this demo run; auditing a planted set instead: {samples}")
+        report = run_audit(train, holdout, samples, ctx.out / "audit", data_cfg=data_cfg, **options)
     ctx.state["audit_dir"] = ctx.out / "audit"
     ctx.state["audit_report"] = ctx.out / "audit" / "report.json"
     ctx.state["audit_verdict"] = report["verdict"]

@@ -53,6 +53,7 @@ def write_figures(result: AuditResult, train: torch.Tensor, synthetic: torch.Ten
     k = max(1, len(fits))
     fig, axes = plt.subplots(1, k, figsize=(5.2 * k, 3.9), squeeze=False)
     keep = sc.anatomical
+    series = {}
     for j, f in enumerate(fits):
         ax = axes[0, j]
         null, synth = f.holdout_train_best.numpy(), sc.similarity[keep, j].numpy()
@@ -66,6 +67,7 @@ def write_figures(result: AuditResult, train: torch.Tensor, synthetic: torch.Ten
         if copies.size:
             ax.hist(copies, bins=bins, density=True, histtype="step", color="red", lw=1.2, label=f"control copies -> train (n={len(copies)})")
         ax.axvline(f.threshold, color="k", ls="--", lw=1, label=f"tau = {f.threshold:.4f} (new patient above it: <= {100 * f.attained_level:.1f}%)")
+        series[f.name] = {"null_holdout_to_train": len(null), "synthetic_to_train": len(synth), "control_copies": len(copies), "tau": f.threshold}
         ax.set_xlabel(f"best {rep['similarity']} similarity with a training image, {f.name} detector")
         ax.set_ylabel("density")
         ax.legend(fontsize=6.5)
@@ -114,7 +116,8 @@ def write_figures(result: AuditResult, train: torch.Tensor, synthetic: torch.Ten
     fig.tight_layout()
     fig.savefig(out / TOP_PAIRS, dpi=110)
     plt.close(fig)
-    return {"histogram": HISTOGRAM, "top_pairs": TOP_PAIRS}
+    return {"histogram": HISTOGRAM, "top_pairs": TOP_PAIRS, "title": _headline(rep), "histogram_series": series,
+            "pairs": {"closest_samples": len(order), "control_examples": len(examples)}}
 
 
 VERDICT_TEXT = {
