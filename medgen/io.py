@@ -405,6 +405,15 @@ def _size(n: float) -> str:
     return f"{n} bytes"
 
 
+def _existing_inputs(inputs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The inputs that are set; DataError naming the first that does not exist."""
+    inputs = {k: v for k, v in (inputs or {}).items() if v is not None}
+    for flag, value in inputs.items():
+        if not Path(value).exists():
+            raise DataError(f"{flag} {value}: no such file or folder")
+    return inputs
+
+
 def claim_output(path: str | os.PathLike, what: str = "output folder", inputs: Mapping[str, Any] | None = None,
                  need_bytes: int | None = None) -> Path:
     """The checks every output gets before any work, whatever it holds (`ensure_new_output` adds
@@ -412,22 +421,14 @@ def claim_output(path: str | os.PathLike, what: str = "output folder", inputs: M
 
     - each of `inputs` (`{"--train": path, ...}`) exists (a missing input is reported as such,
       not as some later symptom);
-    - `path` is not the current directory or one of its parents (replacing it would delete the
-      folder the user is in), nor a file;
-    - `path` is neither inside an input nor holds one (inputs are never written to, nor removed
-      by --overwrite);
+    - `path` is not a file, and is neither inside an input nor holds one (inputs are never
+      written to, nor removed by --overwrite);
     - its disk can take it (`check_writable`);
     - no other medgen process is writing it (`lock_output`, inside a `command_outputs` scope;
       released when `atomic_dir` put the output in place, else when the scope ends).
     """
-    inputs = {k: v for k, v in (inputs or {}).items() if v is not None}
-    for flag, value in inputs.items():
-        if not Path(value).exists():
-            raise DataError(f"{flag} {value}: no such file or folder")
+    inputs = _existing_inputs(inputs)
     path = Path(path)
-    if holds_cwd(path):
-        raise RunError(f"--out {path} is the current directory or holds it; the {what} is written as a new folder "
-                       f"and medgen never replaces the folder you are in: choose another --out")
     overlap = overlapping_input(path, inputs)
     if overlap is not None:
         raise RunError(f"{what} {path} overlaps the {overlap[0]} input {overlap[1]}; input folders are never written "
@@ -442,18 +443,21 @@ def claim_output(path: str | os.PathLike, what: str = "output folder", inputs: M
 
 def ensure_new_output(path: str | os.PathLike | None, overwrite: bool = False, what: str = "output folder",
                       inputs: Mapping[str, Any] | None = None, need_bytes: int | None = None) -> Path | None:
-    """Check, before any work, that `path` may be written as a new output folder: `claim_output`'s
-    checks, then an existing non-empty `path` needs `overwrite`, and then may hold only what
-    medgen wrote (its `OUTPUT_MARKER` lists it); other files are named and the folder is left alone.
+    """Check, before any work, that `path` may be written as a new output folder: it is not the
+    current directory or one of its parents (replacing it would delete the folder the user is
+    in), `claim_output`'s checks pass, and an existing non-empty `path` needs `overwrite`, and
+    then may hold only what medgen wrote (its `OUTPUT_MARKER` lists it); other files are named
+    and the folder is left alone.
 
     Returns `path` (None stays None: only the inputs are checked).
     """
     if path is None:
-        for flag, value in (inputs or {}).items():
-            if value is not None and not Path(value).exists():
-                raise DataError(f"{flag} {value}: no such file or folder")
+        _existing_inputs(inputs)
         return None
     path = Path(path)
+    if holds_cwd(path):
+        raise RunError(f"--out {path} is the current directory or holds it; the {what} is written as a new folder "
+                       f"and medgen never replaces the folder you are in: choose another --out")
     try:
         claim_output(path, what, inputs, need_bytes)
         refuse_replacing(path, overwrite, what)
