@@ -539,7 +539,7 @@ def write_errors(path: str | os.PathLike, what: str = "output folder") -> Iterat
             raise
         raise RunError(f"could not write the {what} {path}: {e.strerror}"
                        + (f" ({os.fsdecode(e.filename)})" if e.filename else "")
-                       + "; nothing was written. Free some space or choose an --out on a disk you can write to") from e
+                       + "; free some space or choose an --out on a disk you can write to") from e
 
 
 @contextlib.contextmanager

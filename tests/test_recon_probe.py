@@ -180,7 +180,7 @@ def test_surrogate_keys_are_checked_against_the_schema(cohort_2d, tmp_path, caps
     from medgen.errors import ConfigError
     from medgen.recon.surrogate import surrogate_config, surrogate_data
 
-    with pytest.raises(ConfigError, match=r"train\.step.*train\.steps"):
+    with pytest.raises(ConfigError, match=r"train\.step; did you mean train\.max_steps"):
         surrogate_config(["train.step=5"], data={"path": str(cohort_2d)})
     with pytest.raises(ConfigError, match="acceleration"):
         surrogate_config(["acceleration=1"], data={"path": str(cohort_2d)})
