@@ -426,6 +426,8 @@ def claim_output(path: str | os.PathLike, what: str = "output folder", inputs: M
     - its disk can take it (`check_writable`);
     - no other medgen process is writing it (`lock_output`, inside a `command_outputs` scope;
       released when `atomic_dir` put the output in place, else when the scope ends).
+
+    Under a launcher, the disk and the lock are the main process's to check.
     """
     inputs = _existing_inputs(inputs)
     path = Path(path)
@@ -435,9 +437,10 @@ def claim_output(path: str | os.PathLike, what: str = "output folder", inputs: M
                        f"to: choose an --out outside every input")
     if path.exists() and not path.is_dir():
         raise RunError(f"{what} {path} is a file; choose a folder path for --out")
-    check_writable(path, need_bytes, what)
-    if _scopes:
-        lock_output(path, what)
+    if _main_process():  # under a launcher the main process writes (the others may not see its disk)
+        check_writable(path, need_bytes, what)
+        if _scopes:
+            lock_output(path, what)
     return path
 
 
@@ -509,7 +512,11 @@ def _swap_in(tmp: Path, path: Path) -> None:
     folder of its own (never a fixed name such as `.NAME.old`, which could be the user's), so a
     run killed in between leaves only what the next run sweeps."""
     trash = _staging_dir(path)
-    os.replace(path, trash / path.name)
+    try:
+        os.replace(path, trash / path.name)
+    except BaseException:
+        shutil.rmtree(trash, ignore_errors=True)
+        raise
     try:
         os.replace(tmp, path)
     except BaseException:
@@ -556,9 +563,9 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, what: str = "ou
         ensure_new_output(path, overwrite, what)
         lock_output(path, what)
         sweep_stale_staging(path)
-        tmp = _staging_dir(path)
-        try:
-            with write_errors(path, what):
+        with write_errors(path, what):
+            tmp = _staging_dir(path)
+            try:
                 yield tmp
                 (tmp / OWNER_FILE).unlink()
                 mark_output(tmp)
@@ -568,8 +575,8 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, what: str = "ou
                     _swap_in(tmp, path)
                 else:
                     os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     finally:
         release_output(path)
