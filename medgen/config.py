@@ -395,6 +395,14 @@ def input_paths(cfg: Any, schema: type | None = None, prefix: str = "") -> dict[
     return found
 
 
+def check_counts(options: dict[str, int | None], minimum: int = 1) -> None:
+    """Raise `ConfigError` naming the first command-line count (`{"--n": 0, ...}`) below `minimum`
+    (None: not given). Called before any work: a 0 must not fall back to a default or fail late."""
+    for flag, value in options.items():
+        if value is not None and value < minimum:
+            raise ConfigError(f"{flag} {value}: expected an integer >= {minimum}")
+
+
 def check_input_paths(cfg: Any, schema: type | None = None) -> None:
     """Raise `ConfigError` naming the first input path key (`input_paths`) whose path does not exist.
 

@@ -375,6 +375,19 @@ def test_sample_arguments_are_checked_before_the_model_loads(option, message, pi
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--msssim-pairs", "0"], "--msssim-pairs 0: expected an integer >= 1"),  # an internal error after the features
+    (["eval", "--slice-step", "0"], "--slice-step 0: expected an integer >= 1"),
+    (["eval", "--bootstrap", "-1"], "--bootstrap -1: expected an integer >= 0"),
+    (["encode", "--batch-size", "0"], "--batch-size 0: expected an integer >= 1"),
+])
+def test_counts_are_checked_before_the_work(argv, message, pixel_run, cohort_2d, tmp_path, capsys):
+    inputs = {"eval": ["--real", cohort_2d, "--fake", cohort_2d], "encode": ["--autoencoder", pixel_run, "--data", cohort_2d]}
+    code, err = run(capsys, *argv, *inputs[argv[0]], "--out", tmp_path / "out")
+    assert (code, error_line(err)) == (2, f"medgen: error: {message}")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_largest_seed_samples(pixel_run, tmp_path, capsys):
     seed = 2**64 - 2
     assert run(capsys, "sample", "--run", pixel_run, "--n", "2", "--seed", seed, "--device", "cpu", "--out", tmp_path / "s")[0] == 0

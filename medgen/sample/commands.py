@@ -39,11 +39,10 @@ MAX_SEED = 2**64 - 1  # torch.Generator seeds are unsigned 64-bit
 def check_sample_arguments(args: argparse.Namespace) -> None:
     """Counts are >= 1 (`--steps 0` would fall back to the run's default) and every seed
     seed + i (i < n) fits a generator: a ConfigError naming the option, before any work."""
+    from medgen.config import check_counts
     from medgen.errors import ConfigError
 
-    for flag, value in (("--n", args.n), ("--steps", args.steps), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} {value}: expected an integer >= 1")
+    check_counts({"--n": args.n, "--steps": args.steps, "--batch-size": args.batch_size})
     if not 0 <= args.seed <= MAX_SEED - (args.n - 1):
         raise ConfigError(f"--seed {args.seed}: expected an integer from 0 to {MAX_SEED - (args.n - 1)} "
                           f"(sample i uses seed + i, and seeds are unsigned 64-bit integers)")
