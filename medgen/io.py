@@ -253,6 +253,12 @@ def command_outputs() -> Iterator[None]:
             release_all_outputs()
 
 
+def holds_lock(path: str | os.PathLike) -> bool:
+    """Whether this process holds the lock of output `path` (what it may then remove is its own)."""
+    held = _locks.get(Path(path).resolve())
+    return held is not None and held[2] == os.getpid()
+
+
 def release_output(path: str | os.PathLike) -> None:
     """Drop this process's lock of output `path` (no-op when it holds none)."""
     held = _locks.pop(Path(path).resolve(), None)

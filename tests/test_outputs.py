@@ -215,6 +215,41 @@ def test_a_second_writer_is_refused_naming_the_first(pixel_run, tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["S"]  # no lock file, no staging folder
 
 
+HOLD_LOCK = """
+import fcntl, json, os, socket, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": None, "time": time.time()}).encode())
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_refused_training_run_leaves_the_other_writers_folder(cohort_2d, tmp_path, capsys, monkeypatch):
+    """A run refused by the lock must not clean up a folder it found empty: the other writer fills it."""
+    import medgen.train.common as common
+
+    out = tmp_path / "run"
+    out.mkdir()  # empty when the refused run starts
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / f".run{LOCK_SUFFIX}")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        real = common.claim_output
+
+        def other_writer_meanwhile(path, *args, **kwargs):
+            (out / "config.yaml").write_text("the other run's")
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(common, "claim_output", other_writer_meanwhile)
+        code, err = run(capsys, "train", "diffusion", "--config", PIXEL_2D, "--out", out, f"data.path={cohort_2d}", *TINY_RUN)
+        assert code == 2 and f"is being written by medgen process {holder.pid}" in error_line(err)
+        assert (out / "config.yaml").read_text() == "the other run's"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_lock_left_by_a_dead_process_does_not_block(tmp_path, capsys):
     out = tmp_path / "c"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

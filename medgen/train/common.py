@@ -49,6 +49,7 @@ from medgen.io import (
     apply_umask_modes,
     atomic_write_json,
     claim_output,
+    holds_lock,
     lock_output,
     mark_output,
     release_output,
@@ -238,8 +239,9 @@ def removes_failed_run(train: Callable[..., Path]) -> Callable[..., Path]:
             with write_errors(out, "run directory"):
                 return train(cfg, out, resume, *args, **kwargs)
         except BaseException:
-            if fresh and out.is_dir() and process_state(cfg_get(cfg, "train")).is_main_process \
-                    and not CheckpointManager(out).list():
+            # only a folder this process claimed (its lock): a run refused because another
+            # process writes `out` must not remove that process's files
+            if fresh and out.is_dir() and holds_lock(out) and not CheckpointManager(out).list():
                 for child in list(out.iterdir()) if existed else []:
                     shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
                 if not existed:
