@@ -81,7 +81,7 @@ def main() -> None:
     surrogate = out / "surrogate"
     if not (surrogate / "config.json").is_file():
         tic = time.perf_counter()
-        cfg = surrogate_config([f"train.steps={args.surrogate_steps}"], acceleration=8, mask="equispaced",
+        cfg = surrogate_config([f"train.max_steps={args.surrogate_steps}"], acceleration=8, mask="equispaced",
                                data={"path": str(cohort)})
         save_surrogate(train_surrogate(cfg, device), surrogate, overwrite=True)
         timings["surrogate_s"] = round(time.perf_counter() - tic)

@@ -35,6 +35,7 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -206,10 +207,14 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     bad = [item for item in overrides if "=" not in item or item.startswith("=")]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not of the form key.sub=value")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"could not parse the overrides {list(overrides)}: {_first_line(e)}") from None
+    for item in overrides:  # one at a time, so that the error names the key
+        try:
+            OmegaConf.from_dotlist([item])
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
+            key = item.partition("=")[0]
+            raise ConfigError(f"{item}: cannot read the value of {key} ({_yaml_problem(e)}); write lists as "
+                              f"{key}=[1,2] and quote text with spaces or special characters") from None
+    return OmegaConf.from_dotlist(list(overrides))
 
 
 def merge_config(schema: type | None, layers: Sequence[tuple[Any, str]]) -> DictConfig:
@@ -240,12 +245,24 @@ def _first_line(e: Exception) -> str:
     return msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
 
 
+def _yaml_problem(e: Exception) -> str:
+    """What a YAML parser error says, in one line: 'while parsing a flow sequence: did not find expected ...'."""
+    parts = [getattr(e, "context", None), getattr(e, "problem", None)]
+    return ": ".join(p for p in parts if p) or _first_line(e)
+
+
 def _read_yaml(path: Path) -> DictConfig:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a YAML file (e.g. configs/demo_autoencoder_2d.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
         loaded = OmegaConf.load(path)
-    except Exception as e:  # yaml.YAMLError and OmegaConf's own errors
+    except yaml.MarkedYAMLError as e:  # the line and column of the problem (the parser counts from 0)
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(e)}") from None
+    except Exception as e:  # OmegaConf's own errors, undecodable bytes
         raise ConfigError(f"config file {path} is not valid YAML: {_first_line(e)}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"config file {path} must hold sections (data:, train:, ...), not a {type(loaded).__name__}")
@@ -269,6 +286,9 @@ def _check_keys(node: DictConfig, cls: type, where: str, prefix: str = "", root:
         value = node._get_node(key)
         if _is_section(fields[key]) and isinstance(value, DictConfig):
             _check_keys(value, fields[key], where, full + ".", root)
+        elif isinstance(value, DictConfig) and typing.get_origin(fields[key]) is not dict and fields[key] not in (dict, Any):
+            tp, meta, nullable = _lookup(root, full)  # a mapping where a value belongs (`data.shape=a: b`)
+            raise ConfigError(f"{where}{full}={show_value(value)}: expected {describe(tp, meta, nullable)}")
         elif _is_section(fields[key]) and value._value() is not None:
             first = dataclasses.fields(fields[key])[0].name
             raise ConfigError(f"{where}{full}={show_value(value)}: {full} is a section; set its keys, e.g. {full}.{first}=...")
@@ -355,23 +375,42 @@ def _allowed(value: Any, meta: dict) -> bool:
     return True
 
 
-def check_input_paths(cfg: Any, schema: type | None = None, prefix: str = "") -> None:
-    """Raise `ConfigError` naming the first `setting(..., exists=True)` key whose path does not exist.
+def input_paths(cfg: Any, schema: type | None = None, prefix: str = "") -> dict[str, str]:
+    """`{"data.path": value, ...}`: every `setting(..., exists=True)` key that is set, in schema order.
 
-    Called before a run creates its folder. The schema is the config's own structured type
-    when not given; plain dicts are not checked.
+    The schema is the config's own structured type when not given; plain dicts have none.
     """
     schema = schema or (OmegaConf.get_type(cfg) if isinstance(cfg, DictConfig) else None)
     if schema is None or not _is_section(schema):
-        return
+        return {}
+    found: dict[str, str] = {}
     for f, tp, _ in schema_fields(schema):
         value = cfg[f.name] if f.name in cfg else None
         if value is None:
             continue
         if _is_section(tp):
-            check_input_paths(value, tp, f"{prefix}{f.name}.")
-        elif f.metadata.get("exists") and not Path(str(value)).exists():
-            raise ConfigError(f"{prefix}{f.name}: {value} does not exist")
+            found |= input_paths(value, tp, f"{prefix}{f.name}.")
+        elif f.metadata.get("exists"):
+            found[f"{prefix}{f.name}"] = str(value)
+    return found
+
+
+def check_counts(options: dict[str, int | None], minimum: int = 1) -> None:
+    """Raise `ConfigError` naming the first command-line count (`{"--n": 0, ...}`) below `minimum`
+    (None: not given). Called before any work: a 0 must not fall back to a default or fail late."""
+    for flag, value in options.items():
+        if value is not None and value < minimum:
+            raise ConfigError(f"{flag} {value}: expected an integer >= {minimum}")
+
+
+def check_input_paths(cfg: Any, schema: type | None = None) -> None:
+    """Raise `ConfigError` naming the first input path key (`input_paths`) whose path does not exist.
+
+    Called before a run creates its folder.
+    """
+    for key, value in input_paths(cfg, schema).items():
+        if not Path(value).exists():
+            raise ConfigError(f"{key}: {value} does not exist")
 
 
 # ----------------------------------------------------------------------------- saving, reading, showing

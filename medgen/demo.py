@@ -17,9 +17,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 from medgen.errors import ConfigError, RunError
-from medgen.io import OUTPUT_MARKER, atomic_write_json, ensure_new_output, foreign_entries, holds_cwd, mark_output
+from medgen.io import (
+    OUTPUT_MARKER,
+    atomic_write_json,
+    claim_output,
+    ensure_new_output,
+    foreign_entries,
+    holds_cwd,
+    mark_output,
+    written_by,
+)
 
 LEGACY_MARKER = ".medgen-demo"  # the marker of demo folders before OUTPUT_MARKER
+WRITER = "medgen demo"  # `written_by` of a demo folder: the next demo replaces it without --overwrite
 SUMMARY = "demo.json"  # timings, each stage's outputs, and the state later stages read
 
 # (name, "module:function") in flow order; a stage's module is imported only when it runs.
@@ -101,10 +111,12 @@ def _previous_demo(out: Path) -> dict | None:
         return None
 
 
-def run_demo(out: Path, quick: bool = False, dims: int = 2, stages: list[str] | None = None) -> DemoContext:
+def run_demo(out: Path, quick: bool = False, dims: int = 2, stages: list[str] | None = None,
+             overwrite: bool = False) -> DemoContext:
     """Run the demo's stages into `out`, the whole flow or only `stages` (in flow order).
 
-    The whole flow replaces an earlier demo in `out` (never files medgen did not write). With
+    The whole flow replaces an earlier demo in `out` (never files medgen did not write); any
+    other non-empty folder, another command's output included, only with `overwrite`. With
     `stages`, the earlier demo's other outputs stay: each named stage's own outputs are replaced
     and the later stages find the earlier ones' results (from demo.json) as if run together.
     """
@@ -115,12 +127,17 @@ def run_demo(out: Path, quick: bool = False, dims: int = 2, stages: list[str] | 
     out = Path(out)
     ctx = DemoContext(out=out, quick=quick, dims=dims)
     if (out / LEGACY_MARKER).is_file() and not (out / OUTPUT_MARKER).is_file():
-        mark_output(out, "medgen demo")  # a demo folder of an earlier medgen: all of it is the demo's
-    previous = _previous_demo(out) if stages else None
+        mark_output(out, WRITER)  # a demo folder of an earlier medgen: all of it is the demo's
+    own = written_by(out) == WRITER
+    previous = _previous_demo(out) if stages and own else None
     timings: dict[str, float] = {}
     outputs: dict[str, list[str]] = {}  # stage -> the entries of `out` it wrote
     state_keys: dict[str, list[str]] = {}  # stage -> the ctx.state keys it set
-    if stages:
+    if stages and names[0] not in stages and not (previous and previous.get("cohort") and Path(previous["cohort"]).exists()):
+        raise RunError(f"--stages {','.join(stages)} continues an earlier demo, but {out} holds none; "
+                       f"run `medgen demo` first or add {names[0]} to --stages")
+    if stages and own:
+        claim_output(out, "demo folder")  # locked: no other process runs a demo here meanwhile
         if previous is not None:
             if (previous.get("quick"), previous.get("dims")) != (quick, dims):
                 raise ConfigError(f"{out} holds a demo run with --dims {previous.get('dims')}"
@@ -129,11 +146,8 @@ def run_demo(out: Path, quick: bool = False, dims: int = 2, stages: list[str] | 
             _restore(ctx, previous)
             timings, outputs = dict(previous.get("stage_seconds", {})), dict(previous.get("outputs", {}))
             state_keys = dict(previous.get("state_keys", {}))
-        if names[0] not in stages and (ctx.cohort is None or not ctx.cohort.exists()):
-            raise RunError(f"--stages {','.join(stages)} continues an earlier demo, but {out} holds none; "
-                           f"run `medgen demo` first or add {names[0]} to --stages")
-    else:
-        ensure_new_output(out, overwrite=True, what="demo folder")
+    else:  # a new demo; an earlier demo's folder is replaced, another command's only with --overwrite
+        ensure_new_output(out, overwrite=overwrite or own, what="demo folder")
         if out.exists():
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +176,7 @@ def run_demo(out: Path, quick: bool = False, dims: int = 2, stages: list[str] | 
                                if p.name not in before and p.name not in (SUMMARY, OUTPUT_MARKER))
         state_keys[name] = sorted(set(ctx.state) - keys_before)
         atomic_write_json(out / SUMMARY, _summary(ctx, timings, outputs, state_keys))
-        mark_output(out, "medgen demo", exclude=foreign)  # what the demo wrote (the next run may replace it)
+        mark_output(out, WRITER, exclude=foreign)  # what the demo wrote (the next run may replace it)
         print(f"[demo] {name} done in {timings[name]} s")
     print(f"[demo] finished in {time.perf_counter() - started:.0f} s: {out}")
     print(summary_table(ctx))
@@ -228,7 +242,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="2: axial PNG slices and a 2D model (default); 3: NIfTI volumes and a 3D model (slower)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"),
                    help="demo folder (default runs/demo); replaced by the next demo run, which never deletes files "
-                        "medgen did not write there")
+                        "medgen did not write there, nor another command's output without --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out folder another medgen command wrote (an earlier demo needs no --overwrite)")
     p.add_argument("--stages", type=_stages, default=None, metavar="NAME[,NAME...]",
                    help=f"run only these stages of an earlier demo in --out, keeping the others' outputs ({stage_list})")
-    p.set_defaults(func=lambda a: run_demo(a.out, a.quick, a.dims, a.stages) and 0)
+    p.set_defaults(func=lambda a: run_demo(a.out, a.quick, a.dims, a.stages, a.overwrite) and 0)

@@ -56,6 +56,9 @@ def error_line(err: str) -> str:
     ("train.batch_size=0", "train.batch_size=0: expected an integer >= 1"),
     ("data.shape=abc", "data.shape=abc: expected a list of integers >= 1 or null"),
     ("train.mixed_precision=fp32", "train.mixed_precision=fp32: expected one of no, fp16, bf16"),
+    ("data.shape=[32,32", "data.shape=[32,32: cannot read the value of data.shape (while parsing a flow sequence: did not "
+                          "find expected ',' or ']'); write lists as data.shape=[1,2] and quote text with spaces or special characters"),
+    ("data.shape=a: b", "data.shape={a: b}: expected a list of integers >= 1 or null"),
 ])
 def test_bad_override_is_one_error_line_and_creates_nothing(override, message, capsys, tmp_path):
     code, _, err = run(capsys, "train", "autoencoder", "--config", AE_2D, "--out", tmp_path / "run",
@@ -70,6 +73,18 @@ def test_unknown_key_in_a_file(capsys, tmp_path):
     code, _, err = run(capsys, "train", "autoencoder", "--config", config, "--out", tmp_path / "run", f"data.path={tmp_path}")
     assert (code, error_line(err)) == (2, f"medgen: error: {config}: unknown config key train.max_stepz; did you mean train.max_steps?")
     assert not (tmp_path / "run").exists()
+
+
+def test_yaml_errors_give_the_line_and_a_folder_is_not_a_config(capsys, tmp_path):
+    config = tmp_path / "broken.yaml"
+    config.write_text("train:\n  max_steps: 5\n bad: 1\n")
+    code, _, err = run(capsys, "train", "autoencoder", "--config", config, "--out", tmp_path / "run", f"data.path={tmp_path}")
+    assert (code, error_line(err)) == (2, f"medgen: error: {config}:3:2: not valid YAML: while parsing a block mapping: "
+                                          "did not find expected key")
+    code, _, err = run(capsys, "train", "autoencoder", "--config", tmp_path, "--out", tmp_path / "run", f"data.path={tmp_path}")
+    assert (code, error_line(err)) == (2, f"medgen: error: config file {tmp_path} is a folder; pass a YAML file "
+                                          "(e.g. configs/demo_autoencoder_2d.yaml)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.yaml"]
 
 
 def test_yaml_no_is_the_choice_no(tmp_path):

@@ -254,7 +254,7 @@ def test_worst_case_hurts_surrogate_more_than_random_of_same_norm(cohort_2d):
     from medgen.recon.metrics import psnr
     from medgen.recon.surrogate import surrogate_config, train_surrogate
 
-    cfg = surrogate_config(["train.steps=120", "train.batch_size=8", "network.channels_per_scale=[8,16]"],
+    cfg = surrogate_config(["train.max_steps=120", "train.batch_size=8", "network.channels_per_scale=[8,16]"],
                            acceleration=4, data={"path": str(cohort_2d)})
     sur = train_surrogate(cfg, "cpu").requires_grad_(False)
     val = sur.config["train"]["val"]  # the surrogate must have learned something for "hurt" to mean anything

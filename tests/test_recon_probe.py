@@ -35,7 +35,7 @@ def prior_run(cohort_2d, tmp_path_factory):
 def surrogate_dir(cohort_2d, tmp_path_factory):
     out = tmp_path_factory.mktemp("surrogate") / "s"
     assert cli(["probe", "train-surrogate", "--data", str(cohort_2d), "--out", str(out), "--acceleration", "4", "--device", "cpu",
-                "train.steps=5", "train.batch_size=4", "network.channels_per_scale=[8,16]"]) == 0
+                "train.max_steps=5", "train.batch_size=4", "network.channels_per_scale=[8,16]"]) == 0
     return out
 
 
@@ -180,12 +180,12 @@ def test_surrogate_keys_are_checked_against_the_schema(cohort_2d, tmp_path, caps
     from medgen.errors import ConfigError
     from medgen.recon.surrogate import surrogate_config, surrogate_data
 
-    with pytest.raises(ConfigError, match=r"train\.step.*train\.steps"):
+    with pytest.raises(ConfigError, match=r"train\.step; did you mean train\.max_steps"):
         surrogate_config(["train.step=5"], data={"path": str(cohort_2d)})
     with pytest.raises(ConfigError, match="acceleration"):
         surrogate_config(["acceleration=1"], data={"path": str(cohort_2d)})
-    cfg = surrogate_config(["train.steps=7"], acceleration=4, data={"path": str(cohort_2d)})
-    assert (cfg["train"]["steps"], cfg["acceleration"], cfg["mask"], cfg["train"]["lr"]) == (7, 4, "equispaced", 1e-3)
+    cfg = surrogate_config(["train.max_steps=7"], acceleration=4, data={"path": str(cohort_2d)})
+    assert (cfg["train"]["max_steps"], cfg["acceleration"], cfg["mask"], cfg["train"]["lr"]) == (7, 4, "equispaced", 1e-3)
     assert surrogate_data({"shape": [32, 32], "intensity": {"mode": "zscore"}, "channels": 1}) == {"shape": [32, 32]}
     code = cli(["probe", "train-surrogate", "--data", str(cohort_2d), "--out", str(tmp_path / "s"), "network.channel=[8]"])
     err = capsys.readouterr().err.strip().splitlines()

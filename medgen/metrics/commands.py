@@ -46,11 +46,12 @@ def check_sizes(real: Path, fake: Path, allow_mismatch: bool) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from medgen.config import check_counts
     from medgen.io import ensure_new_output
     from medgen.metrics.report import evaluate
 
-    if args.bootstrap < 0:
-        raise ConfigError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    check_counts({"--bootstrap": args.bootstrap}, minimum=0)
+    check_counts({"--slice-step": args.slice_step, "--msssim-pairs": args.msssim_pairs})
     ensure_new_output(args.out, args.overwrite, "report folder",
                       inputs={"--real": args.real, "--fake": args.fake, "--features": _extractor_file(args.features),
                               "--features-3d": _extractor_file(args.features_3d), "--weights": args.weights})

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medgen.errors import ConfigError, RunError
+from medgen.errors import ConfigError
 
 
 def _ints(text: str) -> list[int]:
@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     t = actions.add_parser("train-surrogate", help="train the supervised surrogate U-Net (zero-filled -> ground truth, L1)",
                            description="Train the surrogate (deepinv UNet) on the training split of --data; keys of "
-                                       "medgen.recon.surrogate.SurrogateConfig as key=value, e.g. train.steps=500.")
+                                       "medgen.recon.surrogate.SurrogateConfig as key=value, e.g. train.max_steps=500.")
     t.add_argument("--data", type=Path, required=True, help="2D images (folder or manifest.csv)")
     t.add_argument("--out", type=Path, required=True, help="surrogate folder to write (model.safetensors + config.json)")
     t.add_argument("--acceleration", type=int, default=None, help="R of the training masks (default 8)")
@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--config", type=Path, default=None, help="YAML whose data: section preprocesses the images (shape, spacing)")
     t.add_argument("--device", default="auto")
     t.add_argument("--overwrite", action="store_true")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=500 network.channels_per_scale=[16,32,64]")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=500 network.channels_per_scale=[16,32,64]")
     t.set_defaults(func=_train_surrogate)
 
     m = actions.add_parser("mri", help="run the probe and write REPORT_DIR (report.json, report.md, figures)",
@@ -97,10 +97,10 @@ def _device(text: str):
 
 
 def _train_surrogate(args: argparse.Namespace) -> int:
+    from medgen.io import ensure_new_output
     from medgen.recon.surrogate import save_surrogate, surrogate_config, surrogate_data, train_surrogate
 
-    if args.out.exists() and not args.overwrite:
-        raise RunError(f"{args.out} already exists; pass --overwrite to replace it")
+    ensure_new_output(args.out, args.overwrite, "surrogate folder", inputs={"--data": args.data, "--config": args.config})
     data = {**surrogate_data(_data_cfg(args.config)), "path": str(args.data)}
     cfg = surrogate_config(args.overrides, acceleration=args.acceleration, mask=args.mask, coils=args.coils, data=data)
     model = train_surrogate(cfg, _device(args.device))
@@ -162,10 +162,10 @@ def print_summary(report: dict, indent: str = "") -> None:
 DEMO_SETTINGS = {
     True: {"prior": ["train.max_steps=30", "model.channels=[8,16]", "model.attention_levels=[false,false]",
                      "model.head_channels=8", "model.norm_groups=4", "train.batch_size=8", "sample.n_preview=2", "sample.steps=2"],
-           "surrogate": ["train.steps=30", "train.batch_size=8", "network.channels_per_scale=[8,16]"],
+           "surrogate": ["train.max_steps=30", "train.batch_size=8", "network.channels_per_scale=[8,16]"],
            "probe": {"accelerations": [8], "eps": [0.0, 0.04, 0.08], "n_images": 2, "posterior_samples": 2, "steps": 5,
                      "attack_steps": 5, "tv_iterations": 5}},
-    False: {"prior": [], "surrogate": ["train.steps=200", "network.channels_per_scale=[16,32,64]"],
+    False: {"prior": [], "surrogate": ["train.max_steps=200", "network.channels_per_scale=[16,32,64]"],
             "probe": {"accelerations": [4, 8], "eps": [0.0, 0.02, 0.04, 0.08], "n_images": 8, "posterior_samples": 2,
                       "steps": 25, "attack_steps": 30, "tv_iterations": 20}},  # the white-box TV attack dominates
 }

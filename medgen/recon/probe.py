@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from medgen.errors import ConfigError, DataError, RunError
+from medgen.errors import ConfigError, DataError
 from medgen.recon.attack import random_perturbation, worst_case_perturbation
 from medgen.recon.kspace import (
     apply_mask,
@@ -305,7 +305,8 @@ def run_probe(prior: str | os.PathLike, data: str | os.PathLike, out: str | os.P
               overwrite: bool = False, surrogate_overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Run the probe and write REPORT_DIR (report.json, report.md, psnr_vs_eps.png, panels.png);
     returns the report dict."""
-    from medgen.io import atomic_dir, atomic_write_json
+    from medgen.data import scan_dataset
+    from medgen.io import atomic_dir, atomic_write_json, ensure_new_output
     from medgen.privacy.detector import default_device
     from medgen.recon.data import load_slices
     from medgen.recon.prior import PixelPrior, check_pixel_prior
@@ -314,15 +315,19 @@ def run_probe(prior: str | os.PathLike, data: str | os.PathLike, out: str | os.P
 
     s = settings or ProbeSettings()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise RunError(f"{out} already exists; pass --overwrite to replace it")
+    ensure_new_output(out, overwrite, "report folder", inputs={"--prior": prior, "--data": data, "--surrogate": surrogate})
     s.validate()
     prior_dir = Path(prior)
     prior_config = check_pixel_prior(prior_dir)
     if data_cfg is None and (prior_config.get("data") or {}).get("spacing"):
         data_cfg = {"spacing": prior_config["data"]["spacing"]}  # the prior's resolution
     dev = default_device(device)
-    x_all, samples = load_slices(data, data_cfg)
+    candidates = scan_dataset(data)
+    x_all, samples = load_slices(candidates, data_cfg)
+    n_blank = len(candidates) - len(samples)
+    if not samples:
+        raise DataError(f"all {n_blank} images of {data} are blank (constant intensity) after preprocessing "
+                        f"({data_cfg or 'native size'}); the probe needs images with contrast")
     H, W = x_all.shape[-2:]
     prior_model = PixelPrior(prior_dir, dev)
     if prior_model.image_shape != (H, W):
@@ -352,7 +357,9 @@ def run_probe(prior: str | os.PathLike, data: str | os.PathLike, out: str | os.P
         trained_on = _training_files(prior_dir, sur.config)
         unseen = [i for i, smp in enumerate(samples) if Path(smp.path).resolve() not in trained_on]
         if not unseen:
-            raise DataError(f"every image of {data} was used to train the prior or the surrogate; pass held-out images")
+            blank = f"{n_blank} blank (constant intensity, dropped) and " if n_blank else ""
+            raise DataError(f"no image of {data} is left to evaluate: {blank}{len(samples)} used to train the prior or "
+                            f"the surrogate; pass held-out images")
         eval_idx = unseen[: s.n_images]
         calib_idx = [i for i in range(len(samples)) if i not in set(eval_idx)][:N_CALIBRATION]
         calibration_note = "clean images not evaluated"

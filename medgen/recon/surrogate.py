@@ -52,7 +52,7 @@ class SurrogateNetwork:
 class SurrogateTrain:
     """`train:` Adam on the L1 loss, a fresh mask of the configured kind per step."""
 
-    steps: int = setting(2000, ge=1)
+    max_steps: int = setting(2000, ge=1)  # optimizer steps (the trainers' key; `train.steps` is its old name)
     batch_size: int = setting(16, ge=1)
     lr: float = setting(1.0e-3, gt=0)
     seed: int = setting(0, ge=0)  # network init, masks and batches
@@ -128,7 +128,12 @@ def train_surrogate(cfg: dict, device: str | torch.device | None = None) -> Surr
     split = data_cfg.get("split") or {}
     subjects = make_splits(samples, float(split.get("val", 0.1)), float(split.get("holdout", 0.1)), int(split.get("seed", 0)))
     train_ids, val_ids = set(subjects["train"]), set(subjects["val"]) | set(subjects["holdout"])
-    x_train, train_samples = load_slices([s for s in samples if s.subject_id in train_ids], data_cfg)
+    candidates = [s for s in samples if s.subject_id in train_ids]
+    x_train, train_samples = load_slices(candidates, data_cfg)
+    if not train_samples:
+        raise DataError(f"all {len(candidates)} training images of {data_cfg['path']} are blank (constant intensity, "
+                        f"e.g. {candidates[0].path}); the surrogate needs images with contrast: check --data and "
+                        f"data.shape (a crop of the background is blank)")
     val = [s for s in samples if s.subject_id in val_ids]
     x_val = load_slices(val, data_cfg)[0] if val else x_train[:0]
     H, W = x_train.shape[-2:]
@@ -148,7 +153,7 @@ def train_surrogate(cfg: dict, device: str | torch.device | None = None) -> Surr
     masks = _mask_generator(str(cfg["mask"]), (H, W), R, cf, seed)
     opt = torch.optim.Adam(net.parameters(), lr=float(tcfg["lr"]))
     gen = torch.Generator().manual_seed(seed)
-    steps, batch = int(tcfg["steps"]), int(tcfg["batch_size"])
+    steps, batch = int(tcfg["max_steps"]), int(tcfg["batch_size"])
     losses, tic = [], time.perf_counter()
     net.train()
     for step in range(1, steps + 1):
@@ -224,6 +229,22 @@ def surrogate_data(data_cfg: dict | None) -> dict:
     return {k: v for k, v in dict(data_cfg or {}).items() if k in ("shape", "spacing", "on_bad_file", "canonical")}
 
 
+RENAMED_KEYS = {"train.steps": "train.max_steps"}  # old name -> the key every medgen trainer uses
+_warned_renames: set[str] = set()
+
+
+def _renamed(override: str) -> str:
+    """`train.steps=500` as `train.max_steps=500`, with a warning the first time in a process."""
+    key, sep, value = override.partition("=")
+    new = RENAMED_KEYS.get(key.strip())
+    if new is None:
+        return override
+    if key.strip() not in _warned_renames:
+        _warned_renames.add(key.strip())
+        log.warning("%s is now %s (as in every medgen trainer); the old name still works", key.strip(), new)
+    return f"{new}{sep}{value}"
+
+
 def surrogate_config(overrides: list[str] | None = None, **values: Any) -> dict:
     """`SurrogateConfig` defaults <- `values` (top-level keys, e.g. acceleration=8; None: not set)
     <- dotted overrides, checked against the schema (`SurrogateConfig`)."""
@@ -231,7 +252,7 @@ def surrogate_config(overrides: list[str] | None = None, **values: Any) -> dict:
 
     layers = [({k: v for k, v in values.items() if v is not None}, "")]
     if overrides:
-        layers.append((parse_overrides(overrides), ""))
+        layers.append((parse_overrides([_renamed(item) for item in overrides]), ""))
     cfg = to_dict(merge_config(SurrogateConfig, layers))
     if not cfg["data"].get("path"):
         raise DataError("the surrogate needs training data: pass --data DIR")

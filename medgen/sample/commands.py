@@ -33,14 +33,43 @@ def register(subparsers) -> None:
     p.set_defaults(func=_sample_cmd)
 
 
+MAX_SEED = 2**64 - 1  # torch.Generator seeds are unsigned 64-bit
+
+
+def check_sample_arguments(args: argparse.Namespace) -> None:
+    """Counts are >= 1 (`--steps 0` would fall back to the run's default) and every seed
+    seed + i (i < n) fits a generator: a ConfigError naming the option, before any work."""
+    from medgen.config import check_counts
+    from medgen.errors import ConfigError
+
+    check_counts({"--n": args.n, "--steps": args.steps, "--batch-size": args.batch_size})
+    if not 0 <= args.seed <= MAX_SEED - (args.n - 1):
+        raise ConfigError(f"--seed {args.seed}: expected an integer from 0 to {MAX_SEED - (args.n - 1)} "
+                          f"(sample i uses seed + i, and seeds are unsigned 64-bit integers)")
+
+
+def sample_file_bytes(pipe, bit_depth: int) -> int:
+    """Uncompressed size of one sample file (PNG of `bit_depth` bits, float32 NIfTI): the
+    estimate of the space a sample set needs."""
+    import math
+
+    channels, *size = pipe.sample_shape  # the denoiser's; a latent model's decoder upsamples it
+    if pipe.autoencoder is not None:
+        channels = pipe.autoencoder.in_channels
+        size = [s * f for s, f in zip(size, pipe.autoencoder.downsample_factors)]
+    return math.prod(size) * channels * (bit_depth // 8 if pipe.spatial_dims == 2 else 4)
+
+
 def _sample_cmd(args: argparse.Namespace) -> int:
-    from medgen.io import ensure_new_output
+    from medgen.io import check_writable, ensure_new_output
     from medgen.sample.pipeline import load_pipeline, write_samples
     from medgen.sample.shard import ProcessGroup
 
-    ensure_new_output(args.out, args.overwrite, "sample folder")  # refuse before loading anything
+    check_sample_arguments(args)
+    ensure_new_output(args.out, args.overwrite, "sample folder", inputs={"--run": args.run})  # before loading anything
     processes = ProcessGroup.current(args.device)  # several under `accelerate launch`: each samples its share
     pipe = load_pipeline(args.run, processes.device or args.device)
+    check_writable(args.out, args.n * sample_file_bytes(pipe, args.bit_depth), "sample folder")  # room for every file
     out = write_samples(pipe, args.out, args.n, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                         label=args.label, seed=args.seed, batch_size=args.batch_size, bit_depth=args.bit_depth,
                         overwrite=args.overwrite, eta=args.eta, progress=processes.is_main, processes=processes)

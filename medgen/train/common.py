@@ -42,9 +42,19 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from medgen.config import check_input_paths, load_config, save_config, to_dict
+from medgen.config import check_input_paths, input_paths, load_config, save_config, to_dict
 from medgen.errors import ConfigError, RunError, TrainingError
-from medgen.io import OUTPUT_MARKER, apply_umask_modes, atomic_write_json, mark_output
+from medgen.io import (
+    OUTPUT_MARKER,
+    apply_umask_modes,
+    atomic_write_json,
+    claim_output,
+    holds_lock,
+    lock_output,
+    mark_output,
+    release_output,
+    write_errors,
+)
 from medgen.models.serialization import (  # noqa: F401  (re-exported: part of the training API)
     MODEL_CONFIG,
     MODEL_WEIGHTS,
@@ -187,15 +197,18 @@ def prepare_run_dir(out: str | os.PathLike, cfg: Any, resume: str | None = None)
     the resolved `config.yaml`.
 
     Checked before `out` is created: the config's input paths exist (`data.path`,
-    `autoencoder.run`, ... : the keys declared with `exists=True`), the `--resume` checkpoint
-    exists, and a new run does not reuse a non-empty `out` (so a typo never mixes two runs;
-    pass `resume` to continue one). Under `accelerate launch` only the main process creates and
-    writes; the others wait for it.
+    `autoencoder.run`, ... : the keys declared with `exists=True`) and `out` is not inside one
+    of them (nor holds one), its disk can be written, no other process writes it (a lock, held
+    until the trainer returns), the `--resume` checkpoint exists, and a new run does not reuse a
+    non-empty `out` (so a typo never mixes two runs; pass `resume` to continue one). Under
+    `accelerate launch` only the main process creates and writes; the others wait for it.
     """
     check_input_paths(cfg)
     state = process_state(cfg_get(cfg, "train"))
     out = Path(out)
     if state.is_main_process:
+        claim_output(out, "run directory", inputs=input_paths(cfg))  # never inside its data; a disk that takes it
+        lock_output(out, "run directory")  # released when the trainer returns (`removes_failed_run`)
         if resume is None and out.exists() and any(out.iterdir()):
             raise RunError(f"run directory {out} already holds files; use --resume latest to continue it "
                            f"or choose a new --out")
@@ -213,7 +226,8 @@ def removes_failed_run(train: Callable[..., Path]) -> Callable[..., Path]:
     """Decorate a trainer `train(cfg, out, resume=None)`: when a run whose folder was new (absent
     or empty) fails before its first checkpoint, what it created is removed, so the corrected
     command reuses `--out` without `--resume`. A folder that existed (e.g. the current
-    directory) is emptied, never removed.
+    directory) is emptied, never removed. A full or read-only disk is one error naming the
+    file (`write_errors`); the run directory's lock is released when the trainer returns.
     """
 
     @functools.wraps(train)
@@ -222,16 +236,20 @@ def removes_failed_run(train: Callable[..., Path]) -> Callable[..., Path]:
         existed = out.exists()
         fresh = not existed or (out.is_dir() and not any(out.iterdir()))
         try:
-            return train(cfg, out, resume, *args, **kwargs)
+            with write_errors(out, "run directory"):
+                return train(cfg, out, resume, *args, **kwargs)
         except BaseException:
-            if fresh and out.is_dir() and process_state(cfg_get(cfg, "train")).is_main_process \
-                    and not CheckpointManager(out).list():
+            # only a folder this process claimed (its lock): a run refused because another
+            # process writes `out` must not remove that process's files
+            if fresh and out.is_dir() and holds_lock(out) and not CheckpointManager(out).list():
                 for child in list(out.iterdir()) if existed else []:
                     shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
                 if not existed:
                     shutil.rmtree(out, ignore_errors=True)
                 log.debug("removed the failed run's folder %s (no checkpoint was written)", out)
             raise
+        finally:
+            release_output(out)
 
     return wrapper
 

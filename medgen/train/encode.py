@@ -173,8 +173,10 @@ def register(subparsers) -> None:
 
 
 def _encode_cmd(args: argparse.Namespace) -> int:
+    from medgen.config import check_counts
     from medgen.io import ensure_new_output
 
+    check_counts({"--batch-size": args.batch_size})
     ensure_new_output(args.out, args.overwrite, "cache folder", inputs={"--autoencoder": args.autoencoder, "--data": args.data})
     out = encode_dataset(args.autoencoder, args.data, args.out, batch_size=args.batch_size, device=args.device,
                          overwrite=args.overwrite, source=args.source)
