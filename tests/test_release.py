@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from medgen.cli import main
-from medgen.errors import ConfigError, RunError
+from medgen.errors import ConfigError, DataError, RunError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["model.channels=[16,32]", "model.num_res_blocks=1", "model.attention_levels=[false,true]",
@@ -85,6 +85,35 @@ def test_training_data_must_be_the_runs(tiny_run, cohort_2d, tmp_path):
         training_sets(tiny_run, train, None)
 
 
+def test_training_data_is_matched_by_content_not_names(tiny_run, cohort_2d, tmp_path):
+    """Issue 22 #2: a cohort made with another seed has the same subject ids and file names but
+    other images. Passed as --train, or as the run's moved dataset (--data), it is refused:
+    split.json records every file's sha256."""
+    from medgen.data import load_split, scan_dataset
+    from medgen.data.cohort import synth_brain
+    from medgen.privacy.audit import run_split
+    from medgen.release.pipeline import training_sets
+
+    assert json.loads((tiny_run / "split.json").read_text())["sha256"]
+    other = synth_brain(tmp_path / "other", n=12, dims=2, size=32, seed=1)  # same ids and names, other images
+    split = load_split(tiny_run / "split.json")
+    by_split = lambda root: {k: [s for s in scan_dataset(root) if s.subject_id in set(v)] for k, v in split.items()}  # noqa: E731
+    mine, theirs = by_split(cohort_2d), by_split(other)
+    assert [s.path.name for s in mine["train"]] == [s.path.name for s in theirs["train"]]
+    holdout = _manifest(tmp_path / "holdout.csv", mine["holdout"] + mine["val"])
+    with pytest.raises(RunError, match=r"names but not its content .*: 10 of 10 file\(s\) differ"):
+        training_sets(tiny_run, _manifest(tmp_path / "train.csv", theirs["train"]), holdout)
+    with pytest.raises(DataError, match="not the ones the run recorded"):
+        run_split(tiny_run, data=other)
+    # a held-out file that is a training file under another name: refused too
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    (renamed / "new_patient.png").write_bytes(mine["train"][0].path.read_bytes())
+    leaky = _manifest(tmp_path / "leaky.csv", mine["holdout"] + scan_dataset(renamed))
+    with pytest.raises(RunError, match="byte-identical to training files"):
+        training_sets(tiny_run, _manifest(tmp_path / "train.csv", mine["train"]), leaky)
+
+
 def test_policy():
     from medgen.release.pipeline import ReleasePolicy
 
@@ -108,6 +137,23 @@ def test_leak_check_finds_real_names(tmp_path):
     (tmp_path / "DATA_CARD.md").write_text("nearest training image: /data/sub-0007.png")
     (tmp_path / "id_1234567.png").write_bytes(b"")
     assert find_leaks(tmp_path, ids) == ["DATA_CARD.md: sub-0007.png", "file name id_1234567.png: 1234567"]
+
+
+def test_data_folder_names_are_withheld_and_checked(tmp_path):
+    """Issue 22 #5: a run trained with data.path=StMary_2019_patients (relative, no '/') and a
+    detector trained on StMary_train: the card withholds both, and the leak check knows the
+    folders' names (not generic ones like data or cohort, which the card's own words contain)."""
+    from medgen.release.card import WITHHELD, find_leaks, folder_names, withhold_paths
+
+    config = {"data": {"path": "StMary_2019_patients", "shape": [32, 32]}, "autoencoder": {"run": "ae_run"},
+              "detector": {"recipe": {"training": {"train": "StMary_train", "steps": 500}}}, "note": "half-samples / bootstrap"}
+    held = withhold_paths(config)
+    assert held["data"] == {"path": WITHHELD, "shape": [32, 32]} and held["autoencoder"]["run"] == WITHHELD
+    assert held["detector"]["recipe"]["training"] == {"train": WITHHELD, "steps": 500} and held["note"] == config["note"]
+    names = folder_names("StMary_2019_patients", Path("/x/StMary_train"), "data", Path("runs/cohort"), Path("/y/Hospital_A/manifest.csv"))
+    assert names == {"StMary_2019_patients", "StMary_train", "Hospital_A"}
+    (tmp_path / "data_card.json").write_text(json.dumps({"training data": "cohort data", "trained_on": "StMary_2019_patients"}))
+    assert find_leaks(tmp_path, names) == ["data_card.json: StMary_2019_patients"]
 
 
 def test_overwrite_refuses_before_any_work(tiny_run, tmp_path, capsys):
@@ -299,3 +345,21 @@ def test_a_card_that_would_name_a_patient_refuses_the_release(demo, capsys, monk
     code, _, err = run_cli(capsys, *_release_args(demo[0], "--n", "16", "--out", demo[0] / "release_leak"))
     assert code == 1 and f"the release would name real data: data_card.json: {subject}" in err
     assert leftovers(demo[0]) == ["release"]
+
+
+def test_quality_floor_is_coverage_relative_to_held_out_patients(tmp_path):
+    """Issue 22 #8/#16: other patients cover the training images as well as held-out patients do
+    (ratio near 1); blobs (a model that learned nothing) cover none of them: below the default floor."""
+    from medgen.data import load_images
+    from medgen.data.cohort import synth_brain
+    from medgen.privacy.families import gaussian_blur
+    from medgen.release.pipeline import ReleasePolicy, relative_coverage
+
+    x, _ = load_images(synth_brain(tmp_path / "c", n=90, dims=2, size=32, seed=4))
+    train, holdout, others = x[:50], x[50:70], x[70:]
+    honest = relative_coverage(train, holdout, others)
+    assert honest["m"] == 20 and 0.6 <= honest["ratio"] <= 1.6, honest
+    g = torch.Generator().manual_seed(0)
+    blobs = torch.stack([gaussian_blur(v, 3.0) for v in torch.randn((20, 1, 32, 32), generator=g)]).mul(4).clamp(-1, 1)
+    poor = relative_coverage(train, holdout, blobs)
+    assert poor["coverage"] < 0.1 and poor["ratio"] < ReleasePolicy().min_coverage, poor

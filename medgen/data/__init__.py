@@ -4,12 +4,14 @@ from medgen.data.dataset import (
     MedicalDataset,
     Sample,
     check_samples,
+    content_sha256,
     datasets_from_config,
     load_images,
     load_split,
     make_splits,
     save_split,
     scan_dataset,
+    split_content_mismatch,
 )
 from medgen.data.preprocess import DataConfig, preprocess
 from medgen.data.readers import Loaded, load, read_image
@@ -20,6 +22,7 @@ __all__ = [
     "MedicalDataset",
     "Sample",
     "check_samples",
+    "content_sha256",
     "datasets_from_config",
     "load",
     "load_images",
@@ -29,4 +32,5 @@ __all__ = [
     "read_image",
     "save_split",
     "scan_dataset",
+    "split_content_mismatch",
 ]

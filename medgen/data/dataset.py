@@ -232,12 +232,43 @@ def make_splits(samples: Sequence[Sample], val: float = 0.1, holdout: float = 0.
     }
 
 
+def content_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a DICOM series folder (its files' names and contents, sorted)."""
+    import hashlib
+
+    from medgen.io import sha256_file
+
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\0".encode())
+    return h.hexdigest()
+
+
 def save_split(split: dict[str, list[str]], samples: Sequence[Sample], path: str | os.PathLike, meta: dict | None = None) -> None:
+    """Write split.json: subject ids per split, their files, and every file's content hash, so that
+    what later claims to be the run's training or held-out data can be checked by content, not names."""
     by_subject: dict[str, list[str]] = {}
     for s in samples:
         by_subject.setdefault(s.subject_id, []).append(str(s.path))
     files = {name: sorted(f for subj in subjects for f in by_subject.get(subj, [])) for name, subjects in split.items()}
-    atomic_write_json(path, {**(meta or {}), "subjects": split, "files": files})
+    hashes = {f: content_sha256(f) for group in files.values() for f in group}
+    atomic_write_json(path, {**(meta or {}), "subjects": split, "files": files, "sha256": hashes})
+
+
+def split_content_mismatch(split_file: str | os.PathLike, split_name: str, samples: Sequence[Sample]) -> tuple[list[str], list[str]] | None:
+    """Compare the contents of `samples` with the files of `split_name` in split.json: (files of
+    the run whose content is not among `samples`, files of `samples` whose content the run does
+    not have), by sha256. None when the split.json predates content hashes (names only)."""
+    data = json.loads(Path(split_file).read_text())
+    hashes = data.get("sha256")
+    if not hashes:
+        return None
+    recorded = {hashes[f]: f for f in data.get("files", {}).get(split_name, []) if f in hashes}
+    given = {content_sha256(s.path): str(s.path) for s in samples}
+    return ([f for h, f in recorded.items() if h not in given], [f for h, f in given.items() if h not in recorded])
 
 
 def load_split(path: str | os.PathLike) -> dict[str, list[str]]:

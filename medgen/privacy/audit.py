@@ -275,9 +275,29 @@ def run_split(run: str | os.PathLike, holdout_splits: Sequence[str] = ("holdout"
     if missing:
         raise DataError(f"{len(missing)} subject(s) of {split_file} are not in {source} (e.g. {missing[:3]}); pass --data DIR with the dataset the run was trained on")
     pick = lambda ids: [s for i in ids for s in by_subject[i]]  # noqa: E731
+    train, holdout = pick(train_ids), pick(holdout_ids)
+    check_split_content(split_file, {"train": train, **{name: pick(split.get(name, [])) for name in holdout_splits}}, source)
     if data_cfg is not None:
         data_cfg = {**data_cfg, "path": str(source)}
-    return pick(train_ids), pick(holdout_ids), data_cfg
+    return train, holdout, data_cfg
+
+
+def check_split_content(split_file: Path, sets: dict[str, list], where) -> None:
+    """Refuse files whose content is not what the run recorded in split.json for that split
+    (matching names are not enough: another cohort can reuse subject ids and file names)."""
+    from medgen.data import split_content_mismatch
+
+    for name, samples in sets.items():
+        mismatch = split_content_mismatch(split_file, name, samples)
+        if mismatch is None:
+            log.warning("%s predates content hashes: the %s files are matched by subject and name only", split_file, name)
+            return
+        missing, unknown = mismatch
+        if missing or unknown:
+            shown = ", ".join(Path(f).name for f in (unknown or missing)[:3])
+            raise DataError(f"{where}: the {name} files are not the ones the run recorded in {split_file} (content sha256): "
+                            f"{len(unknown)} file(s) the run never saw, {len(missing)} of its files missing (e.g. {shown}); "
+                            f"pass the data the run was trained on")
 
 
 def _check_outputs(out: Path, filter_out: Path | None, roots: dict[str, Path | None], overwrite: bool) -> None:

@@ -36,14 +36,19 @@ OUT_OF_SCOPE = [
 ]
 
 
-def withhold_paths(obj: Any) -> Any:
-    """The config with every path-like string replaced by WITHHELD (the real data's location,
-    the run folders)."""
+# Keys whose string values name files or folders, whatever they look like: `data.path=StMary_2019`
+# has no separator, and a detector's recipe records the folder it was trained on.
+PATH_KEYS = {"path", "paths", "run", "train", "holdout", "data", "source", "out", "dir", "folder", "file", "files", "inputs", "weights"}
+
+
+def withhold_paths(obj: Any, key: str | None = None) -> Any:
+    """The config with every path replaced by WITHHELD (the real data's location, the run
+    folders): path-like strings anywhere, and any string under a PATH_KEYS key."""
     if isinstance(obj, dict):
-        return {k: withhold_paths(v) for k, v in obj.items()}
+        return {k: withhold_paths(v, k) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [withhold_paths(v) for v in obj]
-    if isinstance(obj, str) and _path_like(obj):
+        return [withhold_paths(v, key) for v in obj]
+    if isinstance(obj, str) and (_path_like(obj) or (key in PATH_KEYS and obj.strip())):
         return WITHHELD
     return obj
 
@@ -137,6 +142,7 @@ def _pct(x) -> str:
 
 def build_card(*, n: int, ext: str, pipe, run: Path, settings: dict, label, seed: int, bit_depth: int, policy: dict,
                first, combined, rounds: list[dict], chosen: Sequence[int], metrics: dict, split_info: dict, n_train: int,
+               quality: dict | None = None,
                n_holdout: int, n_train_subjects: int, n_holdout_subjects: int, attempt: int = 1, earlier: list[dict] = ()) -> dict[str, Any]:
     """The data card as a JSON-ready dict (see the module docstring for what it never holds)."""
     config = pipe.config
@@ -162,6 +168,7 @@ def build_card(*, n: int, ext: str, pipe, run: Path, settings: dict, label, seed
         "training_data": {"n_train_images": n_train, "n_train_subjects": n_train_subjects, "n_holdout_images": n_holdout,
                           "n_holdout_subjects": n_holdout_subjects, **split_info, "identifiers": WITHHELD},
         "metrics": _metrics_part(metrics),
+        "quality_floor": {**(quality or {}), "min_coverage": policy.get("min_coverage")},
         "audit": _audit_part(first, combined, policy, attempt, list(earlier)),
         "rounds": rounds,
         "dropped": {"copies": sum(r["copies"] for r in rounds), "not_anatomy": sum(r["not_anatomy"] for r in rounds),
@@ -172,6 +179,14 @@ def build_card(*, n: int, ext: str, pipe, run: Path, settings: dict, label, seed
     }
     card["limitations"] = _limitations(card)
     return card
+
+
+def _quality_lines(q: dict) -> list[str]:
+    if "coverage" not in q:
+        return []
+    return [f"Quality floor: the released samples cover {100 * q['coverage']:.1f}% of the training images, held-out patients "
+            f"{100 * q['holdout_coverage']:.1f}% ({q['m']} images each, coverage k={q['k']}, {q['features']} features): ratio "
+            f"{q['ratio']}, policy at least {q['min_coverage']}.", ""]
 
 
 def _earlier_lines(earlier: list[dict]) -> list[str]:
@@ -233,6 +248,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"Features: {(card['metrics']['recipe'].get('features') or {}).get('extractor', '-')}; "
         f"{card['metrics']['recipe'].get('n_real')} real vs {card['metrics']['recipe'].get('n_fake')} synthetic images; "
         f"intervals: {card['metrics']['recipe'].get('intervals', 'none')}.", "",
+        *_quality_lines(card.get("quality_floor") or {}),
         "## Privacy audit", "",
         f"**{a['statement'][0].upper() + a['statement'][1:]}.**" if a.get("statement") else "", "",
         f"- verdict: **{a['verdict']}** (first round: {a['first_round']['verdict']}); attempt {a['attempt']} of this model, "
@@ -269,9 +285,37 @@ def card_markdown(card: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- leak check
 
 
-def real_identifiers(run: Path, samples: Iterable, data: str | os.PathLike | None = None) -> set[str]:
+def folder_names(*paths) -> set[str]:
+    """The distinctive names of input folders, for the leak check: each folder's own name (and a
+    manifest's folder's), when it could not be a word of the card (a digit, '_', '-' or a capital
+    inside, or 12 characters or more: `StMary_2019_patients`, not `data` or `cohort`)."""
+    out = set()
+    for p in paths:
+        if p is None:
+            continue
+        p = Path(p)
+        for name in {p.parent.name} if p.suffix == ".csv" else {p.name}:
+            if name and (len(name) >= 12 or any(c.isdigit() or c in "_-" or c.isupper() for c in name)):
+                out.add(name)
+    return out
+
+
+def input_folders(train, holdout, detector) -> list:
+    """The folders a release read besides the run: --train, --holdout, detector folders in
+    --detector, and the folders those detectors were trained on (their config records it)."""
+    folders = [train, holdout]
+    for part in str(detector or "").split(",") if not isinstance(detector, (list, tuple)) else ():
+        d = Path(part.strip())
+        config = d / "config.json" if (d / "config.json").is_file() else d / "detector" / "config.json"
+        if part.strip() and config.is_file():
+            folders += [d, (json.loads(config.read_text()).get("training") or {}).get("train")]
+    return folders
+
+
+def real_identifiers(run: Path, samples: Iterable, data: str | os.PathLike | None = None, folders: Iterable = ()) -> set[str]:
     """Every name of the real data a release must not contain: subject ids of every split, file
-    names (with and without extension), relative paths and the data folder's path."""
+    names (with and without extension), relative paths, the data folder's path, and the
+    distinctive names of the input folders (`folder_names` of the data and of `folders`)."""
     ids: set[str] = set()
     split_file = run / "split.json"
     if split_file.is_file():
@@ -283,10 +327,12 @@ def real_identifiers(run: Path, samples: Iterable, data: str | os.PathLike | Non
             ids.update(Path(f).name for f in group)
         if meta.get("data"):
             ids.add(str(Path(meta["data"]).resolve()))
+            ids |= folder_names(meta["data"])
     for s in samples:  # folders as absolute paths: a relative 'cohort' would be a word of the card
         ids.update((s.subject_id, Path(s.path).name, _file_names(Path(s.path)), str(Path(s.path).resolve().parent)))
     if data is not None:
         ids.add(str(Path(data).resolve()))
+    ids |= folder_names(data, *folders)
     return {i for i in ids if _checkable(i)}
 
 

@@ -56,6 +56,7 @@ class ReleasePolicy:
     max_rounds: int = 5  # sampling rounds, the first included, to replace dropped samples
     min_control_recall: float = 0.8  # share of its own positive-control copies each detector must catch
     bound: str = "conservative"  # or null-adjusted (valid only if the model's non-copies exceed tau as often as new patients)
+    min_coverage: float = 0.5  # quality floor: the released set's coverage of the training images, relative to held-out patients' (0: off)
 
     @classmethod
     def parse(cls, text: str | None) -> "ReleasePolicy":
@@ -92,6 +93,8 @@ class ReleasePolicy:
             raise ConfigError(f"--policy audit_samples={self.audit_samples}, max_rounds={self.max_rounds}: both must be >= 1")
         if not 0 <= self.min_control_recall <= 1:
             raise ConfigError(f"--policy min_control_recall={self.min_control_recall}: a fraction in [0, 1]")
+        if not 0 <= self.min_coverage <= 1:
+            raise ConfigError(f"--policy min_coverage={self.min_coverage}: a fraction in [0, 1] of the held-out patients' coverage")
         if self.bound not in BOUND_METHODS:
             raise ConfigError(f"--policy bound={self.bound}: one of {', '.join(BOUND_METHODS)}")
 
@@ -149,7 +152,49 @@ def training_sets(run: str | os.PathLike, train=None, holdout=None, *, holdout_s
     if shared:
         raise RunError(f"--holdout {holdout}: {len(shared)} subject(s) were trained on ({_examples(shared)}); "
                        f"held-out patients must be unseen by the model")
-    return t, h, cfg, {**info, "source": "--train/--holdout, matched to the run's split.json"}
+    from medgen.data import content_sha256, split_content_mismatch
+
+    mismatch = split_content_mismatch(split_file, "train", t)
+    if mismatch is not None and any(mismatch):
+        missing, unknown = mismatch
+        raise RunError(f"--train {train}: the files have the run's subject ids and names but not its content (sha256 in split.json): "
+                       f"{len(unknown)} of {len(t)} file(s) differ from what the run trained on (e.g. {_examples([Path(f).name for f in unknown])}); "
+                       f"pass the files the run was trained on")
+    if mismatch is not None:
+        recorded = json.loads(split_file.read_text())
+        trained = {recorded["sha256"].get(f) for f in recorded["files"].get("train", [])}
+        copies = [s.path.name for s in h if content_sha256(s.path) in trained]
+        if copies:
+            raise RunError(f"--holdout {holdout}: {len(copies)} file(s) are byte-identical to training files ({_examples(copies)}); "
+                           f"held-out patients must be unseen by the model")
+    how = "content (sha256)" if mismatch is not None else "subjects and file counts (split.json has no content hashes)"
+    return t, h, cfg, {**info, "source": f"--train/--holdout, matched to the run's split.json by {how}"}
+
+
+# ----------------------------------------------------------------------------- quality floor
+
+
+def relative_coverage(train: torch.Tensor, holdout: torch.Tensor, released: torch.Tensor, *, features: str = "auto", seed: int = 0,
+                      device=None) -> dict[str, Any]:
+    """Coverage (Naeem et al. 2020, k=5) of the training images by the released set, beside the
+    coverage held-out patients reach (a real set the model never saw: what a perfect model would
+    score), both with the same number of images m = min(released, held-out), so the set sizes do
+    not decide (coverage grows with them). Features as `medgen eval` (PCA of the training images
+    offline). Returns the numbers and `ratio` = released / held-out."""
+    from medgen.metrics.prdc import density_coverage
+    from medgen.metrics.report import K_DC, choose_extractor
+
+    m = min(len(released), len(holdout))
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda x: x[torch.randperm(len(x), generator=g)[:m]]  # noqa: E731
+    ex = choose_extractor(features, train.ndim - 2, device=device)
+    if hasattr(ex, "fit"):
+        ex.fit(train)
+    f_t, f_h, f_r = (ex(x).double() for x in (train, pick(holdout), pick(released)))
+    ours = density_coverage(f_t, f_r, k=K_DC, device=device)["coverage"]
+    reference = density_coverage(f_t, f_h, k=K_DC, device=device)["coverage"]
+    return {"coverage": round(ours, 4), "holdout_coverage": round(reference, 4), "ratio": round(ours / reference, 4) if reference > 0 else None,
+            "m": m, "k": K_DC, "features": ex.recipe.get("extractor")}
 
 
 # ----------------------------------------------------------------------------- processes
@@ -299,7 +344,7 @@ def make_release(
         from medgen.metrics.report import evaluate
         from medgen.privacy.calibration import image_hashes
         from medgen.privacy.verdict import judge
-        from medgen.release.card import build_card, card_markdown, find_leaks, real_identifiers
+        from medgen.release.card import build_card, card_markdown, find_leaks, input_folders, real_identifiers
         from medgen.train.preview import grid_png
 
         rounds = main["rounds"]
@@ -314,6 +359,13 @@ def make_release(
             raise _refuse(f"audit of all {len(x_all)} samples of {len(rounds)} round(s)", combined)
         chosen = keep.nonzero().flatten()[:n].tolist()  # global indices, in sampling order
         x_rel = x_all[chosen]
+        quality = relative_coverage(main["x_t"], main["x_h"], x_rel, features=features, seed=seed, device=device)
+        if policy.min_coverage and (quality["ratio"] is None or quality["ratio"] < policy.min_coverage):
+            raise ReleaseRefused(
+                f"release refused (nothing written): below the quality floor: the released samples cover {100 * quality['coverage']:.1f}% of the "
+                f"training images, held-out patients {100 * quality['holdout_coverage']:.1f}% (coverage, k={quality['k']}, {quality['m']} images each; "
+                f"ratio {quality['ratio']}, policy min_coverage={policy.min_coverage}): the set is too unlike the patients to be useful; "
+                f"train the model further", "fail", f"quality floor: coverage ratio {quality['ratio']} < {policy.min_coverage}")
         real_hashes = set(image_hashes(main["x_t"])) | set(image_hashes(main["x_h"]))
         if real_hashes & set(image_hashes(x_rel)):
             raise ReleaseRefused("release refused (nothing written): a released image is identical to a real one", "fail")
@@ -341,11 +393,11 @@ def make_release(
         card = build_card(
             n=n, ext=ext, pipe=pipe, run=Path(run), settings=settings, label=label, seed=seed, bit_depth=bit_depth,
             policy=asdict(policy), first=main["first"], combined=combined, rounds=rounds, chosen=chosen, attempt=attempt, earlier=earlier,
-            metrics=metrics, split_info=split_info, n_train=len(main["x_t"]), n_holdout=len(main["x_h"]),
+            metrics=metrics, quality=quality, split_info=split_info, n_train=len(main["x_t"]), n_holdout=len(main["x_h"]),
             n_train_subjects=len({s.subject_id for s in main["s_t"]}), n_holdout_subjects=len({s.subject_id for s in main["s_h"]}))
         atomic_write_json(tmp / "data_card.json", card)
         atomic_write_text(tmp / "DATA_CARD.md", card_markdown(card))
-        leaks = find_leaks(tmp, real_identifiers(Path(run), main["s_t"] + main["s_h"], data))
+        leaks = find_leaks(tmp, real_identifiers(Path(run), main["s_t"] + main["s_h"], data, input_folders(train, holdout, detector)))
         if leaks:
             raise ReleaseRefused("release refused (nothing written): the release would name real data: " + "; ".join(leaks[:5]), "fail")
         return card
