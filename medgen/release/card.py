@@ -255,7 +255,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"judged at alpha {a['alpha_used']:.4g} ({a['policy']['alpha']:g} spent over the model's release attempts as alpha / 2^k)",
         *_earlier_lines(a["earlier_attempts"]),
         f"- detectors: {a['detector']}; tau " + ", ".join(f"{k} {v:.4f}" for k, v in a["tau"].items())
-        + f" (a new patient exceeds it with probability at most {_pct(max(a['null_level'], 1 / (t['n_holdout_images'] + 1)))}"
+        + f" (a new patient exceeds each with probability at most {_pct(max(a['null_level'], 1 / (t['n_holdout_images'] + 1)))}"
         + (", held-out images decoded through the model's autoencoder" if a.get("decoded_calibration") else "") + ")",
         f"- positive control: {a['control'].get('caught', 0)} of {a['control'].get('n', 0)} copies of training images caught "
         f"({_pct(a['control_recall'])}; {', '.join(a['control'].get('pooled_families', []))}); per detector on its own families: "
