@@ -447,6 +447,7 @@ def claim_output(path: str | os.PathLike, what: str = "output folder", inputs: M
         check_writable(path, need_bytes, what)
         if _scopes:
             lock_output(path, what)
+            sweep_stale_staging(path)  # what a killed run left (a release's round files: training copies) goes now
     return path
 
 

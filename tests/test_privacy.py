@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +269,14 @@ def test_run_audit_writes_report_and_filter_out_copies_without_touching_inputs(a
     assert list(rows[0].keys())[:4] == ["synthetic", "nearest_train", "similarity", "is_copy"]  # the contract columns first
     assert {"flagged_by", "not_anatomy", "similarity_pixel", "nearest_train_pixel"} <= set(rows[0])
     assert report["verdict"] == "inconclusive" and any("held-out images" in r for r in report["reasons"])  # 14 held-out < 20
+    # the figures show what the verdict tests: the null (held-out -> train) beside the samples and the control's copies,
+    # flags apart from confirmed copies, and the bound against the policy in the titles
+    fig = report["figures"]
+    series = fig["histogram_series"]["pixel"]
+    assert (series["null_holdout_to_train"], series["synthetic_to_train"], series["control_copies"]) == (report["n_holdout"], 6, report["control"]["n"])
+    assert series["tau"] == pytest.approx(report["thresholds"]["pixel"], abs=1e-6)
+    assert fig["title"].startswith("INCONCLUSIVE: at 95% confidence at most") and "(policy 5%)" in fig["title"]
+    assert fig["pairs"]["control_examples"] > 0
     flagged = {Path(r["synthetic"]).name for r in rows if r["is_copy"] == "true"}
     assert {"copy_0.png", "copy_1.png"} <= flagged
     by_name = {Path(r["synthetic"]).name: r for r in rows}

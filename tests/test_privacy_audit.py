@@ -31,7 +31,7 @@ N_GENUINE = {2: 200, 3: 40}  # other subjects: 200 in 2D, enough samples for the
 # Union recall per family (flagged and matched to the source): the lowest over the harness's three
 # detector seeds on the test cohort (eval/RESULTS.md; `python eval/audit_harness.py --dims 2|3 --cohort-seed 3`).
 HARNESS_MIN_RECALL = {
-    "pixel": {2: {"blur": 1.0, "gamma": 1.0, "blend": 1.0, "downup": 1.0, "rotation": 0.5, "elastic": 1.0}},
+    "pixel": {2: {"blur": 1.0, "gamma": 1.0, "blend": 0.95, "downup": 1.0, "rotation": 0.4, "elastic": 0.95}},
     "latent": {2: {"autoencoder": 1.0, "latent-noise": 1.0}, 3: {"autoencoder": 1.0, "latent-noise": 1.0}},
 }
 K = 20
@@ -291,3 +291,28 @@ def test_3d_latent_copies_new_subjects_and_noise(tmp_path_factory, tmp_path):
     assert judge(audit, torch.cat([decoded, copies])).verdict == "fail"  # 10 of 50
     noise = (torch.randn((6,) + tuple(genuine.shape[1:]), generator=torch.Generator().manual_seed(0)) * 0.5).clamp(-1, 1)
     assert not audit.score(noise).is_copy.any()
+
+
+@pytest.mark.slow
+def test_a_pixel_prior_that_memorized_its_training_subjects_fails(tmp_path, capsys):
+    """A model that really copies: the demo's pixel prior over-trained on 8 subjects (1500 steps,
+    batch 8; its samples' best training correlation 0.97-0.997 against 0.95 for held-out
+    patients) is audited through `medgen audit --run` like any run: fail, exit 1."""
+    from medgen.cli import main
+    from medgen.config import load_config
+    from medgen.data.cohort import synth_brain
+    from medgen.demo import demo_config
+    from medgen.sample.pipeline import load_pipeline, write_samples
+    from medgen.train.diffusion import DEFAULTS, train_diffusion
+
+    cohort = synth_brain(tmp_path / "cohort", n=40, dims=2, size=32, seed=5)
+    cfg = load_config(demo_config("demo_diffusion_2d_pixel.yaml"), [
+        f"data.path={cohort}", "data.split.val=0.0", "data.split.holdout=0.8", "model.conditional=false", "train.tracker=none",
+        "train.max_steps=1500", "train.batch_size=8", "train.checkpoint_every=1500", "train.preview_every=1500"], DEFAULTS)
+    run = train_diffusion(cfg, tmp_path / "run")
+    samples = write_samples(load_pipeline(run, "cpu"), tmp_path / "samples", 100)
+    code = main(["audit", "--run", str(run), "--synthetic", str(samples), "--out", str(tmp_path / "audit")])
+    report = json.loads((tmp_path / "audit" / "report.json").read_text())
+    assert report["n_train"] == 8 and report["n_holdout"] == 32
+    assert code == 1 and report["verdict"] == "fail" and report["n_copies"] >= 50, (report["verdict"], report["n_copies"], report["reasons"])
+    assert report["bound"]["upper_pct"] > 50 and report["n_mem_pct"] >= 75  # most training subjects are reproduced

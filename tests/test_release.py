@@ -363,3 +363,60 @@ def test_quality_floor_is_coverage_relative_to_held_out_patients(tmp_path):
     blobs = torch.stack([gaussian_blur(v, 3.0) for v in torch.randn((20, 1, 32, 32), generator=g)]).mul(4).clamp(-1, 1)
     poor = relative_coverage(train, holdout, blobs)
     assert poor["coverage"] < 0.1 and poor["ratio"] < ReleasePolicy().min_coverage, poor
+
+
+def test_bad_arguments_are_refused_before_any_work(tiny_run, tmp_path, capsys, monkeypatch):
+    """Issue 22 #8/#10: counts, seeds and policy values are checked before the audit is fitted
+    (here the run has no model: reaching the sampler or the audit would be another error)."""
+    import medgen.privacy.calibration as calibration
+
+    monkeypatch.setattr(calibration.CopyAudit, "fit", lambda *a, **k: pytest.fail("the audit was fitted"))
+    for extra, message in ((["--batch-size", "0"], "--batch-size 0: expected an integer >= 1"),
+                           (["--steps", "0"], "--steps 0: expected an integer >= 1"),
+                           (["--seed", str(2**64)], "--seed 18446744073709551616: expected an integer from 0"),
+                           (["--policy", "alpha="], "alpha=(empty): expected a number"),
+                           (["--policy", "max_copy_rate=0"], "a bound is never 0")):
+        code, _, err = run_cli(capsys, "release", "--run", tiny_run, "--n", "4", "--out", tmp_path / "rel", *extra)
+        assert code == 2 and message in err and err.count("\n") == 1, (extra, err)
+    assert not (tmp_path / "rel").exists()
+
+
+@pytest.mark.slow
+def test_killed_releases_leave_nothing_usable(demo):
+    """Issue 20 #6: SIGTERM (timeout, Slurm, docker stop) mid-round removes the staging folder,
+    round files included (exit 143); a kill -9 leaves it, and the next release of that --out
+    sweeps it before it does anything else, even when it is refused."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = demo[0]
+    target = out / "release_killed"
+    argv = [sys.executable, "-m", "medgen", *_release_args(out, "--n", "16", "--out", str(target))]
+
+    def start_mid_round():
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            files = list(out.glob(f".{target.name}.*.tmp/.rounds/round_1/*"))
+            if files:
+                return proc, files
+            if proc.poll() is not None:
+                pytest.fail(f"the release ended before its first round was written: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.1)
+        proc.kill()
+        pytest.fail("no round files within 10 minutes")
+
+    proc, _ = start_mid_round()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 143
+    assert not list(out.glob(f".{target.name}*.tmp")) and not target.exists()
+
+    proc, files = start_mid_round()
+    proc.kill()
+    proc.wait(60)
+    assert list(out.glob(f".{target.name}.*.tmp")) and any(f.exists() for f in files)  # kill -9: nothing can clean up
+    refused = subprocess.run([*argv, "--policy", "max_copy_rate=0.0001"], capture_output=True, text=True, timeout=900)
+    assert refused.returncode in (1, 3), refused.stderr[-2000:]
+    assert not list(out.glob(f".{target.name}*.tmp")) and not target.exists()

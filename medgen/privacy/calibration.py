@@ -199,6 +199,17 @@ class Scores:
     def __len__(self) -> int:
         return self.similarity.shape[0]
 
+    @classmethod
+    def cat(cls, parts: Sequence["Scores"]) -> "Scores":
+        """The scores of several sets (batches, rounds), in order."""
+        return cls(parts[0].detectors, torch.cat([p.similarity for p in parts]), torch.cat([p.nearest for p in parts]),
+                   torch.cat([p.margin for p in parts]), [r for p in parts for r in p.not_anatomy])
+
+    def select(self, index) -> "Scores":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Scores(self.detectors, self.similarity[index], self.nearest[index], self.margin[index],
+                      [self.not_anatomy[i] for i in index.tolist()])
+
     @property
     def flagged(self) -> torch.Tensor:  # (N, K) above each detector's own tau
         return self.margin > 0

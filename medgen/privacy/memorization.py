@@ -78,6 +78,8 @@ def tail_threshold(scores, level: float) -> float:
     from scipy.stats import norm
 
     z = np.arctanh(np.clip(torch.as_tensor(scores).detach().double().cpu().numpy(), -1 + 1e-9, 1 - 1e-9))
+    if z.size < 2:
+        return -1.0  # no spread to extrapolate from
     return float(np.tanh(z.mean() + norm.ppf(1 - level) * z.std(ddof=1)))
 
 
@@ -95,8 +97,8 @@ def leave_one_out_exceedances(scores, level: float) -> torch.Tensor:
     the threshold as a synthetic sample is: the share that exceeds is the audit's null rate."""
     s = torch.as_tensor(scores).detach().double().cpu()
     n = s.numel()
-    if n < 3:
-        raise DataError(f"the null rate needs at least 3 held-out images, got {n}")
+    if n < 2:
+        raise DataError(f"the null rate needs at least 2 held-out images, got {n}")
     v, order = s.sort()
     k = min(n - 1, math.ceil(n * (1 - level)))  # rank of the conformal tau among the n - 1 others (1-based)
     position = torch.empty(n, dtype=torch.long)
@@ -109,8 +111,8 @@ def leave_one_out_exceedances(scores, level: float) -> torch.Tensor:
     z = torch.atanh(s.clamp(-1 + 1e-9, 1 - 1e-9))
     total, squares = z.sum(), (z * z).sum()
     mean = (total - z) / (n - 1)
-    var = ((squares - z * z) - (n - 1) * mean * mean) / (n - 2)
-    tail = torch.tanh(mean + float(norm.ppf(1 - level)) * var.clamp_min(0).sqrt())
+    var = ((squares - z * z) - (n - 1) * mean * mean) / (n - 2) if n > 2 else torch.full_like(z, float("nan"))
+    tail = torch.tanh(mean + float(norm.ppf(1 - level)) * var.clamp_min(0).sqrt()).nan_to_num(-1.0)
     return s > torch.maximum(conformal, tail)
 
 

@@ -30,7 +30,7 @@ Flagged samples are listed whatever the verdict (and can be filtered out). Measu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -94,18 +94,51 @@ class AuditResult:
         return EXIT_CODES[self.verdict]
 
 
-def _memorized(audit: CopyAudit, scores: Scores, embeddings: Sequence[torch.Tensor], device) -> tuple[torch.Tensor, list[int]]:
+@dataclass
+class ScoredSet:
+    """A synthetic set scored against an audit, without its images or embeddings: per-sample
+    `scores`, and per detector each training image's best similarity with the set's anatomical
+    samples (Dar et al.'s direction, for `n_mem`). Sets scored batch by batch or round by round
+    combine with `cat`, so a set of any size is judged in the memory of one batch."""
+
+    scores: Scores
+    train_best: list[torch.Tensor | None]  # per detector (Nt,), None while no sample is anatomy
+
+    @classmethod
+    def cat(cls, parts: Sequence["ScoredSet"]) -> "ScoredSet":
+        best = []
+        for k in range(len(parts[0].train_best)):
+            values = [p.train_best[k] for p in parts if p.train_best[k] is not None]
+            best.append(torch.stack(values).amax(0) if values else None)
+        return cls(Scores.cat([p.scores for p in parts]), best)
+
+
+def score_set(audit: CopyAudit, batches: Iterable[torch.Tensor] | torch.Tensor, names: Sequence[str] | None = None, device=None) -> ScoredSet:
+    """Score synthetic images (a tensor (N, C, *S), or an iterable of such batches) against the
+    audit's training set; keeps scores, never the images."""
+    if isinstance(batches, torch.Tensor):
+        check_images(batches, "synthetic", names, 1)
+        batches = [batches]
+    parts = []
+    for x in batches:
+        check_images(x, "synthetic", None, 1)
+        scores, embeddings = audit.score(x, device=device, keep_embeddings=True)
+        keep = scores.anatomical
+        best = [pairwise_topk(f.train_embeddings, e[keep], k=1, metric=audit.similarity, device=device)[0][:, 0].float().cpu()
+                if bool(keep.any()) else None for f, e in zip(audit.fits, embeddings)]  # (Nt,) per detector
+        parts.append(ScoredSet(scores, best))
+    if not parts:
+        raise DataError("the synthetic set is empty: there is nothing to audit")
+    return ScoredSet.cat(parts)
+
+
+def _memorized(audit: CopyAudit, scored: ScoredSet) -> tuple[torch.Tensor, list[int]]:
     """Dar et al.'s direction: (Nt,) bool, a training image is memorized when its best match
     among the anatomical synthetic samples exceeds tau of some detector; and per detector counts."""
-    keep = scores.anatomical
     memorized = torch.zeros(audit.n_train, dtype=torch.bool)
     per_detector = []
-    for f, e in zip(audit.fits, embeddings):
-        if not bool(keep.any()):
-            per_detector.append(0)
-            continue
-        best, _ = pairwise_topk(f.train_embeddings, e[keep], k=1, metric=audit.similarity, device=device)  # (Nt, 1)
-        hit = best[:, 0].float().cpu() > f.threshold
+    for f, best in zip(audit.fits, scored.train_best):
+        hit = best > f.threshold if best is not None else torch.zeros(audit.n_train, dtype=torch.bool)
         per_detector.append(int(hit.sum()))
         memorized |= hit
     return memorized, per_detector
@@ -189,7 +222,7 @@ def decide(audit: CopyAudit, test: RateTest, bound: CopyBound | None, n_syntheti
 
 def judge(
     audit: CopyAudit,
-    synthetic: torch.Tensor,
+    synthetic: torch.Tensor | Iterable[torch.Tensor] | ScoredSet,
     *,
     alpha: float = ALPHA,
     max_copy_rate: float = MAX_COPY_RATE,
@@ -198,7 +231,9 @@ def judge(
     names: Sequence[str] | None = None,
     device=None,
 ) -> AuditResult:
-    """Score `synthetic` (N, C, *S) against `audit`'s training set and decide the verdict.
+    """Score `synthetic` against `audit`'s training set and decide the verdict. `synthetic`: a
+    tensor (N, C, *S), an iterable of batches (scored one at a time, `score_set`), or a
+    `ScoredSet` (rounds scored earlier, combined with `ScoredSet.cat`).
 
     `attempt` (1, 2, ...): which attempt on this model this is; alpha is spent over attempts
     (alpha / 2^attempt). None judges at `alpha` itself (one look)."""
@@ -209,8 +244,8 @@ def judge(
     if bound_method not in BOUND_METHODS:
         raise DataError(f"--bound must be one of {', '.join(BOUND_METHODS)}, got {bound_method!r}")
     level = alpha if attempt is None else attempt_alpha(alpha, attempt)
-    check_images(synthetic, "synthetic", names, 1)
-    scores, embeddings = audit.score(synthetic, device=device, keep_embeddings=True)
+    scored = synthetic if isinstance(synthetic, ScoredSet) else score_set(audit, synthetic, names, device)
+    scores = scored.scores
     null = audit.holdout_flagged
     n_flagged = int(scores.is_copy.sum())
     test = RateTest(n_flagged, int(scores.anatomical.sum()), int(null.sum()), len(null), level)
@@ -218,7 +253,7 @@ def judge(
     if audit.control is not None:
         bound = CopyBound(n_flagged, len(scores), audit.control.n_caught, audit.control.n, level, bound_method, int(null.sum()), len(null))
     verdict, reasons, decide_info = decide(audit, test, bound, len(scores), max_copy_rate)
-    report = _report(audit, scores, embeddings, test, bound, verdict, reasons, device)
+    report = _report(audit, scored, test, bound, verdict, reasons)
     report["policy"] = {"max_copy_rate": max_copy_rate, "alpha": alpha, "attempt": attempt, "alpha_used": level, "bound_method": bound_method}
     report.update(decide_info)
     if bound is not None:
@@ -226,9 +261,10 @@ def judge(
     return AuditResult(verdict, reasons, test, bound, scores, report, list(audit.warnings), audit)
 
 
-def _report(audit: CopyAudit, scores: Scores, embeddings, test: RateTest, bound, verdict: str, reasons: list[str], device) -> dict[str, Any]:
+def _report(audit: CopyAudit, scored: ScoredSet, test: RateTest, bound, verdict: str, reasons: list[str]) -> dict[str, Any]:
+    scores = scored.scores
     n_s, n_t = len(scores), audit.n_train
-    memorized, mem_per_detector = _memorized(audit, scores, embeddings, device)
+    memorized, mem_per_detector = _memorized(audit, scored)
     sources = torch.unique(scores.nearest_train[scores.is_copy])
     flagged = scores.flagged & scores.anatomical[:, None]  # (N, K)
     above_dar = scores.anatomical & (scores.similarity > torch.tensor([f.dar_threshold for f in audit.fits])).any(1)

@@ -42,6 +42,7 @@ from medgen.errors import ConfigError, MedgenError, ReleaseRefused, RunError
 from medgen.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_new_output, sha256_file
 
 ROUNDS = ".rounds"  # staging folder of the sampling rounds inside the temp release folder
+SCORE_BATCH = 64  # samples read and scored at a time: the audit holds scores, not the sampled set
 MANIFEST_FIELDS = ("file", "sha256", "seed", "label", "sampler", "steps", "guidance", "checkpoint_sha256")
 FILE_STEM = "synthetic"  # released files: synthetic_00000.png, ... (neutral: position in the release)
 
@@ -274,20 +275,30 @@ def make_release(
     from medgen.sample.pipeline import load_pipeline, write_samples
     from medgen.sample.shard import ProcessGroup
 
+    from medgen.config import check_counts
+    from medgen.sample.commands import MAX_SEED, sample_file_bytes
+
     policy = policy or ReleasePolicy()
     policy.validate()
-    if n < 1:
-        raise ConfigError(f"--n must be >= 1, got {n}")
+    check_counts({"--n": n, "--batch-size": batch_size, "--steps": steps})
+    if bit_depth not in (8, 16):
+        raise ConfigError(f"--bit-depth must be 8 or 16, got {bit_depth}")
+    most = policy.max_rounds * 2 * max(n, policy.audit_samples)  # the largest sample index the rounds can reach
+    if not 0 <= seed <= MAX_SEED - most:
+        raise ConfigError(f"--seed {seed}: expected an integer from 0 to {MAX_SEED - most} (sample index i uses seed + i, "
+                          f"and seeds are unsigned 64-bit integers)")
     out = Path(out)
-    ensure_new_output(out, overwrite, "release folder", inputs={"--run": run, "--train": train, "--holdout": holdout, "--data": data})
-    for name, path in (("--run", run), ("--train", train), ("--holdout", holdout), ("--data", data)):
-        if path is not None and _overlaps(out, Path(path)):
-            raise RunError(f"release folder {out} overlaps the {name} input {path}; inputs are never written, choose another --out")
+    inputs = {"--run": run, "--train": train, "--holdout": holdout, "--data": data}
+    ensure_new_output(out, overwrite, "release folder", inputs=inputs)
     processes = processes or ProcessGroup.current(device)
     say = echo if processes.is_main else (lambda _: None)
     train_s, hold_s, data_cfg, split_info = training_sets(run, train, holdout, holdout_splits=holdout_splits, data=data)
     pipe = load_pipeline(run, processes.device or device)
+    pipe._labels(label, 1)  # a label the model does not know: refused now, not after the audit is fitted
     settings = pipe.sampling_settings(sampler, steps, guidance, eta)  # as the rounds resolve them (for the card)
+    # round 1 and its replacements are staged beside the release: room for about twice the audited set
+    ensure_new_output(out, overwrite, "release folder", inputs=inputs,
+                      need_bytes=2 * max(n, policy.audit_samples) * sample_file_bytes(pipe, bit_depth))
     main: dict[str, Any] = {}  # the main process's state: images, the fitted audit, the rounds
     if processes.is_main:
         check_writable(run)  # an attempt that leaves no record is not allowed
@@ -307,33 +318,34 @@ def make_release(
             x_t, x_h, detector or "auto", detector_options=detector_options, min_control_recall=policy.min_control_recall,
             autoencoder=autoencoder, subjects={"train": [s.subject_id for s in s_t], "holdout": [s.subject_id for s in s_h]},
             names={"train": [s.path.name for s in s_t], "holdout": [s.path.name for s in s_h]}, device=device, seed=seed)
-        main.update(x_t=x_t, x_h=x_h, s_t=s_t, s_h=s_h, audit=audit, rounds=[], images=[], keep=[])
+        main.update(x_t=x_t, x_h=x_h, s_t=s_t, s_h=s_h, audit=audit, rounds=[], scored=[], keep=[], files=[])
 
     def judge_round(r: int, folder: Path, start: int) -> int:
-        """Score round r's files; refuse on a first round that does not pass; the next round's size."""
-        from medgen.privacy.verdict import judge
+        """Score round r's files batch by batch (as written: what would leave); refuse on a first
+        round that does not pass; the next round's size. Keeps scores and file names, not images."""
+        from medgen.data import scan_dataset
+        from medgen.privacy.verdict import judge, score_set
 
-        x, _ = load_images(folder / "manifest.csv", data_cfg)  # the files as written (what would leave)
-        audit = main["audit"]
+        files = scan_dataset(folder / "manifest.csv")
+        batches = (load_images(files[i : i + SCORE_BATCH], data_cfg)[0] for i in range(0, len(files), SCORE_BATCH))
+        scored = score_set(main["audit"], batches, device=device)
         if r == 1:
-            result = judge(audit, x, device=device, **judging)
+            result = judge(main["audit"], scored, device=device, **judging)
             main["first"] = result
-            record_attempt(run, attempt_entry("release", result, seed=seed, n=len(x), policy=asdict(policy), out=out, attempt=attempt))
+            record_attempt(run, attempt_entry("release", result, seed=seed, n=len(files), policy=asdict(policy), out=out, attempt=attempt))
             if result.verdict != "pass":
                 raise _refuse("round 1 audit", result)
-            scores = result.scores
-        else:
-            scores = audit.score(x, device=device)
-        copies, anatomical = scores.is_copy, scores.anatomical
+        copies, anatomical = scored.scores.is_copy, scored.scores.anatomical
         keep = ~copies & anatomical
-        main["images"].append(x)
+        main["scored"].append(scored)
         main["keep"].append(keep)
+        main["files"] += files
         main["rounds"].append({
-            "round": r, "indices": [start, start + len(x)], "seeds": [seed + start, seed + start + len(x) - 1],
-            "sampled": len(x), "copies": int(copies.sum()), "not_anatomy": int((~anatomical).sum()), "kept": int(keep.sum())})
+            "round": r, "indices": [start, start + len(files)], "seeds": [seed + start, seed + start + len(files) - 1],
+            "sampled": len(files), "copies": int(copies.sum()), "not_anatomy": int((~anatomical).sum()), "kept": int(keep.sum())})
         kept, made = sum(int(k.sum()) for k in main["keep"]), sum(len(k) for k in main["keep"])
-        say(f"release: round {r}: {len(x)} sampled, {int(copies.sum())} copies and {int((~anatomical).sum())} not anatomy dropped, "
-            f"{kept} of {n} kept")
+        say(f"release: round {r}: {len(files)} sampled, {int(copies.sum())} copies and {int((~anatomical).sum())} not anatomy dropped, "
+            f"{kept} kept ({n} to release)")
         missing = n - kept
         if missing <= 0 or r == policy.max_rounds:
             return 0
@@ -343,22 +355,22 @@ def make_release(
     def finish(tmp: Path) -> dict[str, Any]:
         from medgen.metrics.report import evaluate
         from medgen.privacy.calibration import image_hashes
-        from medgen.privacy.verdict import judge
+        from medgen.privacy.verdict import ScoredSet, judge
         from medgen.release.card import build_card, card_markdown, find_leaks, input_folders, real_identifiers
         from medgen.train.preview import grid_png
 
         rounds = main["rounds"]
-        x_all, keep = torch.cat(main["images"]), torch.cat(main["keep"])
+        keep, sampled = torch.cat(main["keep"]), len(main["files"])
         if int(keep.sum()) < n:
             raise ReleaseRefused(f"release refused (nothing written): after {len(rounds)} round(s) (policy max_rounds={policy.max_rounds}) "
                                  f"only {int(keep.sum())} of {n} samples are neither copies nor non-anatomical "
                                  f"({sum(r['copies'] for r in rounds)} copies, {sum(r['not_anatomy'] for r in rounds)} not anatomy "
-                                 f"among {len(x_all)} sampled); raise max_rounds or train the model further", "fail")
-        combined = judge(main["audit"], x_all, device=device, **judging)
+                                 f"among {sampled} sampled); raise max_rounds or train the model further", "fail")
+        combined = judge(main["audit"], ScoredSet.cat(main["scored"]), device=device, **judging)
         if combined.verdict != "pass":
-            raise _refuse(f"audit of all {len(x_all)} samples of {len(rounds)} round(s)", combined)
+            raise _refuse(f"audit of all {sampled} samples of {len(rounds)} round(s)", combined)
         chosen = keep.nonzero().flatten()[:n].tolist()  # global indices, in sampling order
-        x_rel = x_all[chosen]
+        x_rel, _ = load_images([main["files"][g] for g in chosen], data_cfg)
         quality = relative_coverage(main["x_t"], main["x_h"], x_rel, features=features, seed=seed, device=device)
         if policy.min_coverage and (quality["ratio"] is None or quality["ratio"] < policy.min_coverage):
             raise ReleaseRefused(
@@ -427,7 +439,3 @@ def make_release(
         say(f"release: {n} samples in {out} (DATA_CARD.md, data_card.json, manifest.csv)")
     return card if processes.is_main else None
 
-
-def _overlaps(a: Path, b: Path) -> bool:
-    a, b = a.resolve(), b.resolve()
-    return a == b or b in a.parents or a in b.parents
