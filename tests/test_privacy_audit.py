@@ -94,7 +94,7 @@ def test_new_subjects_pass_within_the_bound_and_a_fifth_of_copies_fails(audit2d,
     assert honest.is_copy.double().mean() <= nominal + 0.02, honest.report["n_copies"]
     b = honest.report["bound"]
     assert honest.verdict == "pass" and honest.exit_code == 0 and b["upper_pct"] <= 100 * MAX_COPY_RATE, b
-    assert b["sentence"].startswith("at 95% confidence, at most") and b["recall"] == 1.0
+    assert b["sentence"].startswith("at 95% confidence, at most") and b["recall"] >= 0.95
     t = honest.report["test"]
     assert t["p_value"] >= 0.05 and t["null_rate_pct"] == pytest.approx(100 * audit2d.null_rate, abs=1e-3)
 
@@ -179,7 +179,7 @@ def test_blind_audits_are_inconclusive(cohort2d):
     r = judge(CopyAudit.fit(train, holdout, [_Blind(), "pixel-rank"]), genuine)
     assert r.verdict == "inconclusive" and any("positive control failed for detector blind" in x for x in r.reasons)
     by_detector = r.report["control"]["by_detector"]
-    assert by_detector["blind"]["recall"] < 0.5 and by_detector["pixel-rank"]["recall"] == 1.0
+    assert by_detector["blind"]["recall"] < 0.5 and by_detector["pixel-rank"]["recall"] >= 0.95
     assert r.report["control"]["blind_detectors"] == ["blind"]
     # a detector that did not train (2 steps): NT-Xent near chance
     r = judge(CopyAudit.fit(train, holdout, "ssl", detector_options={"steps": 2, "batch_size": 16}), genuine)

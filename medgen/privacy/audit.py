@@ -379,7 +379,9 @@ def run_audit(
     x_h, s_h = _load(holdout, data_cfg, "held-out")
     x_s, s_s = _load(synthetic, data_cfg, "synthetic")
     if autoencoder is not None and not isinstance(autoencoder, RoundTrip):
-        autoencoder = run_roundtrip(autoencoder, device)
+        given, autoencoder = autoencoder, run_roundtrip(autoencoder, device)
+        if autoencoder is None:
+            raise RunError(f"--autoencoder {given} holds no autoencoder (a pixel-space diffusion run has none: leave --autoencoder out)")
     n_t, n_h, n_s = ([_display_name(Path(s.path), roots[k]) for s in ss] for k, ss in (("train", s_t), ("holdout", s_h), ("synthetic", s_s)))
 
     with atomic_dir(out, overwrite=overwrite) as tmp:

@@ -193,7 +193,8 @@ class RoundTrip:
 
 def run_roundtrip(path, device=None) -> RoundTrip | None:
     """The round trip of the autoencoder behind `path`: a latent diffusion run (its frozen
-    `autoencoder/`), an autoencoder run or model folder. None for a pixel-space diffusion run."""
+    `autoencoder/`), an autoencoder run or model folder. None when `path` holds no autoencoder
+    (a pixel-space diffusion run); RunError when it holds nothing medgen can read."""
     from pathlib import Path
 
     from medgen.models.autoencoder import load_autoencoder
@@ -203,8 +204,8 @@ def run_roundtrip(path, device=None) -> RoundTrip | None:
     if (path / "autoencoder" / "config.json").is_file():
         return RoundTrip(load_autoencoder(path / "autoencoder", device or "cpu"))
     model_dir = path / "model" if (path / "model" / "config.json").is_file() else path
-    if (model_dir / "config.json").is_file() and load_model_config(model_dir).get("kind") == "diffusion":
-        return None  # a pixel-space diffusion run: no autoencoder
+    if (model_dir / "config.json").is_file() and not str(load_model_config(model_dir).get("target", "")).endswith(".Autoencoder"):
+        return None  # a pixel-space diffusion run (or a run folder without a model): no autoencoder
     return RoundTrip(load_autoencoder(path, device or "cpu"))
 
 
