@@ -7,8 +7,11 @@ it (`configs/demo_autoencoder_{2,3}d.yaml`, the demo's steps); it stands for a l
 autoencoder. Two audits are fitted with the settings frozen in medgen, sharing one SSL detector:
 
 - `pixel`: the audit of a pixel-space model (ssl + pixel-rank, calibrated on held-out images);
-- `latent`: the audit of a latent model (ssl + pixel-rank + latent, calibrated on held-out images
-  decoded through the autoencoder; latent control families).
+- `latent`: the audit of a latent model (pixel-rank + latent in the decoded space: training and
+  held-out images decoded through the autoencoder; latent control families). A latent model
+  outputs decoded images only, so in this mode every image scored is first decoded through the
+  autoencoder (its copy of a gamma-changed patient is that image decoded; the null is decoded
+  new subjects).
 
 Each then scores:
 
@@ -20,11 +23,11 @@ Each then scores:
 - genuine other subjects (the null on new subjects; decoded through the autoencoder for the
   latent audit: what an honest latent model outputs at best) and non-anatomical images.
 
-`--cohort-seed 0` is the tuning cohort (settings were chosen on it); the test cohort is another
-seed. `--markdown` prints the tables of eval/RESULTS.md. Prints one JSON line at the end.
+`--cohort-seed 0` and 3 were looked at while the settings were chosen; 7 (the default) is the test cohort, and
+the one eval/RESULTS.md reports. `--markdown` prints its tables. Prints one JSON line at the end.
 
-    python eval/audit_harness.py --dims 2 --cohort-seed 3 --seeds 0,1,2 --markdown
-    python eval/audit_harness.py --dims 3 --cohort-seed 3 --seeds 0,1,2 --markdown
+    python eval/audit_harness.py --dims 2 --seeds 0,1,2 --markdown
+    python eval/audit_harness.py --dims 3 --seeds 0,1,2 --markdown
 """
 
 from __future__ import annotations
@@ -85,27 +88,30 @@ def rates(scores, sources=None) -> dict[str, float]:
 
 
 def evaluate(audit: CopyAudit, train, genuine, families, k, seed, roundtrip) -> dict:
+    """Score every family, other subjects and non-anatomical images. For the latent audit every
+    image is first decoded through the autoencoder (`seen`): a latent model outputs nothing else,
+    and a raw image scored against a tau calibrated on decoded ones would overstate recall."""
     g = torch.Generator().manual_seed(100 + seed)
+    seen = roundtrip if audit.decoded else (lambda x: x)
     c = audit.control
     out = {
         "thresholds": audit.thresholds, "reasons": audit.reasons, "null_holdout": round(audit.null_rate, 4),
         "control": {"n": c.n, "recall": round(c.recall, 4), "by_detector": {d: v["recall"] for d, v in c.summary()["by_detector"].items()},
                     "blind": c.blind_detectors()},
-        "genuine": rates(audit.score(genuine)),
+        "genuine": rates(audit.score(seen(genuine))),
         "validation": {}, "transformed_others": {}, "training_augmentations": {}, "not_anatomy": {},
     }
-    if audit.decoded:
-        out["genuine_decoded"] = rates(audit.score(roundtrip(genuine)))
+    decoded = set(LATENT_FAMILIES)  # already decoded
     for fam in families:
         copies, sources = family_copies(train, fam, k, seed=seed, autoencoder=roundtrip)
-        out["validation"][fam] = rates(audit.score(copies), sources)
+        out["validation"][fam] = rates(audit.score(copies if fam in decoded else seen(copies)), sources)
         others, _ = family_copies(genuine, fam, k, seed=seed, autoencoder=roundtrip)
-        out["transformed_others"][fam] = rates(audit.score(others))
+        out["transformed_others"][fam] = rates(audit.score(others if fam in decoded else seen(others)))
     for kind in TRAINING_AUGMENTATIONS:
         copies, sources = family_copies(train, kind, k, seed=seed)
-        out["training_augmentations"][kind] = rates(audit.score(copies), sources)
+        out["training_augmentations"][kind] = rates(audit.score(seen(copies)), sources)
     for name, imgs in non_anatomical(genuine, g, roundtrip).items():
-        sc = audit.score(imgs)
+        sc = audit.score(imgs if name == "decoded random latents" else seen(imgs))
         out["not_anatomy"][name] = {"counted_as_copy": round(float(sc.is_copy.double().mean()), 4),
                                     "reported_not_anatomy": round(1 - float(sc.anatomical.double().mean()), 4)}
     return out
@@ -127,9 +133,7 @@ def markdown(mode: str, runs: list[dict], families: list[str], dims: int) -> str
                      + f" | {fmt(agg(runs, lambda r: r['transformed_others'][fam]['union']))} |")
     for kind in TRAINING_AUGMENTATIONS:
         lines.append(f"| ({kind}: training augmentation) | " + " | ".join(fmt(agg(runs, lambda r: r["training_augmentations"][kind][d])) for d in detectors) + " | |")
-    lines.append("| **new subjects (false flags)** | " + " | ".join(fmt(agg(runs, lambda r: r["genuine"][d])) for d in detectors) + " | |")
-    if "genuine_decoded" in runs[0]:
-        lines.append("| **new subjects, decoded (false flags)** | " + " | ".join(fmt(agg(runs, lambda r: r["genuine_decoded"][d])) for d in detectors) + " | |")
+    lines.append("| **new subjects (false flags: the null)** | " + " | ".join(fmt(agg(runs, lambda r: r["genuine"][d])) for d in detectors) + " | |")
     ctrl = runs[0]["control"]["by_detector"]
     lines.append("| control recall, own families | " + " | ".join(fmt(agg(runs, lambda r: r["control"]["by_detector"][d])) if d in ctrl else "" for d in detectors[:-1])
                  + f" | {fmt(agg(runs, lambda r: r['control']['recall']))} (pooled) | |")
@@ -143,7 +147,7 @@ def markdown(mode: str, runs: list[dict], families: list[str], dims: int) -> str
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dims", type=int, choices=(2, 3), default=2)
-    ap.add_argument("--cohort-seed", type=int, default=3, help="cohort seed (0 is the tuning cohort)")
+    ap.add_argument("--cohort-seed", type=int, default=7, help="cohort seed (0 and 3 were looked at while tuning; 7 is the test cohort)")
     ap.add_argument("--seeds", default="0,1,2", help="detector (and copy) seeds")
     ap.add_argument("--k", type=int, default=20, help="copies per family")
     ap.add_argument("--threads", type=int, default=2)
@@ -169,6 +173,7 @@ def main() -> None:
     recon_l1 = float((roundtrip(x[:n_t]) - x[:n_t]).abs().mean())
     train, holdout, genuine = x[:n_t], x[n_t : n_t + n_h], x[n_t + n_h :]
     families = {"pixel": list(VALIDATION_FAMILIES), "latent": list(VALIDATION_FAMILIES) + list(LATENT_FAMILIES[1:])}
+    # the SSL detector is trained for the pixel audit only: a latent model's default union leaves it out
     runs: dict[str, list] = {"pixel": [], "latent": []}
     for seed in seeds:
         t0 = time.perf_counter()
@@ -176,8 +181,8 @@ def main() -> None:
         ssl_s = time.perf_counter() - t0
         for mode in ("pixel", "latent"):
             t0 = time.perf_counter()
-            audit = CopyAudit.fit(train, holdout, [ssl, "pixel-rank"] + (["latent"] if mode == "latent" else []),
-                                  autoencoder=roundtrip if mode == "latent" else None, seed=seed)
+            detectors = [ssl, "pixel-rank"] if mode == "pixel" else "auto"  # auto with an autoencoder: pixel-rank,latent
+            audit = CopyAudit.fit(train, holdout, detectors, autoencoder=roundtrip if mode == "latent" else None, seed=seed)
             run = {"seed": seed, "ssl_seconds": round(ssl_s, 1), "fit_seconds": round(time.perf_counter() - t0, 1),
                    **evaluate(audit, train, genuine, families[mode], args.k, seed, roundtrip)}
             runs[mode].append(run)

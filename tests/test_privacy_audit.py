@@ -26,7 +26,7 @@ SETTINGS = {
     2: {"size": 64, "n_train": 100, "n_holdout": 60, "steps": 500, "batch_size": 64, "ae_steps": 200},
     3: {"size": 32, "n_train": 60, "n_holdout": 40, "steps": 300, "batch_size": 32, "ae_steps": 120},
 }
-COHORT_SEED = 3
+COHORT_SEED = 7  # the harness's test cohort (settings were chosen on seeds 0 and 3)
 N_GENUINE = {2: 200, 3: 40}  # other subjects: 200 in 2D, enough samples for the bound to pass 5%
 # Union recall per family (flagged and matched to the source): the lowest over the harness's three
 # detector seeds on the test cohort (eval/RESULTS.md; `python eval/audit_harness.py --dims 2|3 --cohort-seed 3`).

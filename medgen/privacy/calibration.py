@@ -14,9 +14,12 @@ training image's best held-out similarity: a max over the held-out set, scored a
 samples' max over the larger training set, so new patients exceed it 30% of the time at the
 demo's sizes) is kept as a measure in the report; it no longer decides.
 
-For a latent model the audit is given the model's autoencoder: held-out images are decoded
-through it before calibration (what the model outputs for a patient it never saw), and the
-`latent` detector compares samples with the decoded training images.
+For a latent model the audit is given the model's autoencoder and works in the space the model
+outputs: training and held-out images are decoded through it (what the model would output for a
+patient it reproduces, or for one it never saw), every detector compares samples with the
+decoded training images, the positive control's copies are decoded too, and the `latent`
+detector (native-resolution correlation) joins the union. Raw copies scored against decoded
+references would be flagged for their sharpness, not for being copies.
 
 Beside the thresholds, `CopyAudit.fit` measures what a verdict needs to be trusted:
 
@@ -55,20 +58,27 @@ from medgen.metrics.knn import pairwise_topk
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DETECTORS = "ssl,pixel-rank"  # "auto": these, and "latent" when the audit has the model's autoencoder
+DEFAULT_DETECTORS = "ssl,pixel-rank"  # "auto" for a pixel-space model
+LATENT_DETECTORS = "pixel-rank,latent"  # "auto" for a latent model (the audit has its autoencoder)
 NULL_LEVEL = 0.005  # tau: a new patient exceeds it with probability about this (at most this or 1 / (n_holdout + 1))
 DAR_PERCENTILE = 95.0  # Dar et al. 2024's tau, reported as a measure
 CONTROL_PER_FAMILY = 20  # positive-control copies per family (distinct training images while they last)
 MIN_DETECTOR_RECALL = 0.8  # each detector must catch this share of its own control families
-# The families each default detector is in the union for: the control must show it catches them,
-# else the detector is blind and the verdict inconclusive (chosen on the tuning cohort,
-# eval/RESULTS.md). The SSL detector is there for mirrored and shifted copies, which only it sees;
-# flips are its own training augmentation, so they check that it works but stay out of the
-# recall inside the bound. The latent detector must catch exact latent copies (what it is built
-# for); how much latent noise it tolerates is the bound's business (latent-noise is in the pooled
-# recall), not a health check: a poorly trained autoencoder turns noisy latents into other images.
-# Other detectors are checked on the families of the bound's recall.
-DETECTOR_CONTROL_FAMILIES = {"ssl": ("flip",), "pixel-rank": ("gamma", "blend", "elastic"), "latent": ("autoencoder",)}
+# The families each detector must catch (its positive control), else it is blind and the verdict
+# inconclusive (eval/RESULTS.md). In pixel space the SSL detector is there for mirrored and
+# shifted copies, which only it sees (flips are its own training augmentation: they check that it
+# works, but stay out of the recall inside the bound), and the rank detector for intensity changes,
+# blends and deformations. In a latent model's decoded space an exact latent copy is the decoded
+# source image itself: every working detector must catch it. How much more each catches there
+# (decoded gamma changes, blends, deformations, noisy latents) is the bound's business, through
+# the pooled recall: the autoencoder changes those copies in ways no detector is invariant to.
+DETECTOR_CONTROL_FAMILIES = {
+    "pixel": {"ssl": ("flip",), "pixel-rank": ("gamma", "blend", "elastic")},
+    "decoded": {},  # every detector: ("autoencoder",)
+}
+DECODED_CHECK = ("autoencoder",),
+    "decoded": {"ssl": ("flip",), "pixel-rank": ("gamma",), "latent": ("autoencoder",)},
+}
 SATURATION = 1e-4  # tau within this of the largest possible similarity (1): nothing can exceed it
 MIN_EFFECTIVE_RANK = 2.0  # below: the embedding is (close to) a line or a point
 MIN_HOLDOUT = 20
@@ -120,7 +130,7 @@ class DetectorFit:
 
     name: str
     detector: Any
-    train_embeddings: torch.Tensor  # (Nt, D) of the detector's reference (the training images, or their decoded round trips)
+    train_embeddings: torch.Tensor  # (Nt, D) of the training images as the model would output them (decoded for a latent model)
     threshold: float  # tau: the larger of the conformal and the Gaussian tail quantile of holdout_train_best at the null level
     attained_level: float  # the conformal quantile's attained level: tau exceeds it, so a new patient is above tau at most this often
     holdout_train_best: torch.Tensor  # (Nh,) each held-out image's best training similarity (the null's scores)
@@ -166,11 +176,10 @@ def _embed(detector, images: torch.Tensor, name: str, what: str, device) -> torc
     return e
 
 
-def _fit_detector(detector, train: torch.Tensor, calibration: torch.Tensor, similarity: str, null_level: float, percentile: float, device) -> DetectorFit:
-    """Calibrate one detector: `calibration` are the held-out images as the model would output
-    them (decoded through its autoencoder for a latent model)."""
+def _fit_detector(detector, reference: torch.Tensor, calibration: torch.Tensor, similarity: str, null_level: float, percentile: float, device) -> DetectorFit:
+    """Calibrate one detector: `reference` and `calibration` are the training and held-out images
+    as the model would output them (decoded through its autoencoder for a latent model)."""
     name = getattr(detector, "name", type(detector).__name__)
-    reference = detector.reference(train) if hasattr(detector, "reference") else train
     e_t = _embed(detector, reference, name, "training", device)  # (Nt, D)
     e_h = _embed(detector, calibration, name, "held-out", device)  # (Nh, D)
     hb = pairwise_topk(e_h, e_t, k=1, metric=similarity, device=device)[0][:, 0].float().cpu()  # (Nh,): the samples' direction
@@ -392,8 +401,10 @@ class Control:
 
 
 def default_detectors(autoencoder=None) -> str:
-    """The default union: "ssl,pixel-rank", and "latent" when the audit has the model's autoencoder."""
-    return DEFAULT_DETECTORS + (",latent" if autoencoder is not None else "")
+    """The default union: "ssl,pixel-rank" for a pixel-space model; "pixel-rank,latent" for a
+    latent one (with its autoencoder), whose decoded outputs the SSL detector cannot see: trained
+    on the fly, it caught 5-15% of decoded mirrored copies on the harness (eval/RESULTS.md)."""
+    return DEFAULT_DETECTORS if autoencoder is None else LATENT_DETECTORS
 
 
 def default_control_families(autoencoder=None) -> tuple[str, ...]:
@@ -494,15 +505,18 @@ class CopyAudit:
             raise DataError(f"image shapes (C, *S) differ: training {tuple(train.shape[1:])}, held-out {tuple(holdout.shape[1:])}; pass a data config with data.shape (and data.channels) so all sets are cropped/padded alike")
         holdout, dropped, reasons, warnings = _check_split(train, holdout, subjects, names, min_holdout)
         n_t, n_h = train.shape[0], holdout.shape[0]
+        # a latent model outputs decoded images only: the audit works in that space, comparing its
+        # samples with the decoded training images, calibrated on decoded held-out images
+        reference = autoencoder(train) if autoencoder is not None else train
         calibration = autoencoder(holdout) if autoencoder is not None else holdout
         spec = default_detectors(autoencoder) if detectors in (None, "auto") else detectors
-        built = build_detectors(spec, train, options=detector_options, device=device, seed=seed, autoencoder=autoencoder)
-        fits = [_fit_detector(d, train, calibration, similarity, null_level, percentile, device) for d in built]
+        built = build_detectors(spec, reference, options=detector_options, device=device, seed=seed, autoencoder=autoencoder)
+        fits = [_fit_detector(d, reference, calibration, similarity, null_level, percentile, device) for d in built]
         if len({f.name for f in fits}) != len(fits):
             raise DataError(f"detectors must differ: got {[f.name for f in fits]}")
         for f in fits:
             reasons.extend(f.health())
-        gate = AnatomyGate.fit(fits, train, calibration, similarity, device)
+        gate = AnatomyGate.fit(fits, reference, calibration, similarity, device)
 
         audit = cls(fits, gate, null_level, percentile, similarity, n_t, n_h, tuple(train.shape[1:]), reasons=reasons, warnings=warnings,
                     holdout_dropped=dropped, decoded=autoencoder is not None)
@@ -523,21 +537,27 @@ class CopyAudit:
 
     def _positive_control(self, train, families, per_family, min_recall, autoencoder, device, seed) -> Control:
         """Copies of `families` (the bound's recall) and of the detectors' check-only families,
-        `per_family` each from distinct training images (while they last)."""
+        `per_family` each from distinct training images (while they last); for a latent model
+        (`autoencoder`) as it would output them, decoded."""
         from medgen.privacy.families import LATENT_FAMILIES, make_copies
 
-        checks = [f for fit in self.fits for f in DETECTOR_CONTROL_FAMILIES.get(fit.name, ())
-                  if f not in families and (autoencoder is not None or f not in LATENT_FAMILIES)]
+        space = "decoded" if autoencoder is not None else "pixel"
+        fallback = DECODED_CHECK if space == "decoded" else tuple(families)
+        own_families = {f.name: DETECTOR_CONTROL_FAMILIES[space].get(f.name, fallback) for f in self.fits}
+        checks = [f for wanted in own_families.values() for f in wanted if f not in families]
         g = torch.Generator().manual_seed(seed + 1)
         per_family = min(per_family, train.shape[0])
         fams, sources, images = [], [], []
         for i, fam in enumerate(list(families) + list(dict.fromkeys(checks))):
             src = torch.randperm(train.shape[0], generator=g)[:per_family].tolist()  # distinct images within a family
-            images.append(make_copies(train, fam, src, seed=seed + i, autoencoder=autoencoder))
+            copies = make_copies(train, fam, src, seed=seed + i, autoencoder=autoencoder)
+            # a latent model outputs decoded images only: its copy of a gamma-changed patient is that image decoded.
+            # Scoring raw copies against a tau calibrated on decoded images would overstate the recall.
+            images.append(autoencoder(copies) if autoencoder is not None and fam not in LATENT_FAMILIES else copies)
             fams += [fam] * len(src)
             sources += src
         made = set(fams)
-        own = {f.name: tuple(x for x in DETECTOR_CONTROL_FAMILIES.get(f.name, families) if x in made) or tuple(families) for f in self.fits}
+        own = {name: tuple(x for x in wanted if x in made) or tuple(families) for name, wanted in own_families.items()}
         images = torch.cat(images)
         control = Control(fams, sources, self.score(images, device=device), own, min_recall, tuple(families))
         caught = control.caught.tolist()

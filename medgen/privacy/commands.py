@@ -20,7 +20,7 @@ from pathlib import Path
 from medgen.errors import RunError
 from medgen.io import ensure_new_output
 
-DEFAULT_DETECTORS = "auto"  # ssl,pixel-rank, and latent for a latent model (medgen.privacy.calibration.default_detectors)
+DEFAULT_DETECTORS = "auto"  # ssl,pixel-rank; pixel-rank,latent for a latent model (medgen.privacy.calibration.default_detectors)
 
 
 def _data_cfg(config: Path | None):
@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--synthetic", type=Path, help="synthetic images to audit (folder or manifest.csv)")
     p.add_argument("--out", type=Path, help="audit folder to write (report.json, report.md, pairs.csv, figures)")
     p.add_argument("--detector", default=DEFAULT_DETECTORS, help="comma-separated detectors, flagged when any flags (default auto: ssl,pixel-rank, "
-                   "and latent for a latent model): ssl (trained on --train now), pixel-rank, pixel, latent (needs the model's autoencoder), "
+                   "or pixel-rank,latent for a latent model): ssl (trained on --train now), pixel-rank, pixel, latent (needs the model's autoencoder), "
                    "a folder from `medgen audit train-detector`, or a feature extractor of the evaluation registry (name or TorchScript path)")
     p.add_argument("--autoencoder", type=Path, default=None, help="the latent model's autoencoder (a latent diffusion run, an autoencoder run "
                    "or model folder): held-out images are decoded through it and the latent detector joins (with --run: the run's own)")

@@ -14,15 +14,15 @@ Four kinds share one interface (`embed(images) -> (N, D)`, `recipe`, `name`):
   training fast enough to run on the fly.
 - `PixelDetector`: correlation on area-downsampled images: Pearson ("pixel", the baseline) or
   Spearman on pixel ranks ("pixel-rank", the SSL detector's partner in the default union).
-- `LatentDetector` ("latent"): Pearson correlation at native resolution between a sample and
-  the training images *decoded through the latent model's own autoencoder*. A latent model's
-  copy is a decoded training latent; the demo's VQ-GANs move a round trip as far from its
-  source image as another subject is (every pixel detector missed them in 3D), but not from the
-  decoded source. Needs the model's autoencoder (`medgen.privacy.families.RoundTrip`).
+- `LatentDetector` ("latent"): Pearson correlation at native resolution, for a latent model,
+  whose audit compares samples with the training images *decoded through its own autoencoder*
+  (`CopyAudit.fit(..., autoencoder=)`). A latent model's copy is a decoded training latent; the
+  demo's VQ-GANs move a round trip as far from its source image as another subject is (every
+  pixel detector missed them in 3D), but not from the decoded source, and at native resolution
+  that match is exact.
 - `FeatureDetector`: any extractor of the evaluation registry (`medgen.metrics.features`).
 
-A detector may define `reference(train) -> images`: what samples are compared with (default:
-the training images themselves). `build_detectors("ssl,pixel-rank", train)` builds them from names.
+`build_detectors("ssl,pixel-rank", train)` builds them from names.
 """
 
 from __future__ import annotations
@@ -401,11 +401,10 @@ class PixelDetector:
 
 
 class LatentDetector:
-    """Native-resolution Pearson correlation with the training images decoded through the latent
-    model's autoencoder (`roundtrip`: a `RoundTrip`); images larger than LATENT_MAX_SIZE are
-    area-downsampled to it. The audit calibrates it, like every detector, on held-out images
-    decoded the same way (`CopyAudit.fit(..., autoencoder=)`): what the model would output for a
-    patient it never saw."""
+    """Native-resolution Pearson correlation (images larger than LATENT_MAX_SIZE area-downsampled
+    to it), for the audit of a latent model: there every image compared is decoded through the
+    model's autoencoder (`roundtrip`, a `RoundTrip`, recorded in the recipe), so an exact latent
+    copy matches its decoded source with similarity 1."""
 
     name = "latent"
 
@@ -416,11 +415,7 @@ class LatentDetector:
 
     @property
     def recipe(self) -> dict[str, Any]:
-        return {"detector": self.name, "size": self.size, "reference": "training images decoded through the model's autoencoder",
-                **self.roundtrip.recipe}
-
-    def reference(self, train: torch.Tensor) -> torch.Tensor:
-        return self.roundtrip(train)
+        return {"detector": self.name, "size": self.size, "space": "images decoded through the model's autoencoder", **self.roundtrip.recipe}
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor, batch_size: int = 256, device=None) -> torch.Tensor:

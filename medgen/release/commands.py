@@ -14,7 +14,7 @@ from pathlib import Path
 from medgen.errors import ReleaseRefused, RunError
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp", "euler")  # = medgen.diffusion.sampling.SAMPLERS (no torch import to parse)
-DEFAULT_DETECTORS = "auto"  # ssl,pixel-rank, and latent for a latent run (medgen.privacy.calibration.default_detectors)
+DEFAULT_DETECTORS = "auto"  # ssl,pixel-rank; pixel-rank,latent for a latent run (medgen.privacy.calibration.default_detectors)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="PNG bit depth for 2D samples")
     p.add_argument("--detector", default=DEFAULT_DETECTORS, help="copy detectors, as `medgen audit --detector` (default auto: ssl,pixel-rank, "
-                   "and latent for a latent run; a folder from `medgen audit train-detector` skips training the SSL detector)")
+                   "or pixel-rank,latent for a latent run; a folder from `medgen audit train-detector` skips training the SSL detector)")
     p.add_argument("--features", default="auto", help="feature extractor of the metrics, as `medgen eval --features`")
     p.add_argument("--bootstrap", type=int, default=200, help="replicates for the metrics' 95%% intervals")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available; each process's own GPU under accelerate)")
@@ -100,9 +100,8 @@ def demo_stage(ctx) -> None:
         raise RunError("the release stage needs the diffusion stage first")
     detector = DEFAULT_DETECTORS
     audit_dir = ctx.state.get("audit_dir")
-    if audit_dir is not None and (Path(audit_dir) / "detector").is_dir():
-        latent = (Path(run) / "autoencoder").is_dir()
-        detector = f"{Path(audit_dir) / 'detector'},pixel-rank" + (",latent" if latent else "")
+    if audit_dir is not None and (Path(audit_dir) / "detector").is_dir():  # a pixel-space run: reuse the SSL detector the audit trained
+        detector = f"{Path(audit_dir) / 'detector'},pixel-rank"
     out = Path(ctx.out) / "release"
     n = 16 if ctx.quick else (64 if ctx.dims == 2 else 48)
     try:
