@@ -76,9 +76,7 @@ DETECTOR_CONTROL_FAMILIES = {
     "pixel": {"ssl": ("flip",), "pixel-rank": ("gamma", "blend", "elastic")},
     "decoded": {},  # every detector: ("autoencoder",)
 }
-DECODED_CHECK = ("autoencoder",),
-    "decoded": {"ssl": ("flip",), "pixel-rank": ("gamma",), "latent": ("autoencoder",)},
-}
+DECODED_CHECK = ("autoencoder",)
 SATURATION = 1e-4  # tau within this of the largest possible similarity (1): nothing can exceed it
 MIN_EFFECTIVE_RANK = 2.0  # below: the embedding is (close to) a line or a point
 MIN_HOLDOUT = 20
