@@ -75,6 +75,7 @@ class DiffusionPipeline:
     def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device | None = None) -> "DiffusionPipeline":
         from medgen.models.serialization import load_inference_model
 
+        run_dir = Path(run_dir)  # a user's string as much as a Path
         model_dir, config = diffusion_model(run_dir)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         denoiser = load_inference_model(model_dir, device)
