@@ -133,3 +133,95 @@ def test_write_samples_keeps_a_folder_that_appeared_while_it_sampled(run_2d, tmp
         pipeline_module.write_samples(pipe, out, 2, steps=1)
     assert (out / "sample_00000.png").read_bytes() == b"the other run's sample"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the refused run left no temp folder
+
+
+# --------------------------------------------------------------------------- reading and eval
+
+
+def _png_folder(folder: Path, n: int, size: int = 64, seed: int = 0) -> Path:
+    """n noise PNGs (8-bit gray) with a bright square whose place varies: cheap images with structure."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img = rng.integers(0, 60, (size, size), dtype=np.uint8)
+        r, c = rng.integers(0, size // 2, 2)
+        img[r : r + size // 2, c : c + size // 2] += 150
+        Image.fromarray(img).save(folder / f"img_{i:04d}.png")
+    return folder
+
+
+def test_iter_images_reads_the_set_in_batches(cohort_2d):
+    from medgen.data import iter_images, load_images
+
+    whole, samples = load_images(str(cohort_2d))
+    batches = list(iter_images(str(cohort_2d), batch_size=5))
+    assert [len(x) for x, _ in batches] == [5, 5, 2] and [len(s) for _, s in batches] == [5, 5, 2]
+    assert torch.equal(torch.cat([x for x, _ in batches]), whole)
+    assert [s for _, batch in batches for s in batch] == samples
+
+
+def test_eval_of_folders_equals_the_whole_set_computation_2d(cohort_2d, tmp_path, capsys):
+    """The streamed evaluation gives the numbers the whole-set code gave: features of the whole
+    tensors (PCA fitted on all real images at once), the same metrics and MS-SSIM pairs."""
+    from medgen.data import load_images
+    from medgen.metrics.features import PCAExtractor
+    from medgen.metrics.msssim import msssim_diversity
+    from medgen.metrics.report import evaluate, feature_metrics, metric_keys
+
+    fake = _png_folder(tmp_path / "fake", 70, size=32)
+    report = evaluate(str(cohort_2d), str(fake), bootstrap=20, msssim_pairs=30, features="pca", use_cache=False)
+    assert "features synthetic (pca): image 70/70 (100%)" in capsys.readouterr().err  # progress in a log
+    x_r, _ = load_images(cohort_2d)
+    x_f, _ = load_images(fake)
+    ex = PCAExtractor().fit(x_r)
+    expected = feature_metrics(ex(x_r), ex(x_f), ["fid", "kid", "prdc"], 20, 0, torch.device("cpu"), metric_keys("pca"))
+    for name, m in expected.items():
+        assert report["metrics"][name] == m, name
+    for name, x in (("fake", x_f), ("real", x_r)):
+        assert report["metrics"][f"msssim_{name}"]["value"] == msssim_diversity(x, n_pairs=30)["msssim"]
+
+
+def test_eval_of_folders_equals_the_whole_set_computation_3d(cohort_3d, tmp_path):
+    """3D: the 2.5D per-plane distances (one PCA basis fitted on the real slices of all planes)
+    and the volume-level distance equal those of the whole tensors."""
+    from medgen.data import load_images
+    from medgen.data.cohort import synth_brain
+    from medgen.metrics.features import PLANES, PCAExtractor, volume_slices
+    from medgen.metrics.fid import frechet_distance
+    from medgen.metrics.report import evaluate
+
+    fake = synth_brain(tmp_path / "fake3d", n=5, dims=3, size=16, seed=1)
+    report = evaluate(cohort_3d, fake, metrics=["fid"], bootstrap=0, features="pca", features_3d="pca", use_cache=False)
+    x_r, _ = load_images(cohort_3d)
+    x_f, _ = load_images(fake)
+    ex2 = PCAExtractor().fit([volume_slices(x_r, axis) for axis in PLANES.values()])
+    for plane, axis in PLANES.items():
+        fd = frechet_distance(ex2(volume_slices(x_r, axis)).double(), ex2(volume_slices(x_f, axis)).double())
+        assert report["metrics"]["fd_pca_2.5d"][plane]["value"] == fd, plane
+    ex3 = PCAExtractor().fit(x_r)
+    assert report["metrics"]["fd_pca"]["value"] == frechet_distance(ex3(x_r).double(), ex3(x_f).double())
+    assert report["recipe"]["features"]["basis_sha256"] == ex3.recipe["basis_sha256"]
+
+
+def test_eval_memory_does_not_hold_the_synthetic_set(tmp_path, monkeypatch):
+    """Peak tensor memory of `evaluate` on 64 and 192 synthetic 64^2 images: 128 more images
+    (16 KiB each as float32) add less than a quarter of their size; what grows is per-sample
+    features and metric terms. Before streaming both sets were loaded whole. (The PCA
+    extractor's batch is cut to 16 images so that both sets span several batches.)"""
+    from medgen.metrics.features import PCAExtractor
+    from medgen.metrics.report import READ_BATCH, evaluate
+
+    monkeypatch.setattr(PCAExtractor, "batch_size", 16)
+    assert READ_BATCH[2] <= 64
+    real = _png_folder(tmp_path / "real", 20, seed=1)
+    peaks = {}
+    for n in (64, 192):
+        fake = _png_folder(tmp_path / f"fake{n}", n, seed=2)
+        with TensorMemory() as mem:
+            evaluate(real, fake, tmp_path / f"report{n}", bootstrap=0, msssim_pairs=10, features="pca", use_cache=False)
+        peaks[n] = mem.peak_bytes
+    image = 64 * 64 * 4
+    assert peaks[192] - peaks[64] < 128 * image / 4, peaks

@@ -1,10 +1,12 @@
 """Medical data layer: readers, preprocessing, datasets, splits, the built-in cohort."""
 
 from medgen.data.dataset import (
+    ImageSet,
     MedicalDataset,
     Sample,
     check_samples,
     datasets_from_config,
+    iter_images,
     load_images,
     load_split,
     make_splits,
@@ -16,11 +18,13 @@ from medgen.data.readers import Loaded, load, read_image
 
 __all__ = [
     "DataConfig",
+    "ImageSet",
     "Loaded",
     "MedicalDataset",
     "Sample",
     "check_samples",
     "datasets_from_config",
+    "iter_images",
     "load",
     "load_images",
     "load_split",

@@ -82,11 +82,16 @@ def pairwise_msssim(images: torch.Tensor, pairs: torch.Tensor, batch_size: int =
     return torch.cat(out)
 
 
-def msssim_diversity(images: torch.Tensor, n_pairs: int = 500, seed: int = 0, device=None) -> dict:
+def msssim_diversity(images, n_pairs: int = 500, seed: int = 0, device=None) -> dict:
     """Mean MS-SSIM over random pairs of one set: {"msssim", "per_pair" (P,), "settings"}.
 
-    `settings` is the scoring recipe: window, sigma, scale weights and the intensity range."""
-    pairs = random_pairs(images.shape[0], n_pairs, seed)
+    `images`: (N, C, *S) in [-1, 1], or a set read from disk (`medgen.data.ImageSet`), of which
+    only the paired images are read. `settings` is the scoring recipe: window, sigma, scale
+    weights and the intensity range."""
+    pairs = random_pairs(len(images), n_pairs, seed)
+    if not isinstance(images, torch.Tensor):  # read the paired images only, never the whole set
+        used = pairs.unique()  # sorted
+        images, pairs = images.take(used.tolist()), torch.searchsorted(used, pairs)
     values = pairwise_msssim(images, pairs, device=device)
     settings = {**msssim_settings(images.shape[2:]), "intensity": "[0, 1] = (x + 1) / 2", "data_range": DATA_RANGE}
     return {"msssim": float(values.mean()), "per_pair": values, "settings": settings}
