@@ -1,19 +1,27 @@
 """Benchmark: peak memory of `medgen sample` and `medgen eval` against the number of samples N
 (issue 22: streaming means memory flat in N).
 
-Every measurement is a fresh `python -m medgen ...` process; its peak resident set size is the
-kernel's (`ru_maxrss` of that child, from `os.wait4`), so imports, the model and every buffer
-count, as a user's `/usr/bin/time -v` would show. The script builds what it measures:
+Every measurement is a fresh process that runs `medgen ARGS` (through `medgen.cli.main`). Two
+numbers per run:
+
+- peak RSS: the kernel's peak resident set size of the whole process (`ru_maxrss` of that child,
+  from `os.wait4`), what `/usr/bin/time -v` shows a user;
+- work peak: the peak resident set size while the command runs, after torch and medgen are
+  imported (VmHWM, reset through /proc/self/clear_refs once the imports are done). Start-up
+  alone peaks near 0.9 GiB and can hide a whole 2D set of 32^2 images (78 MiB at 20k).
+
+The script builds what it measures:
 
 - 2D: a cohort of 200 32^2 slices and a tiny pixel-space run on it (UNet [8, 16], one training
   step: the weights are as good as random, which does not matter for memory);
   `medgen sample --n N` for N in --n2d (default 1k and 20k), then `medgen eval` of each set
-  against the cohort (fixed real set; features pca, as offline users get).
+  against the cohort (a fixed real set; features pca, as offline users get).
 - 3D: the same with 50 volumes of 32^3 and N in --n3d (default 100 and 1,000).
 
 Sampling uses 1 DDIM step (the number of denoising steps changes time, not memory) in batches of
-100 images / 10 volumes. The growth column is (peak at the larger N - peak at the smaller N) /
-(difference in N): what each extra sample costs in memory.
+16 images (the default) / 4 volumes. "the set" is what N samples take as float32, what a
+whole-set implementation holds at least once; "growth" is (work peak at the larger N - at the
+smaller N) / (difference in N): what each extra sample costs.
 
     python eval/bench_memory.py                                    # this checkout
     python eval/bench_memory.py --medgen-src /tmp/medgen-main --label main
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,23 +51,33 @@ TINY = ["model.channels=[8,16]", "model.attention_levels=[false,false]", "model.
         "train.max_steps=1", "train.tracker=none", "sample.n_preview=1", "sample.steps=1", "train.checkpoint_every=1",
         "train.preview_every=1"]
 SETUP = {  # dims -> cohort size, image size, training config and extra overrides, sampling batch
-    2: dict(subjects=200, size=32, config="demo_diffusion_2d_pixel.yaml", overrides=["train.batch_size=4"], batch=100),
+    2: dict(subjects=200, size=32, config="demo_diffusion_2d_pixel.yaml", overrides=["train.batch_size=4"], batch=16),
     3: dict(subjects=50, size=32, config="demo_diffusion_3d.yaml", overrides=["train.batch_size=2", "data.shape=[32,32,32]"],
-            batch=10),
+            batch=4),
 }
+# The measured process: imports first, then the peak is reset, then the command runs.
+MEASURED = """import re, sys
+import torch, medgen.cli, medgen.data, medgen.metrics.report, medgen.sample.pipeline  # start-up: the libraries
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM from here on is the command's own peak
+code = medgen.cli.main(sys.argv[1:])
+print("WORK_PEAK_KIB", re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1), file=sys.stderr)
+sys.exit(code)
+"""
 
 
-def peak_rss(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
-    """(peak RSS in MiB, wall seconds) of one fresh process, run in the folder of `log` (not in a
-    source tree, which `python -m` would import first); its output goes to `log`."""
+def measure(args: list[str], env: dict, log: Path) -> dict:
+    """Peak RSS and work peak (MiB) and wall seconds of `medgen ARGS` in a fresh process, run in the
+    folder of `log` (not in a source tree, which Python would import first); output to `log`."""
     start = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent)
+        proc = subprocess.Popen([sys.executable, "-c", MEASURED, *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent)
         _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed (exit {proc.returncode}): {' '.join(cmd)}\n{log.read_text()[-2000:]}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - start  # ru_maxrss is in KiB on Linux
+    text = log.read_text()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed (exit {os.waitstatus_to_exitcode(status)}): medgen {' '.join(args)}\n{text[-2000:]}")
+    work = int(re.search(r"WORK_PEAK_KIB (\d+)", text).group(1))
+    return {"peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "work_peak_mib": round(work / 1024, 1),  # KiB on Linux
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def medgen(*args: str) -> list[str]:
@@ -102,26 +121,27 @@ def main() -> None:
                 samples, report = work / f"{label.replace('/', '_')}_s{dims}d_{n}", work / f"{label.replace('/', '_')}_e{dims}d_{n}"
                 for path in (samples, report):
                     shutil.rmtree(path, ignore_errors=True)
-                sample = medgen("sample", "--run", run, "--n", n, "--out", samples, "--steps", 1, "--sampler", "ddim",
-                                "--batch-size", SETUP[dims]["batch"], "--device", "cpu")
-                evaluate = medgen("eval", "--real", cohort, "--fake", samples, "--out", report, "--features", "pca",
-                                  "--no-cache", "--device", "cpu")
+                sample = ["sample", "--run", run, "--n", n, "--out", samples, "--steps", 1, "--sampler", "ddim",
+                          "--batch-size", SETUP[dims]["batch"], "--device", "cpu"]
+                evaluate = ["eval", "--real", cohort, "--fake", samples, "--out", report, "--features", "pca", "--no-cache", "--device", "cpu"]
                 for command, cmd in (("sample", sample), ("eval", evaluate)):
-                    mib, seconds = peak_rss(cmd, measured, work / f"{command}{dims}d_{n}.log")
-                    rows.append({"command": command, "dims": dims, "n": n, "peak_rss_mib": round(mib, 1), "seconds": round(seconds, 1)})
-                    print(f"  {command} {dims}D N={n}: {mib:.0f} MiB, {seconds:.0f} s", file=sys.stderr, flush=True)
+                    row = {"command": command, "dims": dims, "n": n, "set_mib": round(n * SETUP[dims]["size"] ** dims * 4 / 2**20, 1),
+                           **measure([str(a) for a in cmd], measured, work / f"{command}{dims}d_{n}.log")}
+                    rows.append(row)
+                    print(f"  {row}", file=sys.stderr, flush=True)
                 shutil.rmtree(samples, ignore_errors=True)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nPeak RSS of `medgen sample` / `medgen eval` vs N ({label}); {cpu_name()}, OMP_NUM_THREADS={args.threads}\n")
-    print("| command | dims | N | peak RSS (MiB) | growth per sample (KiB) | wall (s) |")
-    print("|---|---|---|---|---|---|")
+    print(f"\nPeak memory of `medgen sample` / `medgen eval` vs N ({label}); {cpu_name()}, OMP_NUM_THREADS={args.threads}\n")
+    print("| command | dims | N | the set (MiB) | peak RSS (MiB) | work peak (MiB) | growth per sample (KiB) | wall (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         prev = next((p for p in rows if p["command"] == r["command"] and p["dims"] == r["dims"] and p["n"] < r["n"]), None)
-        growth = f"{(r['peak_rss_mib'] - prev['peak_rss_mib']) * 1024 / (r['n'] - prev['n']):.2f}" if prev else "-"
-        print(f"| {r['command']} | {r['dims']}D | {r['n']} | {r['peak_rss_mib']:.0f} | {growth} | {r['seconds']:.0f} |")
+        growth = f"{(r['work_peak_mib'] - prev['work_peak_mib']) * 1024 / (r['n'] - prev['n']):.1f}" if prev else "-"
+        print(f"| {r['command']} | {r['dims']}D | {r['n']} | {r['set_mib']:.0f} | {r['peak_rss_mib']:.0f} | {r['work_peak_mib']:.0f} "
+              f"| {growth} | {r['seconds']:.0f} |")
     print(json.dumps({"bench": "memory", "label": label, "machine": cpu_name(), "threads": args.threads, "rows": rows}))
 
 

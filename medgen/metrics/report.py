@@ -180,8 +180,8 @@ def fid_2p5d(ex, real: ImageSet, fake: ImageSet, n_boot: int, seed: int, slice_s
     for plane, view in views.items():
         r = _features(ex, real, f"2.5d:{plane}:{slice_step}", use_cache, f"real {plane} slices", view)
         f = _features(ex, fake, f"2.5d:{plane}:{slice_step}", use_cache, f"synthetic {plane} slices", view)
-        feats[plane] = (r.reshape(len(real), -1, r.shape[1]).to(device, torch.float64),
-                        f.reshape(len(fake), -1, f.shape[1]).to(device, torch.float64))  # (N, slices, D)
+        # (N, slices, D), kept in float32: frechet_distance casts what it gets to float64 (same numbers, half the memory)
+        feats[plane] = (r.reshape(len(real), -1, r.shape[1]).to(device), f.reshape(len(fake), -1, f.shape[1]).to(device))
     point = {p: frechet_distance(r.flatten(0, 1), f.flatten(0, 1)) for p, (r, f) in feats.items()}
     reps: dict[str, list[float]] = {p: [] for p in feats}
     for ir, jf in half_samples(len(real), len(fake), n_boot, seed):  # one volume per half at least: many slices
