@@ -209,8 +209,9 @@ def test_eval_of_folders_equals_the_whole_set_computation_3d(cohort_3d, tmp_path
 def test_eval_memory_does_not_hold_the_synthetic_set(tmp_path, monkeypatch):
     """Peak tensor memory of `evaluate` on 64 and 192 synthetic 64^2 images: 128 more images
     (16 KiB each as float32) add less than a quarter of their size; what grows is per-sample
-    features and metric terms. Before streaming both sets were loaded whole. (The PCA
-    extractor's batch is cut to 16 images so that both sets span several batches.)"""
+    features and metric terms. Before streaming both sets were loaded whole; MS-SSIM's 100 pairs
+    read their images a batch of pairs at a time. (The PCA extractor's batch is cut to 16 images
+    so that both sets span several batches.)"""
     from medgen.metrics.features import PCAExtractor
     from medgen.metrics.report import READ_BATCH, evaluate
 
@@ -221,7 +222,7 @@ def test_eval_memory_does_not_hold_the_synthetic_set(tmp_path, monkeypatch):
     for n in (64, 192):
         fake = _png_folder(tmp_path / f"fake{n}", n, seed=2)
         with TensorMemory() as mem:
-            evaluate(real, fake, tmp_path / f"report{n}", bootstrap=0, msssim_pairs=10, features="pca", use_cache=False)
+            evaluate(real, fake, tmp_path / f"report{n}", bootstrap=0, msssim_pairs=100, features="pca", use_cache=False)
         peaks[n] = mem.peak_bytes
     image = 64 * 64 * 4
     assert peaks[192] - peaks[64] < 128 * image / 4, peaks
