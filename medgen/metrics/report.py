@@ -117,7 +117,6 @@ def _features(ex: F.FeatureExtractor, images: ImageSet, mode: str, use_cache: bo
 
 
 # ----------------------------------------------------------------------------- metrics
-SHOWN = 8  # real and synthetic images side by side in samples.png
 KID_SCALE = 1000  # KID is reported x10^3, as in the papers that use it (Bińkowski et al. 2018, Karras et al. 2020)
 
 
@@ -360,6 +359,9 @@ def report_markdown(report: dict) -> str:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     lines += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)
+
+
+SHOWN = 8  # real and synthetic images side by side in samples.png
 
 
 def _display(x: torch.Tensor) -> np.ndarray:
