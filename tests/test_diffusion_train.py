@@ -318,7 +318,7 @@ def test_latent_mode_end_to_end(tiny_autoencoder, cohort_2d, tmp_path):
     import medgen
     from medgen.diffusion import generators, sample_loop
 
-    pipe = medgen.load_pipeline(run, device="cpu")
+    pipe = medgen.load_pipeline(str(run), device="cpu")  # a string, as users type it (issue 22 row 1)
     x = pipe.sample(2, steps=3, seed=0)
     assert x.shape == (2, 1, 32, 32)
     # the pipeline decodes z / scale_factor through the run's own copy of the autoencoder, unclipped

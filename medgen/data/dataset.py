@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -339,16 +339,59 @@ def datasets_from_config(data_cfg: Any, run_dir: str | os.PathLike | None = None
     return out
 
 
+class ImageSet:
+    """A dataset read in batches: scanned and checked once (every file is read, one at a time),
+    then read again batch by batch, so that memory holds one batch, not the set. Images are
+    preprocessed as `load_images` does; all share one shape (C, *S).
+
+    `source`: a folder, a manifest.csv or a list of `Sample`s; or images already in memory,
+    (N, C, *S) in [-1, 1] (then `samples` is empty).
+    """
+
+    def __init__(self, source: str | os.PathLike | Iterable[Sample] | torch.Tensor, data_cfg: Any = None):
+        self.cfg = DataConfig.from_any(data_cfg)
+        self.memory: torch.Tensor | None = None
+        if isinstance(source, torch.Tensor):
+            self.memory, self.samples, self.shape = source.float(), [], tuple(source.shape[1:])
+            return
+        samples = scan_dataset(source) if isinstance(source, (str, os.PathLike)) else list(source)
+        if not samples:
+            raise DataError(f"{source}: no images")
+        self.samples, _, summary = check_samples(samples, self.cfg, require_same_shape=True)
+        self.shape = (summary["channels"][0], *summary["shapes"][0])  # (C, *S) after preprocessing
+
+    def __len__(self) -> int:
+        return len(self.samples) if self.memory is None else len(self.memory)
+
+    def take(self, indices: Iterable[int]) -> torch.Tensor:
+        """The images at `indices`, (len(indices), C, *S), read now."""
+        indices = [int(i) for i in indices]
+        if self.memory is not None:
+            return self.memory[indices]
+        if not indices:
+            return torch.empty(0, *self.shape)
+        return torch.stack([preprocess(load(self.samples[i].path), self.cfg) for i in indices])
+
+    def batches(self, batch_size: int = 32) -> Iterator[tuple[torch.Tensor, list[Sample]]]:
+        """(images (B, C, *S), their samples) for consecutive batches, in order."""
+        for start in range(0, len(self), batch_size):
+            stop = min(len(self), start + batch_size)
+            yield self.take(range(start, stop)), self.samples[start:stop]
+
+
+def iter_images(path: str | os.PathLike | Iterable[Sample], data_cfg: Any = None,
+                batch_size: int = 32) -> Iterator[tuple[torch.Tensor, list[Sample]]]:
+    """Read a dataset in batches of (images (B, C, *S), samples), preprocessed as `load_images`
+    does, holding one batch in memory (the streaming reader of eval and release). Every file is
+    checked before the first batch, so a bad file stops the read before any work is done."""
+    return ImageSet(path, data_cfg).batches(batch_size)
+
+
 def load_images(path: str | os.PathLike | Iterable[Sample], data_cfg: Any = None) -> tuple[torch.Tensor, list[Sample]]:
-    """Load a whole folder as one tensor (N, C, *S) (for eval and audit).
+    """Load a whole folder as one tensor (N, C, *S) (for the audit; `iter_images` reads in batches).
 
     Without `data_cfg` intensities are mapped to [-1, 1] by dtype range (8/16-bit files) or
     percentiles (float files). All images must share one shape after preprocessing.
     """
-    cfg = DataConfig.from_any(data_cfg)
-    samples = scan_dataset(path) if isinstance(path, (str, os.PathLike)) else list(path)
-    if not samples:
-        raise DataError(f"{path}: no images")
-    good, _, _ = check_samples(samples, cfg, require_same_shape=True)
-    tensors = [preprocess(load(s.path), cfg) for s in good]
-    return torch.stack(tensors), good
+    images = ImageSet(path, data_cfg)
+    return images.take(range(len(images))), images.samples

@@ -36,7 +36,7 @@ import logging
 import os
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -188,6 +188,29 @@ class FeatureExtractor:
             else:
                 feats = self._run(b)
             out.append(feats)
+        return torch.cat(out) if out else torch.empty(0, 0)
+
+    def extract(self, batches: Iterable[torch.Tensor], total: int, desc: str = "features", value_range: str = "auto") -> torch.Tensor:
+        """Features (N, D) of a stream of image batches (B, C, *S) (e.g. read from disk), `total`
+        images in all. The stream is re-cut into this extractor's own batch size, so the numbers
+        equal those of one call on the whole set while memory holds about one batch; progress per
+        image (`medgen.progress`)."""
+        from medgen.progress import progress
+
+        bar = progress(total=total, desc=desc, unit="image")
+        out, pending, held = [], [], 0
+        for batch in batches:
+            pending.append(batch)
+            held += len(batch)
+            while held >= self.batch_size:
+                rows = torch.cat(pending)
+                out.append(self(rows[: self.batch_size], value_range))
+                pending, held = [rows[self.batch_size :]], held - self.batch_size
+                bar.update(self.batch_size)
+        if held:
+            out.append(self(torch.cat(pending), value_range))
+            bar.update(held)
+        bar.close()
         return torch.cat(out) if out else torch.empty(0, 0)
 
     def _run(self, b: torch.Tensor) -> torch.Tensor:
@@ -403,15 +426,20 @@ class PCAExtractor(FeatureExtractor):
             x = torch.nn.functional.interpolate(x, size=size, mode=mode, **({} if shrink else {"align_corners": False}))
         return x.flatten(1).double()
 
-    @torch.no_grad()
     def fit(self, real_images, value_range: str = "auto") -> "PCAExtractor":
         """Fit on (N, C, *S) real images, or a list of such sets (e.g. the slices of each plane)."""
-        sets = real_images if isinstance(real_images, (list, tuple)) else [real_images]
-        sets = [torch.as_tensor(t) for t in sets]
-        spatial = sets[0].ndim - 2
+        sets = [torch.as_tensor(t) for t in (real_images if isinstance(real_images, (list, tuple)) else [real_images])]
+        return self.fit_batches([[t] for t in sets], [t.shape[2:] for t in sets], value_range)
+
+    @torch.no_grad()
+    def fit_batches(self, sets: Sequence[Iterable[torch.Tensor]], spatial_shapes: Sequence[Sequence[int]],
+                    value_range: str = "auto") -> "PCAExtractor":
+        """`fit` on sets read in batches: each set an iterable of (B, C, *S) batches, with its
+        spatial shape S in `spatial_shapes`; only the rows on the grid ((N, P) float64) are held."""
+        spatial = len(spatial_shapes[0])
         if self.size is None:  # never upsample: the grid is at most the smallest image side
-            self.size = min([64 if spatial == 2 else 32] + [min(t.shape[2:]) for t in sets])
-        x = torch.cat([self._grid(to_unit_interval(t, value_range) * 2 - 1) for t in sets])  # (N, P)
+            self.size = min([64 if spatial == 2 else 32] + [min(s) for s in spatial_shapes])
+        x = torch.cat([self._grid(to_unit_interval(b, value_range) * 2 - 1) for batches in sets for b in batches])  # (N, P)
         if x.shape[0] < 3:
             raise DataError(f"in-domain PCA features need at least 3 real samples, got {x.shape[0]}")
         k = min(self.n_components, x.shape[0] - 1, x.shape[1])

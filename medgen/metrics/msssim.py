@@ -63,30 +63,43 @@ def random_pairs(n: int, n_pairs: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor(sorted(pairs))
 
 
-def pairwise_msssim(images: torch.Tensor, pairs: torch.Tensor, batch_size: int = 16, device=None) -> torch.Tensor:
-    """(N, C, *S) images in [-1, 1], (P, 2) pairs -> (P,) MS-SSIM values on [0, 1] (float64, CPU)."""
+def _images(images, indices: torch.Tensor) -> torch.Tensor:
+    """Rows `indices` of a (N, C, *S) tensor, or read from a set on disk (`medgen.data.ImageSet`)."""
+    return images[indices] if isinstance(images, torch.Tensor) else images.take(indices.tolist())
+
+
+def _spatial_shape(images) -> tuple[int, ...]:
+    return tuple(images.shape[2:] if isinstance(images, torch.Tensor) else images.shape[1:])  # an ImageSet's shape is (C, *S)
+
+
+def pairwise_msssim(images, pairs: torch.Tensor, batch_size: int = 16, device=None) -> torch.Tensor:
+    """(N, C, *S) images in [-1, 1] (a tensor, or a set read from disk, of which only the images of
+    each batch of pairs are read), (P, 2) pairs -> (P,) MS-SSIM values on [0, 1] (float64, CPU)."""
     from monai.metrics import MultiScaleSSIMMetric
 
-    spatial_dims = images.ndim - 2
+    spatial_dims = len(_spatial_shape(images))
     if spatial_dims not in (2, 3):
-        raise DataError(f"MS-SSIM needs 2D or 3D images (N, C, *S), got shape {tuple(images.shape)}")
-    cfg = msssim_settings(images.shape[2:])
+        raise DataError(f"MS-SSIM needs 2D or 3D images (N, C, *S), got spatial shape {_spatial_shape(images)}")
+    cfg = msssim_settings(_spatial_shape(images))
     metric = MultiScaleSSIMMetric(spatial_dims=spatial_dims, data_range=DATA_RANGE, reduction="none", **cfg)
-    device = torch.device(device) if device is not None else images.device
+    if device is None:
+        device = images.device if isinstance(images, torch.Tensor) else torch.device("cpu")
     out = []
     for s in range(0, len(pairs), batch_size):
         p = pairs[s : s + batch_size]
-        a = (images[p[:, 0]].to(device, torch.float32) + 1) / 2  # [-1, 1] -> [0, 1]
-        b = (images[p[:, 1]].to(device, torch.float32) + 1) / 2
+        a = (_images(images, p[:, 0]).to(device, torch.float32) + 1) / 2  # [-1, 1] -> [0, 1]
+        b = (_images(images, p[:, 1]).to(device, torch.float32) + 1) / 2
         out.append(metric(a, b).reshape(-1).double().cpu())  # (B, C, *S) x 2 -> (B,)
     return torch.cat(out)
 
 
-def msssim_diversity(images: torch.Tensor, n_pairs: int = 500, seed: int = 0, device=None) -> dict:
+def msssim_diversity(images, n_pairs: int = 500, seed: int = 0, device=None) -> dict:
     """Mean MS-SSIM over random pairs of one set: {"msssim", "per_pair" (P,), "settings"}.
 
-    `settings` is the scoring recipe: window, sigma, scale weights and the intensity range."""
-    pairs = random_pairs(images.shape[0], n_pairs, seed)
+    `images`: (N, C, *S) in [-1, 1], or a set read from disk (`medgen.data.ImageSet`), of which
+    only the images of one batch of pairs are in memory at a time. `settings` is the scoring
+    recipe: window, sigma, scale weights and the intensity range."""
+    pairs = random_pairs(len(images), n_pairs, seed)
     values = pairwise_msssim(images, pairs, device=device)
-    settings = {**msssim_settings(images.shape[2:]), "intensity": "[0, 1] = (x + 1) / 2", "data_range": DATA_RANGE}
+    settings = {**msssim_settings(_spatial_shape(images)), "intensity": "[0, 1] = (x + 1) / 2", "data_range": DATA_RANGE}
     return {"msssim": float(values.mean()), "per_pair": values, "settings": settings}

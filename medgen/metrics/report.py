@@ -13,15 +13,17 @@ reported x10^3. Intervals: `medgen.metrics.bootstrap`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from medgen.data import ImageSet
 from medgen.errors import DataError
 from medgen.io import atomic_dir, atomic_write_json, atomic_write_text
 from medgen.metrics import features as F
@@ -41,30 +43,45 @@ PACKAGES = ("scipy", "monai", "clean-fid", "torchvision", "safetensors")  # in r
 
 
 # ----------------------------------------------------------------------------- inputs
-def load_set(path, what: str) -> tuple[torch.Tensor, list, dict]:
-    """(N, C, *S) in [-1, 1], samples, and a summary (dir, n, shape, source dtypes).
+READ_BATCH = {2: 64, 3: 4}  # images (volumes) read at a time: the sets are streamed, never loaded whole
+
+
+def open_set(path, what: str) -> tuple[ImageSet, dict]:
+    """The set, read in batches (`medgen.data.ImageSet`), and a summary (dir, n, shape, source dtypes).
 
     `path` may also be images already in memory, (N, C, *S) in [-1, 1] (the release evaluates
     the preprocessed sets it audits): no samples, so no feature cache."""
-    from medgen.data import load_images, scan_dataset
+    from medgen.data import scan_dataset
     from medgen.data.readers import load
 
     if isinstance(path, torch.Tensor):
         if path.shape[0] < 2:
             raise DataError(f"{what} set: {path.shape[0]} image(s); the metrics need at least 2")
-        return path.float(), [], {"dir": None, "n": int(path.shape[0]), "shape": list(path.shape[1:]), "source_dtype": ["in memory"]}
+        return ImageSet(path), {"dir": None, "n": int(path.shape[0]), "shape": list(path.shape[1:]), "source_dtype": ["in memory"]}
     path = Path(path)
     if not path.exists():
         raise DataError(f"{what} folder {path} does not exist")
     samples = scan_dataset(path)
     if not samples:
         raise DataError(f"{what} folder {path} holds no images")
-    images, samples = load_images(samples)
-    if images.shape[0] < 2:
-        raise DataError(f"{what} folder {path}: {images.shape[0]} image(s); the metrics need at least 2 (use hundreds for stable numbers)")
-    dtypes = sorted({str(load(s.path).source_dtype) for s in samples[: min(len(samples), 4)]})
-    summary = {"dir": str(path), "n": int(images.shape[0]), "shape": list(images.shape[1:]), "source_dtype": dtypes}
-    return images, samples, summary
+    images = ImageSet(samples)
+    if len(images) < 2:
+        raise DataError(f"{what} folder {path}: {len(images)} image(s); the metrics need at least 2 (use hundreds for stable numbers)")
+    dtypes = sorted({str(load(s.path).source_dtype) for s in images.samples[: min(len(images), 4)]})
+    summary = {"dir": str(path), "n": len(images), "shape": list(images.shape), "source_dtype": dtypes}
+    return images, summary
+
+
+def _stream(images: ImageSet, view: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+    """The set's batches as read from disk, each through `view` (e.g. the slices of one plane)."""
+    for x, _ in images.batches(READ_BATCH[len(images.shape) - 1]):
+        yield x if view is None else view(x)
+
+
+def _viewed_shape(images: ImageSet, view: Callable[[torch.Tensor], torch.Tensor] | None) -> list[int]:
+    """The shape `view` gives the whole set, worked out without reading it (on a meta tensor)."""
+    whole = torch.empty(len(images), *images.shape, device="meta")
+    return list((whole if view is None else view(whole)).shape)
 
 
 # ----------------------------------------------------------------------------- extractors
@@ -82,11 +99,19 @@ def choose_extractor(name: str, spatial_dims: int, weights=None, device=None) ->
     return ex
 
 
-def _features(ex: F.FeatureExtractor, images: torch.Tensor, samples, mode: str, use_cache: bool) -> torch.Tensor:
-    if not samples:  # images in memory: no file paths to key a cache on
-        return ex(images)
-    key = F.cache_key([s.path for s in samples], ex.recipe, {"mode": mode, "shape": list(images.shape)})
-    feats, hit = F.cached_features(key, lambda: {"features": ex(images)}, use_cache)
+def _features(ex: F.FeatureExtractor, images: ImageSet, mode: str, use_cache: bool, desc: str,
+              view: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """(N, D) features of every image, or of every `view` of them, streamed from disk (cached
+    per file list, extractor and mode)."""
+    shape = _viewed_shape(images, view)
+
+    def compute() -> torch.Tensor:
+        return ex.extract(_stream(images, view), total=shape[0], desc=f"features {desc} ({ex.recipe.get('extractor')})")
+
+    if not images.samples:  # images in memory: no file paths to key a cache on
+        return compute()
+    key = F.cache_key([s.path for s in images.samples], ex.recipe, {"mode": mode, "shape": shape})
+    feats, hit = F.cached_features(key, lambda: {"features": compute()}, use_cache)
     log.info("features %s (%s): %s", ex.recipe.get("extractor"), mode, "cache hit" if hit else "computed")
     return feats["features"]
 
@@ -144,20 +169,21 @@ def feature_metrics(real_f: torch.Tensor, fake_f: torch.Tensor, metrics: Sequenc
     return out
 
 
-def fid_2p5d(ex, real, real_s, fake, fake_s, n_boot: int, seed: int, slice_step: int, use_cache: bool, device) -> dict:
+def fid_2p5d(ex, real: ImageSet, fake: ImageSet, n_boot: int, seed: int, slice_step: int, use_cache: bool, device) -> dict:
     """Per-plane FD over all slices (every `slice_step`-th) and their mean; the interval comes
     from half-samples of whole volumes (slices of one volume are not independent)."""
-    feats = {}
+    views = {plane: functools.partial(F.volume_slices, axis=axis, step=slice_step) for plane, axis in F.PLANES.items()}
     if isinstance(ex, F.PCAExtractor):  # one basis for all planes, fitted on the real slices
-        ex.fit([F.volume_slices(real, a, slice_step) for a in F.PLANES.values()])
-    for plane, axis in F.PLANES.items():
-        r = _features(ex, F.volume_slices(real, axis, slice_step), real_s, f"2.5d:{plane}:{slice_step}", use_cache)
-        f = _features(ex, F.volume_slices(fake, axis, slice_step), fake_s, f"2.5d:{plane}:{slice_step}", use_cache)
-        feats[plane] = (r.reshape(real.shape[0], -1, r.shape[1]).to(device, torch.float64),
-                        f.reshape(fake.shape[0], -1, f.shape[1]).to(device, torch.float64))  # (N, slices, D)
+        ex.fit_batches([_stream(real, v) for v in views.values()], [_viewed_shape(real, v)[2:] for v in views.values()])
+    feats = {}
+    for plane, view in views.items():
+        r = _features(ex, real, f"2.5d:{plane}:{slice_step}", use_cache, f"real {plane} slices", view)
+        f = _features(ex, fake, f"2.5d:{plane}:{slice_step}", use_cache, f"synthetic {plane} slices", view)
+        # (N, slices, D), kept in float32: frechet_distance casts what it gets to float64 (same numbers, half the memory)
+        feats[plane] = (r.reshape(len(real), -1, r.shape[1]).to(device), f.reshape(len(fake), -1, f.shape[1]).to(device))
     point = {p: frechet_distance(r.flatten(0, 1), f.flatten(0, 1)) for p, (r, f) in feats.items()}
     reps: dict[str, list[float]] = {p: [] for p in feats}
-    for ir, jf in half_samples(real.shape[0], fake.shape[0], n_boot, seed):  # one volume per half at least: many slices
+    for ir, jf in half_samples(len(real), len(fake), n_boot, seed):  # one volume per half at least: many slices
         for p, (r, f) in feats.items():
             reps[p].append(frechet_distance(r[ir.to(device)].flatten(0, 1), f[jf.to(device)].flatten(0, 1)))
     out = {p: _fd_value(point[p], half_sample_interval(point[p], reps[p]) if n_boot else None) for p in feats}
@@ -197,13 +223,13 @@ def evaluate(
         raise RunError(f"{out} already exists; pass --overwrite to replace it")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     start = time.perf_counter()
-    real_x, real_s, real_info = load_set(real, "real")
-    fake_x, fake_s, fake_info = load_set(fake, "fake")
-    if real_x.ndim != fake_x.ndim:
-        raise DataError(f"real images are {real_x.ndim - 2}D ({real}) but synthetic ones are {fake_x.ndim - 2}D ({fake}); compare like with like")
-    if real_x.shape[1] != fake_x.shape[1]:
-        raise DataError(f"real images have {real_x.shape[1]} channel(s), synthetic ones {fake_x.shape[1]}")
-    dims = real_x.ndim - 2
+    real_set, real_info = open_set(real, "real")  # read in batches: neither set is ever held whole
+    fake_set, fake_info = open_set(fake, "fake")
+    dims, fake_dims = len(real_set.shape) - 1, len(fake_set.shape) - 1
+    if dims != fake_dims:
+        raise DataError(f"real images are {dims}D ({real}) but synthetic ones are {fake_dims}D ({fake}); compare like with like")
+    if real_set.shape[0] != fake_set.shape[0]:
+        raise DataError(f"real images have {real_set.shape[0]} channel(s), synthetic ones {fake_set.shape[0]}")
     notes = []
     if real_info["source_dtype"] != fake_info["source_dtype"]:
         notes.append(f"real files are {real_info['source_dtype']} and synthetic files {fake_info['source_dtype']}; both were mapped to [-1, 1] by their own range before feature extraction")
@@ -216,15 +242,15 @@ def evaluate(
         if dims == 3 and "fid" in metrics:
             ex2 = choose_extractor(features, 2, weights, device)
             key = metric_keys(ex2.recipe["extractor"])["fid"] + "_2.5d"
-            results[key] = fid_2p5d(ex2, real_x, real_s, fake_x, fake_s, bootstrap, seed, slice_step, use_cache, device)
+            results[key] = fid_2p5d(ex2, real_set, fake_set, bootstrap, seed, slice_step, use_cache, device)
             recipe["features_2.5d"] = {**ex2.recipe, "slice_step": slice_step, "planes": list(F.PLANES)}
         ex = choose_extractor(features if dims == 2 else features_3d, dims, weights if dims == 2 else None, device)
         if isinstance(ex, F.PCAExtractor):
-            ex.fit(real_x)
+            ex.fit_batches([_stream(real_set)], [real_set.shape[1:]])
             notes.append("features: in-domain PCA of the real set, so the distances are fd_pca/kid_pca, not FID/KID; "
                          "they compare models on this real set only, not across datasets or papers")
-        real_f = _features(ex, real_x, real_s, f"{dims}d", use_cache)
-        fake_f = _features(ex, fake_x, fake_s, f"{dims}d", use_cache)
+        real_f = _features(ex, real_set, f"{dims}d", use_cache, "real")
+        fake_f = _features(ex, fake_set, f"{dims}d", use_cache, "synthetic")
         keys = metric_keys(ex.recipe["extractor"])
         results.update(feature_metrics(real_f, fake_f, feature_based, bootstrap, seed, device, keys))
         recipe["features"] = ex.recipe
@@ -234,7 +260,7 @@ def evaluate(
             recipe["kid"] = {"kernel": "(x.y/d + 1)^3", "estimator": "unbiased MMD^2", "scale": KID_SCALE, "num_subsets": 100,
                              "subset_size": results[keys["kid"]]["subset_size"]}
     if "msssim" in metrics:
-        for name, x in (("fake", fake_x), ("real", real_x)):
+        for name, x in (("fake", fake_set), ("real", real_set)):
             d = msssim_diversity(x, n_pairs=msssim_pairs, seed=seed, device=device)
             ci = bootstrap_mean(d["per_pair"], bootstrap, seed) if bootstrap else None
             results[f"msssim_{name}"] = _value(d["msssim"], ci, pairs=int(d["per_pair"].numel()))
@@ -245,7 +271,8 @@ def evaluate(
     report = {"metrics": results, "recipe": recipe, "versions": software_versions(*PACKAGES), "notes": notes,
               "seconds": round(time.perf_counter() - start, 2)}
     if out is not None:
-        write_report(report, real_x, fake_x, Path(out), overwrite)
+        shown = range(min(SHOWN, len(real_set), len(fake_set)))  # samples.png: the first few of each set
+        write_report(report, real_set.take(shown), fake_set.take(shown), Path(out), overwrite)
     return report
 
 
@@ -334,6 +361,9 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+SHOWN = 8  # real and synthetic images side by side in samples.png
+
+
 def _display(x: torch.Tensor) -> np.ndarray:
     """(C, *S) in [-1, 1] -> 2D array for display (first channel, middle slice of volumes)."""
     img = x[0]
@@ -361,7 +391,7 @@ def write_figures(report: dict, real: torch.Tensor, fake: torch.Tensor, folder: 
         fig.tight_layout()
         fig.savefig(folder / "metrics.png", dpi=110)
         plt.close(fig)
-    n = min(8, real.shape[0], fake.shape[0])
+    n = min(SHOWN, real.shape[0], fake.shape[0])
     fig, axes = plt.subplots(2, n, figsize=(1.4 * n, 3.0), squeeze=False)
     for row, (name, x) in enumerate((("real", real), ("synthetic", fake))):
         for i in range(n):

@@ -476,7 +476,7 @@ def train_detector(
     2D, 5e-4 in 3D) with a short warm-up and cosine decay; bf16 autocast on CUDA unless
     `mixed_precision="no"`. `augmentation` overrides `augment`'s keyword defaults.
     """
-    from tqdm.auto import tqdm
+    from medgen.progress import progress as progress_bar  # `progress` is this function's switch
 
     spatial_dims = spatial_dims or images.ndim - 2
     if images.ndim != spatial_dims + 2:
@@ -510,7 +510,7 @@ def train_detector(
     cursor = 0
     losses: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc="copy detector", disable=None if progress else True, leave=False)  # None: off when not a TTY
+    bar = progress_bar(range(steps), desc="copy detector", enabled=progress)  # a bar on a terminal, lines in a log
     for step in bar:
         if cursor + batch_size > n:  # a new epoch: every image is seen once per pass
             order, cursor = torch.randperm(n, generator=cpu_gen), 0

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from medgen.errors import ConfigError
+from medgen.progress import progress
 from medgen.recon.kspace import apply_mask
 
 INIT_SCALE = 1e-3  # the start: Gaussian noise of norm 1e-3 * eps * ||k||
@@ -49,10 +50,11 @@ def project_ball(delta: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
 
 def worst_case_perturbation(recon: Callable[[torch.Tensor], torch.Tensor], kspace: torch.Tensor, mask: torch.Tensor,
                             eps: Sequence[float], *, steps: int = 200, lr: float = 0.1,
-                            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            generator: torch.Generator | None = None, desc: str = "attack") -> tuple[torch.Tensor, torch.Tensor]:
     """delta (E*B, *k) for full k-space `kspace` (B, *k), eps-major, and the objective (E*B,) it reaches.
 
     recon: measured k-space (n, *k) -> reconstruction (n, ...), differentiable in its input.
+    desc: the progress line's name (`medgen.progress`, one unit per Adam step).
     """
     eps_t = torch.tensor(check_eps(eps), dtype=torch.float32, device=kspace.device)
     E, B = len(eps_t), kspace.shape[0]
@@ -71,6 +73,7 @@ def worst_case_perturbation(recon: Callable[[torch.Tensor], torch.Tensor], kspac
     opt = torch.optim.Adam([delta], lr=lr)
     best = delta.detach().clone()
     best_value = torch.full((E * B,), -1.0, device=k.device)
+    bar = progress(total=steps, desc=desc)
     for step in range(steps + 1):
         value = objective(delta)
         with torch.no_grad():  # keep the worst iterate so far
@@ -84,6 +87,8 @@ def worst_case_perturbation(recon: Callable[[torch.Tensor], torch.Tensor], kspac
         opt.step()
         with torch.no_grad():
             delta.copy_(project_ball(delta, radius))
+        bar.update(1)
+    bar.close()
     return best, best_value
 
 

@@ -269,11 +269,12 @@ def probe_acceleration(R: int, truth: torch.Tensor, x_cal: torch.Tensor, s: Prob
     deltas: dict[str, torch.Tensor] = {}
     if eps_pos:
         deltas["surrogate"] = worst_case_perturbation(recons.deterministic("surrogate"), kspace, physics.mask, eps_pos,
-                                                      steps=s.attack_steps, lr=s.attack_lr, generator=gen)[0]
+                                                      steps=s.attack_steps, lr=s.attack_lr, generator=gen,
+                                                      desc=f"attack on the surrogate, R={R}")[0]
         deltas["random"] = random_perturbation(deltas["surrogate"], gen)
         if "tv" in s.methods:
             deltas["tv"] = worst_case_perturbation(recons.deterministic("tv"), kspace, physics.mask, eps_pos,
-                                                   steps=s.attack_steps, lr=s.attack_lr, generator=gen)[0]
+                                                   steps=s.attack_steps, lr=s.attack_lr, generator=gen, desc=f"attack on TV, R={R}")[0]
     out["seconds"][f"attack_R{R}"] = round(time.perf_counter() - tic, 2)
     N = kspace.shape[0]
 

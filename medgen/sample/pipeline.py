@@ -15,7 +15,7 @@ import io
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from medgen.diffusion import NoiseSchedule, generators, sample_loop
 from medgen.diffusion.latents import LatentScaling, decode_latents
 from medgen.diffusion.sampling import default_sampler, noise_risk
 from medgen.errors import ConfigError, RunError
-from medgen.io import ensure_new_output, sha256_file
+from medgen.io import atomic_write_bytes, ensure_new_output, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ MANIFEST_FIELDS = ("file", "label", "seed", "sampler", "steps", "guidance", "che
 # what a run written before model/config.json carried its `sampling` entry samples with (sampler,
 # steps None: the measured default for the run's space, medgen.diffusion.default_sampler)
 SAMPLING_DEFAULTS = {"sampler": None, "steps": None, "guidance": 1.0, "eta": 0.0}
+GRID_SAMPLES = {2: 64, 3: 8}  # grid.png shows the first 64 images, or mid slices of the first 8 volumes
 
 
 def diffusion_model(run_dir: str | os.PathLike) -> tuple[Path, dict]:
@@ -75,6 +76,7 @@ class DiffusionPipeline:
     def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device | None = None) -> "DiffusionPipeline":
         from medgen.models.serialization import load_inference_model
 
+        run_dir = Path(run_dir)  # a user's string as much as a Path
         model_dir, config = diffusion_model(run_dir)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         denoiser = load_inference_model(model_dir, device)
@@ -118,7 +120,6 @@ class DiffusionPipeline:
             log.warning("sampling: %s", risk)
         return s
 
-    @torch.no_grad()
     def sample(self, n: int, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
                label: int | Sequence[int] | None = None, seed: int = 0, batch_size: int = 16, eta: float | None = None,
                progress: bool = False) -> torch.Tensor:
@@ -127,20 +128,28 @@ class DiffusionPipeline:
         sampler, steps, guidance, eta: None takes the run's own (`self.sampling`; a null sampler or
         step count there: the measured default for the run's space). label: None (unconditional; a
         conditional model uses its null class), one class for all, or one per sample. guidance:
-        classifier-free guidance scale (1 = plain conditional).
+        classifier-free guidance scale (1 = plain conditional). All `n` are held in memory; to
+        write many, use `sample_batches` (or `write_samples`).
         """
+        return torch.cat(list(self.sample_batches(n, sampler, steps, guidance, label, seed, batch_size, eta, progress)))
+
+    def sample_batches(self, n: int, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
+                       label: int | Sequence[int] | None = None, seed: int = 0, batch_size: int = 16, eta: float | None = None,
+                       progress: bool = False) -> Iterator[torch.Tensor]:
+        """`sample`'s samples one batch at a time, (B, C, *S) float32 on the CPU in [-1, 1], each
+        made when asked for: batch k holds samples k*batch_size..., sample i with seed `seed + i`.
+        Arguments are checked now, not at the first batch. `progress`: a `medgen.progress` bar."""
         s = self.sampling_settings(sampler, steps, guidance, eta)
         if n < 1 or batch_size < 1:
             raise ConfigError(f"n and batch_size must be >= 1 (got {n}, {batch_size})")
-        labels = self._labels(label, n)
-        amp = torch.bfloat16 if self.device.type == "cuda" else None
-        out = []
-        starts = range(0, n, batch_size)
-        if progress:
-            from tqdm.auto import tqdm
+        return self._batches(n, s, self._labels(label, n), seed, batch_size, progress)
 
-            starts = tqdm(starts, desc="sample", unit="batch")
-        for i in starts:
+    @torch.no_grad()
+    def _batches(self, n: int, s: dict, labels: torch.Tensor | None, seed: int, batch_size: int, progress: bool) -> Iterator[torch.Tensor]:
+        from medgen.progress import progress as progress_bar
+
+        amp = torch.bfloat16 if self.device.type == "cuda" else None
+        for i in progress_bar(range(0, n, batch_size), desc="sample", unit="batch", enabled=progress):
             j = min(n, i + batch_size)
             z = sample_loop(self.denoiser, self.schedule, self.sample_shape, generators(range(seed + i, seed + j)),
                             sampler=str(s["sampler"]), steps=int(s["steps"]), labels=None if labels is None else labels[i:j],
@@ -148,8 +157,7 @@ class DiffusionPipeline:
                             eta=float(s["eta"]), clip_x0=self.clip_x0, device=self.device, autocast_dtype=amp)
             if self.autoencoder is not None:
                 z = decode_latents(self.autoencoder, z, self.latent_scaling)
-            out.append(z.clamp(-1, 1).cpu())
-        return torch.cat(out)
+            yield z.clamp(-1, 1).cpu()
 
 
 def load_pipeline(run_dir: str | os.PathLike, device: str | torch.device | None = None) -> DiffusionPipeline:
@@ -186,13 +194,16 @@ def write_samples(pipeline: DiffusionPipeline, out: str | os.PathLike, n: int, s
                   batch_size: int = 16, bit_depth: int = 8, overwrite: bool = False, eta: float | None = None,
                   progress: bool = False, processes=None) -> Path:
     """Generate `n` samples into a new sample directory (complete or not at all); sampler, steps,
-    guidance and eta default to the run's own.
+    guidance and eta default to the run's own. `overwrite`: replace a sample folder medgen wrote
+    (`medgen.io.ensure_new_output`), checked again when the folder is renamed into place.
+
+    Streaming: each batch is written as it is made; memory holds one batch, the first few samples
+    (for grid.png) and nothing per sample, so it does not grow with `n`.
 
     `processes` (`medgen.sample.shard.ProcessGroup`, default: the processes `accelerate launch`
     started, else this one): each samples its own block of indices (sample i keeps seed + i) and
     writes its files; the main process writes the manifest and grid.
     """
-    from medgen.io import atomic_write_bytes
     from medgen.sample.shard import ProcessGroup
     from medgen.train.preview import grid_png
 
@@ -204,28 +215,54 @@ def write_samples(pipeline: DiffusionPipeline, out: str | os.PathLike, n: int, s
     s = pipeline.sampling_settings(sampler, steps, guidance, eta)
     processes = processes or ProcessGroup.current(pipeline.device)
     shard = processes.shard(n, batch_size)  # this process's indices; sample i keeps seed + i
-    x = pipeline.sample(len(shard), **s, label=label, seed=seed + shard.start, batch_size=batch_size,
-                        progress=progress) if len(shard) else torch.empty(0, *pipeline.sample_shape)
-    names = [f"sample_{i:05d}" + (".png" if pipeline.spatial_dims == 2 else ".nii.gz") for i in range(n)]
-    with processes.atomic_dir(out, overwrite=True) as tmp:
-        for i, img in zip(shard, x):
-            if pipeline.spatial_dims == 2:
-                atomic_write_bytes(tmp / names[i], _png_bytes(img, bit_depth))
-            else:
-                _write_nifti(tmp / names[i], img, pipeline.spacing)
-        n_grid = 64 if pipeline.spatial_dims == 2 else 8
-        grid = processes.gather(list(x[: max(0, n_grid - shard.start)]))  # after every process wrote its files
+    n_grid = GRID_SAMPLES[pipeline.spatial_dims]
+    with processes.atomic_dir(out, overwrite=overwrite, what="sample folder") as tmp:
+        grid: list[torch.Tensor] = []  # this process's share of the first n_grid samples
+        if len(shard):
+            index = shard.start
+            for x in pipeline.sample_batches(len(shard), **s, label=label, seed=seed + shard.start, batch_size=batch_size,
+                                             progress=progress):
+                for img in x:
+                    _write_sample(tmp / sample_name(index, pipeline.spatial_dims), img, bit_depth, pipeline.spacing)
+                    if index < n_grid:
+                        grid.append(img.clone())  # a copy: a view would keep the whole batch alive
+                    index += 1
+        grid = processes.gather(grid)  # after every process wrote its files
         if processes.is_main:
-            missing = [name for name in names if not (tmp / name).is_file()]
-            if missing:
-                raise RunError(f"{len(missing)} sample file(s) written by other processes are not in {tmp} (e.g. {missing[0]}); "
-                               f"with several machines --out must be on a filesystem every machine sees")
-            rows = [{"file": names[i], "label": "" if label is None else int(label), "seed": seed + i,
-                     "sampler": s["sampler"], "steps": s["steps"], "guidance": s["guidance"],
-                     "checkpoint_sha256": pipeline.checkpoint_sha256 or ""} for i in range(n)]
-            with open(tmp / "manifest.csv", "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
-                w.writeheader()
-                w.writerows(rows)
+            _check_all_written(tmp, n, pipeline.spatial_dims)
+            _write_manifest(tmp / "manifest.csv", n, pipeline.spatial_dims, label, seed, s, pipeline.checkpoint_sha256)
             atomic_write_bytes(tmp / "grid.png", grid_png(torch.stack(grid)))
     return Path(out)
+
+
+def sample_name(index: int, spatial_dims: int) -> str:
+    """The file name of sample `index` in a sample directory."""
+    return f"sample_{index:05d}" + (".png" if spatial_dims == 2 else ".nii.gz")
+
+
+def _write_sample(path: Path, img: torch.Tensor, bit_depth: int, spacing: Sequence[float] | None) -> None:
+    """(C, H, W) -> PNG written atomically; (C, D, H, W) -> NIfTI with the training spacing."""
+    if img.ndim == 3:
+        atomic_write_bytes(path, _png_bytes(img, bit_depth))
+    else:
+        _write_nifti(path, img, spacing)
+
+
+def _check_all_written(folder: Path, n: int, spatial_dims: int) -> None:
+    """Every sample file is in `folder` (other processes, maybe on other machines, wrote some)."""
+    missing = [name for name in (sample_name(i, spatial_dims) for i in range(n)) if not (folder / name).is_file()]
+    if missing:
+        raise RunError(f"{len(missing)} sample file(s) written by other processes are not in {folder} (e.g. {missing[0]}); "
+                       f"with several machines --out must be on a filesystem every machine sees")
+
+
+def _write_manifest(path: Path, n: int, spatial_dims: int, label: int | None, seed: int, settings: dict,
+                    checkpoint_sha256: str | None) -> None:
+    """manifest.csv, one row per sample, written row by row (no list of n rows)."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+        w.writeheader()
+        for i in range(n):
+            w.writerow({"file": sample_name(i, spatial_dims), "label": "" if label is None else int(label), "seed": seed + i,
+                        "sampler": settings["sampler"], "steps": settings["steps"], "guidance": settings["guidance"],
+                        "checkpoint_sha256": checkpoint_sha256 or ""})

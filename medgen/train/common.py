@@ -34,7 +34,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -62,6 +61,7 @@ from medgen.models.serialization import (  # noqa: F401  (re-exported: part of t
     load_model_config,
     save_inference_model,
 )
+from medgen.progress import ProgressLog, progress  # noqa: F401  (ProgressLog: re-exported for older imports)
 
 log = logging.getLogger(__name__)
 
@@ -386,50 +386,9 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def progress_bar(accelerator, total: int, initial: int = 0, desc: str = "train"):
-    """Progress on the main process: a tqdm bar on a terminal; in a log file (stderr not a
-    terminal) a `ProgressLog` line every 1% of the run (at least 10 steps) instead of one endless
-    bar line."""
-    if accelerator.is_main_process and not sys.stderr.isatty():
-        return ProgressLog(total, initial, desc)
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, unit="step",
-                disable=not accelerator.is_main_process)
-
-
-class ProgressLog:
-    """The part of tqdm's interface the loops use (`update`, `set_postfix`, `close`), writing
-    `desc: step N/T (P%), R step/s, ETA, postfix` to stderr every `every` steps, and at least
-    every `max_interval_s` seconds."""
-
-    def __init__(self, total: int, initial: int = 0, desc: str = "train", every: int | None = None,
-                 max_interval_s: float = 300.0):
-        self.total, self.n, self.start, self.desc = int(total), int(initial), int(initial), desc
-        self.every = every or max(10, (self.total - self.start) // 100)  # ~1% of the run, >= 10 steps
-        self.max_interval_s = max_interval_s
-        self.postfix = ""
-        self.t0 = self.last = time.perf_counter()
-
-    def set_postfix(self, **values: Any) -> None:
-        self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        now = time.perf_counter()
-        if (self.n - self.start) % self.every == 0 or self.n >= self.total or now - self.last >= self.max_interval_s:
-            self._line(now)
-
-    def _line(self, now: float) -> None:
-        self.last = now
-        rate = (self.n - self.start) / max(now - self.t0, 1e-9)
-        eta = (self.total - self.n) / rate if rate > 0 else 0.0
-        pct = 100.0 * self.n / max(self.total, 1)
-        print(f"{self.desc}: step {self.n}/{self.total} ({pct:.0f}%), {rate:.2f} step/s, "
-              f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}" + (f", {self.postfix}" if self.postfix else ""),
-              file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        pass
+    """Training progress on the main process (`medgen.progress`: a tqdm bar on a terminal, a line
+    every 1% of the run in a log file)."""
+    return progress(total=total, initial=initial, desc=desc, enabled=accelerator.is_main_process)
 
 
 # ----------------------------------------------------------------------------- NaN guard
