@@ -294,7 +294,7 @@ def make_release(
     say = echo if processes.is_main else (lambda _: None)
     train_s, hold_s, data_cfg, split_info = training_sets(run, train, holdout, holdout_splits=holdout_splits, data=data)
     pipe = load_pipeline(run, processes.device or device)
-    pipe._labels(label, 1)  # a label the model does not know: refused now, not after the audit is fitted
+    pipe.check_label(label)  # a label the model does not know: refused now, not after the audit is fitted
     settings = pipe.sampling_settings(sampler, steps, guidance, eta)  # as the rounds resolve them (for the card)
     # round 1 and its replacements are staged beside the release: room for about twice the audited set
     ensure_new_output(out, overwrite, "release folder", inputs=inputs,
@@ -323,12 +323,12 @@ def make_release(
     def judge_round(r: int, folder: Path, start: int) -> int:
         """Score round r's files batch by batch (as written: what would leave); refuse on a first
         round that does not pass; the next round's size. Keeps scores and file names, not images."""
-        from medgen.data import scan_dataset
+        from medgen.data import ImageSet
         from medgen.privacy.verdict import judge, score_set
 
-        files = scan_dataset(folder / "manifest.csv")
-        batches = (load_images(files[i : i + SCORE_BATCH], data_cfg)[0] for i in range(0, len(files), SCORE_BATCH))
-        scored = score_set(main["audit"], batches, device=device)
+        images = ImageSet(folder / "manifest.csv", data_cfg)
+        files = images.samples
+        scored = score_set(main["audit"], (x for x, _ in images.batches(SCORE_BATCH)), device=device)
         if r == 1:
             result = judge(main["audit"], scored, device=device, **judging)
             main["first"] = result
@@ -370,7 +370,7 @@ def make_release(
         if combined.verdict != "pass":
             raise _refuse(f"audit of all {sampled} samples of {len(rounds)} round(s)", combined)
         chosen = keep.nonzero().flatten()[:n].tolist()  # global indices, in sampling order
-        x_rel, _ = load_images([main["files"][g] for g in chosen], data_cfg)
+        x_rel, _ = load_images([main["files"][g] for g in chosen], data_cfg)  # the N released files, nothing more
         quality = relative_coverage(main["x_t"], main["x_h"], x_rel, features=features, seed=seed, device=device)
         if policy.min_coverage and (quality["ratio"] is None or quality["ratio"] < policy.min_coverage):
             raise ReleaseRefused(

@@ -93,6 +93,10 @@ class DiffusionPipeline:
         return cls(denoiser, NoiseSchedule(**config["diffusion"]), config, autoencoder, device,
                    sha256_file(model_dir / "model.safetensors"))
 
+    def check_label(self, label: int | None) -> None:
+        """Refuse a label this model cannot generate (ConfigError), before any work."""
+        self._labels(label, 1)
+
     def _labels(self, label: int | Sequence[int] | None, n: int) -> torch.Tensor | None:
         if label is None:
             return None
