@@ -80,10 +80,10 @@ def exact_part() -> dict:
             for nonc in (0.0, 0.01, 0.05):
                 for r in (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5):
                     grid.append(coverage(r, n_samples=n_s, n_control=n_c, recall=recall, nonc_rate=nonc, alpha=a1))
-    adjusted = {f"non-copies above tau {100 * q:.0f}% (new patients 15%)": round(coverage(0.1, n_samples=1000, n_control=100, recall=0.9, nonc_rate=q,
+    adjusted = {f"non-copies above tau {100 * q:g}% (new patients 15%)": round(coverage(0.1, n_samples=1000, n_control=100, recall=0.9, nonc_rate=q,
                                                                                                alpha=ALPHA, method="null-adjusted", null_rate=0.15, n_null=200), 4)
                 for q in (0.0, 0.075, 0.15)}
-    conservative = {f"non-copies above tau {100 * q:.0f}%": round(coverage(0.1, n_samples=1000, n_control=100, recall=0.9, nonc_rate=q, alpha=ALPHA), 4)
+    conservative = {f"non-copies above tau {100 * q:g}%": round(coverage(0.1, n_samples=1000, n_control=100, recall=0.9, nonc_rate=q, alpha=ALPHA), 4)
                     for q in (0.0, 0.075, 0.15)}
     return {"alpha": a1, "policy": POLICY, "rates": RATES, "pass_probability": table, "old_gate_pass_probability": old,
             "coverage_min": round(min(grid), 5), "coverage_cells": len(grid),

@@ -57,7 +57,7 @@ class DemoContext:
         """Cohort size and subject split. The audit (and so the release) needs at least 20 unseen
         subjects (held-out + validation): quick cohorts hold out more of their subjects."""
         if self.dims == 2:
-            return {"n": 64, "size": 32, "val": 0.15, "holdout": 0.2} if self.quick else {"n": 200, "size": 64, "val": 0.1, "holdout": 0.1}
+            return {"n": 64, "size": 48, "val": 0.15, "holdout": 0.2} if self.quick else {"n": 200, "size": 64, "val": 0.1, "holdout": 0.1}
         return {"n": 56, "size": 16, "val": 0.15, "holdout": 0.25} if self.quick else {"n": 80, "size": 32, "val": 0.1, "holdout": 0.15}
 
 
@@ -183,6 +183,11 @@ def run_demo(out: Path, quick: bool = False, dims: int = 2, stages: list[str] | 
     return ctx
 
 
+def _change(drop: float) -> str:
+    """A PSNR drop as a signed change, without a "-0.00" for a drop that rounds to nothing."""
+    return f"{round(-drop, 2) + 0.0:+.2f}"
+
+
 def summary_table(ctx: DemoContext) -> str:
     """What the demo found: the metrics, the audit verdict, the release or why it was refused, and
     whether the probe's worst-case perturbation transfers to the diffusion reconstructions."""
@@ -214,7 +219,7 @@ def summary_table(ctx: DemoContext) -> str:
         for t in probe["transfer"]:
             if t["eps"] == eps and t["method"] in ("projection", "dps"):
                 rows.append((f"probe {t['method']} R={t['acceleration']}",
-                             f"PSNR -{t['psnr_drop_worst_case']:.2f} dB at eps {eps:g} (random: -{t['psnr_drop_random']:.2f} dB), "
+                             f"PSNR {_change(t['psnr_drop_worst_case'])} dB at eps {eps:g} (random: {_change(t['psnr_drop_random'])} dB), "
                              f"{'transfers' if t['transfers'] else 'does not transfer'}"))
     except (KeyError, OSError, ValueError):
         pass

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from medgen.errors import DataError
+from medgen.privacy.bound import CopyBound
 from medgen.privacy.calibration import CopyAudit
-from medgen.privacy.families import VALIDATION_FAMILIES
+from medgen.privacy.families import LATENT_FAMILIES
 from medgen.privacy.planting import family_copies
 from medgen.privacy.verdict import MAX_COPY_RATE, judge
 
@@ -27,12 +29,20 @@ SETTINGS = {
     3: {"size": 32, "n_train": 60, "n_holdout": 40, "steps": 300, "batch_size": 32, "ae_steps": 120},
 }
 COHORT_SEED = 7  # the harness's test cohort (settings were chosen on seeds 0 and 3)
-N_GENUINE = {2: 200, 3: 40}  # other subjects: 200 in 2D, enough samples for the bound to pass 5%
+N_GENUINE = {2: 200, 3: 40}  # other subjects, standing in for an honest model
+N_STUDY = {2: 600, 3: 0}  # a typical study's sizes (2D): 200 more held-out images and 400 more new subjects
 # Union recall per family (flagged and matched to the source): the lowest over the harness's three
-# detector seeds on the test cohort (eval/RESULTS.md; `python eval/audit_harness.py --dims 2|3 --cohort-seed 3`).
+# detector seeds on the test cohort, in 2D also over its rerun with one thread (another autoencoder)
+# (eval/RESULTS.md, eval/logs/cpu/audit_harness_{2d,2d_1thread,3d}.json; `python eval/audit_harness.py --dims 2|3`).
+# Asserted where that lowest value is at least 50%; the weak spots below it (zoom and rotation,
+# and in decoded space elastic deformations and latent blends) vary from one autoencoder or
+# detector seed to the next and are reported in RESULTS, not asserted.
 HARNESS_MIN_RECALL = {
-    "pixel": {2: {"blur": 1.0, "gamma": 1.0, "blend": 0.95, "downup": 1.0, "rotation": 0.4, "elastic": 0.95}},
-    "latent": {2: {"autoencoder": 1.0, "latent-noise": 1.0}, 3: {"autoencoder": 1.0, "latent-noise": 1.0}},
+    "pixel": {2: {"blur": 1.0, "gamma": 1.0, "blend": 1.0, "downup": 1.0, "elastic": 0.95}},
+    "latent": {
+        2: {"autoencoder": 1.0, "latent-noise": 1.0, "latent-blend": 0.8, "blur": 1.0, "gamma": 1.0, "downup": 1.0, "blend": 0.7},
+        3: {"autoencoder": 1.0, "latent-noise": 1.0, "blur": 1.0, "gamma": 0.85, "downup": 1.0, "blend": 0.5},
+    },
 }
 K = 20
 
@@ -52,9 +62,10 @@ def _cohort(tmp_path_factory, dims: int):
 
     st = SETTINGS[dims]
     n_t, n_h = st["n_train"], st["n_holdout"]
-    path = synth_brain(tmp_path_factory.mktemp(f"cohort{dims}d") / "c", n=n_t + n_h + N_GENUINE[dims], dims=dims, size=st["size"], seed=COHORT_SEED)
+    n_g = n_t + n_h + N_GENUINE[dims]
+    path = synth_brain(tmp_path_factory.mktemp(f"cohort{dims}d") / "c", n=n_g + N_STUDY[dims], dims=dims, size=st["size"], seed=COHORT_SEED)
     x, samples = load_images(path)
-    return {"train": x[:n_t], "holdout": x[n_t : n_t + n_h], "genuine": x[n_t + n_h :], "samples": samples, "path": path}
+    return {"train": x[:n_t], "holdout": x[n_t : n_t + n_h], "genuine": x[n_t + n_h : n_g], "study": x[n_g:], "samples": samples, "path": path}
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +80,20 @@ def audit2d(cohort2d):
     return CopyAudit.fit(cohort2d["train"], cohort2d["holdout"], detector_options={"steps": st["steps"], "batch_size": st["batch_size"]}, seed=0)
 
 
+def _assert_at_null_level(audit, flagged: torch.Tensor) -> None:
+    """New subjects exceed tau at the union's nominal level (each detector's tau is a conformal
+    quantile of held-out images), up to three binomial standard deviations of sampling noise."""
+    nominal, n = sum(f.attained_level for f in audit.fits), len(flagged)
+    rate = float(flagged.double().mean())
+    assert rate <= nominal + 3 * math.sqrt(nominal * (1 - nominal) / n), f"{rate:.3f} of {n} new subjects above tau, nominal {nominal:.3f}"
+
+
 def _check_families(audit, train, minimum, roundtrip=None):
+    """As the harness scores them: a latent audit sees every copy decoded, as its model would output it."""
     for fam, floor in minimum.items():
         copies, sources = family_copies(train, fam, K, seed=0, autoencoder=roundtrip)
+        if audit.decoded and fam not in LATENT_FAMILIES:
+            copies = roundtrip(copies)
         recall = float(audit.score(copies).caught(sources).double().mean())  # flagged and matched to its source
         assert recall >= floor, f"{fam}: {recall:.2f} caught, the harness reports at least {floor:.2f}"
 
@@ -89,14 +111,24 @@ def test_families_never_trained_on_are_flagged_at_the_harness_rate_2d(audit2d, c
 def test_new_subjects_pass_within_the_bound_and_a_fifth_of_copies_fails(audit2d, cohort2d):
     genuine, train = cohort2d["genuine"], cohort2d["train"]
     honest = judge(audit2d, genuine)
-    # the null on new subjects: at most the nominal level of the union (a conformal max per detector)
-    nominal = sum(f.attained_level for f in audit2d.fits)
-    assert honest.is_copy.double().mean() <= nominal + 0.02, honest.report["n_copies"]
-    b = honest.report["bound"]
-    assert honest.verdict == "pass" and honest.exit_code == 0 and b["upper_pct"] <= 100 * MAX_COPY_RATE, b
-    assert b["sentence"].startswith("at 95% confidence, at most") and b["recall"] >= 0.95
+    _assert_at_null_level(audit2d, honest.is_copy)
+    rate = float(honest.is_copy.double().mean())
     t = honest.report["test"]
     assert t["p_value"] >= 0.05 and t["null_rate_pct"] == pytest.approx(100 * audit2d.null_rate, abs=1e-3)
+    b = honest.bound
+    assert b.recall >= 0.95 and honest.report["bound"]["sentence"].startswith("at 95% confidence, at most")
+    # never `fail`; 200 samples as flagged as new patients (~3%) cannot bound copies under 5% (the
+    # operating table), so the verdict passes or, if not, says how many samples would
+    if honest.verdict == "inconclusive":
+        to_pass = honest.report["samples_to_pass"]
+        assert to_pass > len(genuine) and f"about {to_pass} samples would pass" in honest.reasons[-1]
+        bigger = CopyBound(int(rate * to_pass), to_pass, b.control_caught, b.control_n, b.alpha)
+        assert bigger.upper <= MAX_COPY_RATE < CopyBound(int(rate * (to_pass - 1)), to_pass - 1, b.control_caught, b.control_n, b.alpha).upper
+    else:
+        assert honest.verdict == "pass" and b.upper <= MAX_COPY_RATE, honest.report["bound"]
+    # a policy a 200-sample set of new patients can meet passes, with the same bound
+    loose = judge(audit2d, genuine, max_copy_rate=0.1)
+    assert loose.verdict == "pass" and loose.exit_code == 0 and loose.bound.upper == pytest.approx(b.upper)
 
     # 160 new subjects + 40 copies from validation families: a fifth of the set
     fams = ("blur", "gamma", "blend", "downup", "elastic")
@@ -105,6 +137,20 @@ def test_new_subjects_pass_within_the_bound_and_a_fifth_of_copies_fails(audit2d,
     assert mixed.verdict == "fail" and mixed.exit_code == 1 and mixed.p_value < 0.05, mixed.report["test"]
     assert mixed.is_copy[160:].double().mean() >= 0.9 and mixed.bound.upper > 0.15
     assert mixed.report["thresholds"] == honest.report["thresholds"]  # the same calibrated audit judges every set
+
+
+def test_new_subjects_pass_at_a_studys_sizes(audit2d, cohort2d):
+    """Issue 20: genuine new subjects pass. With 200 held-out images each detector's tau is their
+    conformal quantile at 1/201 (the union's null about 1%), and 400 new subjects (an honest model
+    as good as it gets) pass the 5% policy; the same trained SSL detector, recalibrated."""
+    study, train = cohort2d["study"], cohort2d["train"]
+    holdout, new = study[:200], study[200:]
+    ssl = audit2d.fits[0].detector
+    audit = CopyAudit.fit(train, holdout, [ssl, "pixel-rank"], seed=0)
+    assert not audit.reasons and [f.attained_level for f in audit.fits] == [pytest.approx(1 / 201)] * 2
+    honest = judge(audit, new)
+    _assert_at_null_level(audit, honest.is_copy)
+    assert honest.verdict == "pass" and honest.exit_code == 0 and honest.bound.upper <= MAX_COPY_RATE, honest.report["bound"]
 
 
 def test_dar_measures_count_both_directions(audit2d, cohort2d):
@@ -137,7 +183,10 @@ def test_noise_and_blank_samples_are_reported_never_copies(audit2d, cohort2d):
     n = len(genuine)
     assert not result.is_copy[n:].any()
     assert result.report["not_anatomy"] == {"blank": 3, "noise": 10, "atypical": 3}
-    assert result.report["n_not_anatomy"] == 16 and result.verdict == "pass"  # non-copies: the bound counts them as such
+    assert result.report["n_not_anatomy"] == 16
+    # non-copies: the bound counts them in its denominator, so they can only lower it
+    alone = judge(audit2d, genuine).bound
+    assert (result.bound.n_flagged, result.bound.n_samples) == (alone.n_flagged, n + 16) and result.bound.upper < alone.upper
     assert result.scores.not_anatomy[:n] == [""] * n
     only_noise = judge(audit2d, noise)
     assert only_noise.verdict == "inconclusive" and any("nothing to audit" in x for x in only_noise.reasons)
@@ -203,8 +252,11 @@ def test_overlapping_or_tiny_holdout_and_small_sample_sets_are_refused_or_inconc
     # 30 honest samples cannot bound the copy share under 5%: inconclusive, with the number that would
     r = judge(ok, genuine[:30])
     assert r.verdict == "inconclusive" and r.exit_code == 3 and any("samples would pass" in x for x in r.reasons), r.reasons
-    need = r.report["samples_to_pass"]
-    assert 30 < need <= len(genuine) and judge(ok, genuine[:need]).bound.upper <= MAX_COPY_RATE + 0.01
+    need, b = r.report["samples_to_pass"], r.bound
+    assert b.n_flagged == 0 and b.control_caught == b.control_n == 60
+    # closed form with none flagged: upper = (1 - (a/2)^(1/n)) / (a/2)^(1/60); `need` is the least n under 5%
+    closed = lambda n: (1 - (b.alpha / 2) ** (1 / n)) / (b.alpha / 2) ** (1 / b.control_n)  # noqa: E731
+    assert closed(need) <= MAX_COPY_RATE < closed(need - 1)
 
 
 def test_audit_run_uses_exactly_the_runs_split_and_is_recorded(tmp_path, cohort2d):
@@ -255,7 +307,7 @@ def test_audit_run_uses_exactly_the_runs_split_and_is_recorded(tmp_path, cohort2
 def test_latent_copies_are_found_through_the_models_own_autoencoder_2d(cohort2d, tmp_path):
     """A latent model's copy is a decoded training latent. With the demo's VQ-GAN (trained as the
     demo trains it, 64^2), the latent detector catches round trips and noisy latents of training
-    images, while decoded new subjects (an honest latent model at best) stay under a 5% null."""
+    images, while decoded new subjects (an honest latent model at best) exceed tau at the null level."""
     from medgen.privacy.planting import train_roundtrip_autoencoder
 
     st = SETTINGS[2]
@@ -265,16 +317,16 @@ def test_latent_copies_are_found_through_the_models_own_autoencoder_2d(cohort2d,
     assert audit.decoded and not audit.reasons, audit.reasons
     assert audit.control.summary()["by_detector"]["latent"]["recall"] == 1.0
     _check_families(audit, cohort2d["train"], HARNESS_MIN_RECALL["latent"][2], roundtrip)
-    decoded = audit.score(roundtrip(cohort2d["genuine"]))
-    assert decoded.is_copy.double().mean() <= 0.05
     honest = judge(audit, roundtrip(cohort2d["genuine"]))
-    assert honest.verdict == "pass", honest.report["bound"]
+    _assert_at_null_level(audit, honest.is_copy)
+    # an honest latent model is never `fail`; at 200 samples the bound can be above 5% (inconclusive)
+    assert honest.verdict in ("pass", "inconclusive") and honest.report["test"]["p_value"] >= 0.05, honest.reasons
 
 
 @pytest.mark.slow
 def test_3d_latent_copies_new_subjects_and_noise(tmp_path_factory, tmp_path):
     """3D at 32^3 with the demo's 3D VQ-GAN: round trips and noisy latents are caught (every
-    pixel detector missed round trips at 16^3), decoded new subjects stay under a 5% null, a fifth
+    pixel detector missed round trips at 16^3), decoded new subjects exceed tau at the null level, a fifth
     of latent copies fails, and noise is never a copy."""
     from medgen.privacy.planting import train_roundtrip_autoencoder
 
@@ -286,7 +338,7 @@ def test_3d_latent_copies_new_subjects_and_noise(tmp_path_factory, tmp_path):
     assert not audit.reasons, audit.reasons
     _check_families(audit, train, HARNESS_MIN_RECALL["latent"][3], roundtrip)
     decoded = roundtrip(genuine)
-    assert audit.score(decoded).is_copy.double().mean() <= 0.05
+    _assert_at_null_level(audit, audit.score(decoded).is_copy)
     copies = torch.cat([family_copies(train, fam, 5, seed=5, autoencoder=roundtrip)[0] for fam in ("autoencoder", "latent-noise")])
     assert judge(audit, torch.cat([decoded, copies])).verdict == "fail"  # 10 of 50
     noise = (torch.randn((6,) + tuple(genuine.shape[1:]), generator=torch.Generator().manual_seed(0)) * 0.5).clamp(-1, 1)

@@ -291,7 +291,7 @@ def test_data_card_names_nothing_of_the_cohort(demo):
 @pytest.mark.slow
 def test_models_that_copy_a_fifth_are_refused_and_every_attempt_is_on_the_record(demo, capsys, monkeypatch):
     """A model whose outputs are 20% exact training images, and one whose outputs are 20% round
-    trips of training images through its own autoencoder: both releases are refused (exit 1),
+    trips of training images through its own autoencoder: both releases are refused (exit 1 or 3),
     nothing is written (an existing release under --overwrite stays as it was), and both attempts
     are in the run's log. The next, honest release is attempt 3: it is judged at alpha / 2^3 and
     its card lists the refused attempts."""
@@ -305,11 +305,13 @@ def test_models_that_copy_a_fifth_are_refused_and_every_attempt_is_on_the_record
         with monkeypatch.context() as m:
             _copying_model(m, out, kind)
             code, _, err = run_cli(capsys, *_release_args(out, "--n", "16", "--out", out / "release", "--overwrite"))
-        assert code == 1 and "release refused (nothing written)" in err and "verdict: fail" in err, err[-2000:]
+        # refused: `fail`, or `inconclusive` when the quick demo's 23 held-out images cannot make the
+        # excess significant at this attempt's alpha; either way the bound is far above the policy
+        assert code in (1, 3) and "release refused (nothing written)" in err and re.search(r"verdict: (fail|inconclusive)", err), err[-2000:]
         assert {p.name: p.read_bytes() for p in (out / "release").iterdir()} == before
         assert leftovers(out) == ["release"]
     verdicts = [a for a in read_attempts(run) if a.get("kind") == "release" and a.get("event") == "verdict"]
-    assert [a["verdict"] for a in verdicts[-2:]] == ["fail", "fail"] and [a["attempt"] for a in verdicts[-2:]] == [first + 1, first + 2]
+    assert {a["verdict"] for a in verdicts[-2:]} <= {"fail", "inconclusive"} and [a["attempt"] for a in verdicts[-2:]] == [first + 1, first + 2]
     assert all(a["bound_upper_pct"] > 15 for a in verdicts[-2:])  # a fifth copied: the bound says so
 
     code, _, err = run_cli(capsys, *_release_args(out, "--n", "16", "--out", out / "release_honest"))
@@ -317,7 +319,7 @@ def test_models_that_copy_a_fifth_are_refused_and_every_attempt_is_on_the_record
     a = card["audit"]
     assert code == 0 and a["attempt"] == first + 3 and a["alpha_used"] == pytest.approx(0.05 / 2 ** (first + 3))
     refused = [e for e in a["earlier_attempts"] if e.get("kind") == "release" and e.get("released") is False]
-    assert len(refused) >= 2 and all(e["verdict"] == "fail" for e in refused[-2:])
+    assert len(refused) >= 2 and all(e["verdict"] in ("fail", "inconclusive") for e in refused[-2:])
     assert "refused" in (out / "release_honest" / "DATA_CARD.md").read_text()
     shutil.rmtree(out / "release_honest")
 

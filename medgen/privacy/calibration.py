@@ -19,7 +19,9 @@ outputs: training and held-out images are decoded through it (what the model wou
 patient it reproduces, or for one it never saw), every detector compares samples with the
 decoded training images, the positive control's copies are decoded too, and the `latent`
 detector (native-resolution correlation) joins the union. Raw copies scored against decoded
-references would be flagged for their sharpness, not for being copies.
+references would be flagged for their sharpness, not for being copies. A sample is matched with
+the stored training images as well (the best of both, tau calibrated the same way): the decoder
+cannot output a raw training image, but a wrapper, a bug or a leak can, and that is a copy too.
 
 Beside the thresholds, `CopyAudit.fit` measures what a verdict needs to be trusted:
 
@@ -136,6 +138,12 @@ class DetectorFit:
     dar_threshold: float  # Dar et al. 2024's tau: percentile of each training image's best held-out similarity (a measure)
     train_holdout_best: torch.Tensor  # (Nt,) the scores behind dar_threshold
     effective_rank: float  # of the centred training embeddings (Roy & Vetterli 2007)
+    # (Nt, D) of the training images as stored, beside the decoded ones, in a latent model's audit:
+    # its decoder cannot output a raw training image, but a wrapper, a bug or a leak can (issue 20)
+    raw_train_embeddings: torch.Tensor | None = None
+
+    def best_match(self, e: torch.Tensor, similarity: str, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return best_training_match(e, self.train_embeddings, self.raw_train_embeddings, similarity, device)
 
     def health(self) -> list[str]:
         """Reasons this detector cannot be trusted (empty when it can)."""
@@ -174,19 +182,34 @@ def _embed(detector, images: torch.Tensor, name: str, what: str, device) -> torc
     return e
 
 
-def _fit_detector(detector, reference: torch.Tensor, calibration: torch.Tensor, similarity: str, null_level: float, percentile: float, device) -> DetectorFit:
+def best_training_match(e: torch.Tensor, e_t: torch.Tensor, e_raw: torch.Tensor | None, similarity: str, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) best similarity of embeddings `e` with a training image and (N,) its index; in a
+    latent model's audit (`e_raw`) the best over the decoded and the stored training images."""
+    v, i = pairwise_topk(e, e_t, k=1, metric=similarity, device=device)
+    v, i = v[:, 0].float().cpu(), i[:, 0].cpu()
+    if e_raw is not None:
+        vr, ir = pairwise_topk(e, e_raw, k=1, metric=similarity, device=device)
+        vr, ir = vr[:, 0].float().cpu(), ir[:, 0].cpu()
+        v, i = torch.maximum(v, vr), torch.where(vr > v, ir, i)
+    return v, i
+
+
+def _fit_detector(detector, reference: torch.Tensor, calibration: torch.Tensor, similarity: str, null_level: float, percentile: float, device,
+                  raw: torch.Tensor | None = None) -> DetectorFit:
     """Calibrate one detector: `reference` and `calibration` are the training and held-out images
-    as the model would output them (decoded through its autoencoder for a latent model)."""
+    as the model would output them (decoded through its autoencoder for a latent model); `raw`,
+    for a latent model, the training images as stored, matched beside the decoded ones."""
     name = getattr(detector, "name", type(detector).__name__)
     e_t = _embed(detector, reference, name, "training", device)  # (Nt, D)
     e_h = _embed(detector, calibration, name, "held-out", device)  # (Nh, D)
-    hb = pairwise_topk(e_h, e_t, k=1, metric=similarity, device=device)[0][:, 0].float().cpu()  # (Nh,): the samples' direction
+    e_r = _embed(detector, raw, name, "training", device) if raw is not None else None
+    hb = best_training_match(e_h, e_t, e_r, similarity, device)[0]  # (Nh,): the samples' direction
     tau, attained = calibrated_threshold(hb, null_level)
     th = pairwise_topk(e_t, e_h, k=1, metric=similarity, device=device)[0][:, 0].float().cpu()  # (Nt,): Dar's direction
     return DetectorFit(
         name=name, detector=detector, train_embeddings=e_t, threshold=tau, attained_level=attained, holdout_train_best=hb,
         holdout_flagged=leave_one_out_exceedances(hb, null_level), dar_threshold=copy_threshold(th, percentile),
-        train_holdout_best=th, effective_rank=effective_rank(e_t),
+        train_holdout_best=th, effective_rank=effective_rank(e_t), raw_train_embeddings=e_r,
     )
 
 
@@ -509,7 +532,8 @@ class CopyAudit:
         calibration = autoencoder(holdout) if autoencoder is not None else holdout
         spec = default_detectors(autoencoder) if detectors in (None, "auto") else detectors
         built = build_detectors(spec, reference, options=detector_options, device=device, seed=seed, autoencoder=autoencoder)
-        fits = [_fit_detector(d, reference, calibration, similarity, null_level, percentile, device) for d in built]
+        fits = [_fit_detector(d, reference, calibration, similarity, null_level, percentile, device, raw=train if autoencoder is not None else None)
+                for d in built]
         if len({f.name for f in fits}) != len(fits):
             raise DataError(f"detectors must differ: got {[f.name for f in fits]}")
         for f in fits:
@@ -575,9 +599,9 @@ class CopyAudit:
             if not torch.isfinite(e).all():
                 raise DataError(f"detector {f.name} produced non-finite embeddings")
             embeddings.append(e)
-            v, i = pairwise_topk(e, f.train_embeddings, k=1, metric=self.similarity, device=device)
-            sims.append(v[:, 0].float().cpu())
-            idxs.append(i[:, 0].cpu())
+            v, i = f.best_match(e, self.similarity, device)
+            sims.append(v)
+            idxs.append(i)
             margins.append(sims[-1] - f.threshold)
         scores = Scores([f.name for f in self.fits], torch.stack(sims, 1), torch.stack(idxs, 1), torch.stack(margins, 1),
                         self.gate.classify(images, device=device))

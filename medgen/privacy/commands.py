@@ -71,8 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--autoencoder", type=Path, default=None, help="the latent model's autoencoder (a latent diffusion run, an autoencoder run "
                    "or model folder): held-out images are decoded through it and the latent detector joins (with --run: the run's own)")
     p.add_argument("--similarity", choices=("pearson", "cosine"), default="pearson")
-    p.add_argument("--null-level", type=float, default=0.01, help="tau: a new patient exceeds it with probability at most this "
-                   "(or 1/(held-out images + 1), whichever is larger; default 0.01)")
+    p.add_argument("--null-level", type=float, default=None, help="tau: the larger of the held-out images' conformal quantile "
+                   "(a new patient exceeds it with probability at most this or 1/(held-out images + 1), whichever is larger) and "
+                   "their Gaussian tail quantile at this level (default 0.005: medgen.privacy.calibration.NULL_LEVEL)")
     p.add_argument("--percentile", type=float, default=95.0, help="Dar et al.'s tau (this percentile of train->held-out best similarities), "
                    "reported as a measure (default 95)")
     p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence of the bound, and the level of the test against the null (default 0.05)")
@@ -107,6 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _audit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from medgen.privacy.audit import run_audit
+    from medgen.privacy.calibration import NULL_LEVEL
     from medgen.privacy.verdict import EXIT_CODES
 
     required = ("synthetic", "out") if args.run is not None else ("train", "holdout", "synthetic", "out")
@@ -121,7 +123,7 @@ def _audit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     report = run_audit(
         args.train, args.holdout, args.synthetic, args.out, run=args.run, data=args.data,
         holdout_splits=[x.strip() for x in args.holdout_splits.split(",") if x.strip()],
-        detector=args.detector, similarity=args.similarity, null_level=args.null_level, percentile=args.percentile, alpha=args.alpha,
+        detector=args.detector, similarity=args.similarity, null_level=NULL_LEVEL if args.null_level is None else args.null_level, percentile=args.percentile, alpha=args.alpha,
         max_copy_rate=args.max_copy_rate, bound_method=args.bound, min_control_recall=args.min_control_recall, autoencoder=args.autoencoder,
         filter_out=args.filter_out, overwrite=args.overwrite, data_cfg=_data_cfg(args.config),
         detector_options=options, top_k=args.top_k, device=None if args.device == "auto" else args.device, seed=args.seed,

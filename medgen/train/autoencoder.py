@@ -544,7 +544,7 @@ def demo_stage(ctx) -> None:
     overrides = [f"data.path={ctx.cohort}", f"data.shape={[settings['size']] * ctx.dims}", "train.tracker=none",
                  f"data.split.val={settings['val']}", f"data.split.holdout={settings['holdout']}"]
     if ctx.quick:
-        steps = 60 if ctx.dims == 2 else 24
+        steps = 200 if ctx.dims == 2 else 24
         overrides += [f"train.max_steps={steps}", f"loss.disc_start={steps // 2}", f"train.val_every={steps}",
                       f"train.checkpoint_every={steps}", f"train.preview_every={steps}"]
     cfg = load_config(demo_config(f"demo_autoencoder_{ctx.dims}d.yaml"), overrides, DEFAULTS)

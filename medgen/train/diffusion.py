@@ -593,7 +593,7 @@ def demo_stage(ctx) -> None:
         overrides = [f"data.path={ctx.cohort}"]
     overrides += [f"data.shape={[size] * ctx.dims}", "train.tracker=none"]
     if ctx.quick:
-        steps = 120 if ctx.dims == 2 else 40
+        steps = 400 if ctx.dims == 2 else 40
         overrides += [f"train.max_steps={steps}", f"train.checkpoint_every={steps}", f"train.preview_every={steps}",
                       "train.log_every=10", "sample.n_preview=4"]
     cfg = load_config(demo_config(name), overrides, DEFAULTS)
