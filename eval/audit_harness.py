@@ -110,6 +110,9 @@ def evaluate(audit: CopyAudit, train, genuine, families, k, seed, roundtrip) -> 
     for kind in TRAINING_AUGMENTATIONS:
         copies, sources = family_copies(train, kind, k, seed=seed)
         out["training_augmentations"][kind] = rates(audit.score(seen(copies)), sources)
+    # a training image exactly as stored, never decoded: what a wrapper, a bug or a leak outputs (issue 20)
+    sources = torch.randperm(train.shape[0], generator=g)[:k].tolist()
+    out["exact"] = rates(audit.score(train[sources]), sources)
     for name, imgs in non_anatomical(genuine, g, roundtrip).items():
         sc = audit.score(imgs if name == "decoded random latents" else seen(imgs))
         out["not_anatomy"][name] = {"counted_as_copy": round(float(sc.is_copy.double().mean()), 4),
@@ -131,6 +134,7 @@ def markdown(mode: str, runs: list[dict], families: list[str], dims: int) -> str
     for fam in families:
         lines.append(f"| {fam} | " + " | ".join(fmt(agg(runs, lambda r: r["validation"][fam][d])) for d in detectors)
                      + f" | {fmt(agg(runs, lambda r: r['transformed_others'][fam]['union']))} |")
+    lines.append("| exact training image, as stored | " + " | ".join(fmt(agg(runs, lambda r: r["exact"][d])) for d in detectors) + " | |")
     for kind in TRAINING_AUGMENTATIONS:
         lines.append(f"| ({kind}: training augmentation) | " + " | ".join(fmt(agg(runs, lambda r: r["training_augmentations"][kind][d])) for d in detectors) + " | |")
     lines.append("| **new subjects (false flags: the null)** | " + " | ".join(fmt(agg(runs, lambda r: r["genuine"][d])) for d in detectors) + " | |")

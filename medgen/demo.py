@@ -238,7 +238,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run the whole flow on the built-in brain MRI cohort (no downloads): build the cohort, train "
                     "the autoencoder and the diffusion model, sample, evaluate and audit the samples, release them with a "
                     "data card when the audit passes, and probe MRI reconstruction with a pixel prior (2D). The full 2D "
-                    "demo takes about 3 minutes on 2 CPU cores; --quick runs every stage at tiny sizes in under a minute.",
+                    "demo takes about 3 minutes on 2 quiet CPU cores; --quick runs every stage at small sizes in about a minute.",
         epilog=f"stages, in flow order: {stage_list}. Each writes its own folder(s) in OUT (OUT/cohort, "
                "OUT/autoencoder, ...); OUT/demo.json records them. A whole run replaces an earlier demo in OUT; "
                "--stages re-runs only the named stages and keeps the others' outputs.")

@@ -317,6 +317,8 @@ def test_latent_copies_are_found_through_the_models_own_autoencoder_2d(cohort2d,
     assert audit.decoded and not audit.reasons, audit.reasons
     assert audit.control.summary()["by_detector"]["latent"]["recall"] == 1.0
     _check_families(audit, cohort2d["train"], HARNESS_MIN_RECALL["latent"][2], roundtrip)
+    # a training image as stored (no decoder outputs it; a wrapper or a leak can) is a copy too
+    assert audit.score(cohort2d["train"][:K]).caught(list(range(K))).all()
     honest = judge(audit, roundtrip(cohort2d["genuine"]))
     _assert_at_null_level(audit, honest.is_copy)
     # an honest latent model is never `fail`; at 200 samples the bound can be above 5% (inconclusive)
@@ -337,6 +339,7 @@ def test_3d_latent_copies_new_subjects_and_noise(tmp_path_factory, tmp_path):
     audit = CopyAudit.fit(train, holdout, "pixel-rank,latent", autoencoder=roundtrip, seed=0)
     assert not audit.reasons, audit.reasons
     _check_families(audit, train, HARNESS_MIN_RECALL["latent"][3], roundtrip)
+    assert audit.score(train[:K]).caught(list(range(K))).all()  # stored training volumes: anatomy, and copies
     decoded = roundtrip(genuine)
     _assert_at_null_level(audit, audit.score(decoded).is_copy)
     copies = torch.cat([family_copies(train, fam, 5, seed=5, autoencoder=roundtrip)[0] for fam in ("autoencoder", "latent-noise")])

@@ -152,7 +152,7 @@ class DetectorFit:
         if self.effective_rank < MIN_EFFECTIVE_RANK:
             reasons.append(f"detector {self.name}: the training embeddings collapsed (effective rank {self.effective_rank:.2f} of {dim} dimensions), so it cannot tell images apart")
         if self.threshold >= 1 - SATURATION:
-            reasons.append(f"detector {self.name}: tau = {self.threshold:.6f} is at the largest possible similarity, so no copy can exceed it (held-out images duplicate training images, or the embedding cannot tell images apart)")
+            reasons.append(f"detector {self.name}: tau = {self.threshold:.6f} is at the largest possible similarity, so no copy can exceed it (held-out images duplicate training images, the embedding cannot tell images apart, or a latent model's autoencoder decodes different patients alike: train it further)")
         info = getattr(self.detector, "train_info", None) or {}
         if "final_loss" in info and "batch_size" in info:
             chance = math.log(max(2 * int(info["batch_size"]) - 1, 2))  # NT-Xent of an embedding that ignores the image
@@ -298,18 +298,26 @@ class AnatomyGate:
     similarity_floor: float
     smoothness_floor: float
     similarity: str = "pearson"
+    raw_train_embeddings: torch.Tensor | None = None  # a latent model's audit: the stored training images too
 
     @classmethod
-    def fit(cls, fits: Sequence[DetectorFit], train: torch.Tensor, holdout: torch.Tensor, similarity: str, device=None) -> "AnatomyGate":
+    def fit(cls, fits: Sequence[DetectorFit], train: torch.Tensor, holdout: torch.Tensor, similarity: str, device=None,
+            raw: tuple[torch.Tensor, torch.Tensor] | None = None) -> "AnatomyGate":
         """Floors from the held-out set; reuses the pixel-rank detector's training embeddings when
-        it is one of `fits`."""
+        it is one of `fits`. `train` and `holdout` are as the model outputs them; for a latent model
+        `raw` = (training, held-out) images as stored, so that a stored image, sharper than any
+        decoded one, is anatomy too (the floors are the lower of both)."""
         from medgen.privacy.detector import PixelDetector
 
         rank = next((f for f in fits if isinstance(f.detector, PixelDetector) and f.detector.ranks), None)
         detector = rank.detector if rank is not None else PixelDetector(train.ndim - 2, ranks=True)
         e_t = rank.train_embeddings if rank is not None else detector.embed(train)
-        gate = cls(detector, e_t, 0.0, _floor(smoothness(holdout)), similarity)
-        gate.similarity_floor = _floor(gate.best_similarity(holdout, device=device))
+        e_r = None
+        if raw is not None:
+            e_r = rank.raw_train_embeddings if rank is not None and rank.raw_train_embeddings is not None else detector.embed(raw[0])
+        held = [holdout] if raw is None else [holdout, raw[1]]
+        gate = cls(detector, e_t, 0.0, min(_floor(smoothness(h)) for h in held), similarity, e_r)
+        gate.similarity_floor = min(_floor(gate.best_similarity(h, device=device)) for h in held)
         return gate
 
     def best_similarity(self, images: torch.Tensor, device=None) -> torch.Tensor:
@@ -320,7 +328,7 @@ class AnatomyGate:
         best = None
         for axes in flip_sets(images.ndim - 2):
             e = self.detector.embed(images.flip(axes) if axes else images)
-            v = pairwise_topk(e, self.train_embeddings, k=1, metric=self.similarity, device=device)[0][:, 0].float().cpu()
+            v = best_training_match(e, self.train_embeddings, self.raw_train_embeddings, self.similarity, device)[0]
             best = v if best is None else torch.maximum(best, v)
         return best
 
@@ -538,7 +546,7 @@ class CopyAudit:
             raise DataError(f"detectors must differ: got {[f.name for f in fits]}")
         for f in fits:
             reasons.extend(f.health())
-        gate = AnatomyGate.fit(fits, reference, calibration, similarity, device)
+        gate = AnatomyGate.fit(fits, reference, calibration, similarity, device, raw=(train, holdout) if autoencoder is not None else None)
 
         audit = cls(fits, gate, null_level, percentile, similarity, n_t, n_h, tuple(train.shape[1:]), reasons=reasons, warnings=warnings,
                     holdout_dropped=dropped, decoded=autoencoder is not None)
