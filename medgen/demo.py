@@ -218,9 +218,11 @@ def summary_table(ctx: DemoContext) -> str:
         eps = max(t["eps"] for t in probe["transfer"])
         for t in probe["transfer"]:
             if t["eps"] == eps and t["method"] in ("projection", "dps"):
+                ci = t.get("ci95")
                 rows.append((f"probe {t['method']} R={t['acceleration']}",
-                             f"PSNR {_change(t['psnr_drop_worst_case'])} dB at eps {eps:g} (random: {_change(t['psnr_drop_random'])} dB), "
-                             f"{'transfers' if t['transfers'] else 'does not transfer'}"))
+                             f"PSNR {_change(t['psnr_drop_worst_case'])} dB at eps {eps:g} (random on the sampled lines: "
+                             f"{_change(t['psnr_drop_random'])} dB; worst - random {t['difference']:+.2f} dB"
+                             + (f", 95% CI [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "") + f", n={t['n_images']}): {t['verdict']}"))
     except (KeyError, OSError, ValueError):
         pass
     width = max((len(k) for k, _ in rows), default=0)

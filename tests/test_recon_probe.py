@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"method", "acceleration", "mask", "eps", "perturbation", "source", "psnr", "ssim", "nmse", "psnr_std", "n_images",
             "posterior_samples"}
 TINY = ["--acceleration", "4", "--eps", "0,0.05", "--posterior-samples", "2", "--steps", "3", "--attack-steps", "3",
-        "--n-images", "2", "--tv-iterations", "3", "--device", "cpu"]
+        "--n-images", "1", "--tv-iterations", "3", "--tv-white-box", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,7 @@ def test_probe_mri_end_to_end_writes_every_file(prior_run, surrogate_dir, cohort
     out = tmp_path / "probe"
     assert cli(["probe", "mri", "--prior", str(prior_run), "--data", str(cohort_2d), "--out", str(out),
                 "--surrogate", str(surrogate_dir), *TINY]) == 0
+    assert "over 1 images: no evidence of transfer" in capsys.readouterr().out  # one image: no interval, no claim
     for name in ("report.json", "report.md", "psnr_vs_eps.png", "panels.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     report = json.loads((out / "report.json").read_text())
@@ -103,10 +104,14 @@ def test_probe_mri_end_to_end_writes_every_file(prior_run, surrogate_dir, cohort
         assert (m, "worst-case", "white-box" if m == "surrogate" else "surrogate") in kinds
     assert ("tv", "worst-case", "white-box") in kinds
     assert {r["eps"] for r in rows} == {0.0, 0.05}
-    assert all(r["n_images"] == 2 and r["posterior_samples"] == (2 if r["method"] in ("projection", "dps") else 1) for r in rows)
+    assert all(r["n_images"] == 1 and r["posterior_samples"] == (2 if r["method"] in ("projection", "dps") else 1) for r in rows)
     setup = report["setup"]
     assert setup["prior"]["sha256"] and len(setup["prior"]["sha256"]) == 64
     assert setup["physics"]["operator"] == "deepinv.physics.MRI" and setup["masks"]["4"]["center_fraction"] == 0.08
+    assert setup["masks"]["4"]["kind"] == "equispaced-fixed" and setup["masks"]["4"]["center_columns"] == 2
+    # calibration images are held out too: neither evaluated nor trained on
+    assert setup["data"]["n_calibration"] == 1 and not set(setup["data"]["calibration_files"]) & set(setup["data"]["files"])
+    assert "real part" in setup["differences_from_han"]["projection"]
     assert setup["attack"]["lr"] == 0.1 and setup["attack"]["steps"] == 3
     assert {"torch", "deepinv"} <= set(setup["versions"])
     assert setup["data"]["excluded_training_images"] > 0  # the prior's and surrogate's training images are not evaluated
@@ -191,3 +196,80 @@ def test_surrogate_keys_are_checked_against_the_schema(cohort_2d, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("medgen: error:") and "unknown config key network.channel;" in err[-1] and "channels_per_scale" in err[-1], err
     assert not (tmp_path / "s").exists()
+
+
+def test_probe_reports_per_image_rows_intervals_and_holm(prior_run, surrogate_dir, tmp_path):
+    """Held-out subjects of another cohort: per-image rows for every condition, t intervals over
+    images, Holm-adjusted p-values over every tested cell, verdicts that follow them; the control
+    row "random" and the optional "random-full"."""
+    from medgen.data.cohort import synth_brain
+    from medgen.recon.stats import MIN_EFFECT_DB
+
+    data = synth_brain(tmp_path / "more", n=10, dims=2, size=32, seed=5)
+    out = tmp_path / "probe"
+    assert cli(["probe", "mri", "--prior", str(prior_run), "--data", str(data), "--out", str(out), "--surrogate", str(surrogate_dir),
+                "--acceleration", "4,8", "--eps", "0,0.04", "--n-images", "5", "--posterior-samples", "2", "--steps", "3",
+                "--attack-steps", "5", "--tv-iterations", "5", "--methods", "projection,zero-filled,surrogate",
+                "--full-kspace-control", "--device", "cpu"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["setup"]["data"]["n_images"] == 5 and report["setup"]["data"]["n_calibration"] == 5
+    images = report["images"]
+    # 3 methods x 2 R x (clean, worst-case, random, random-full) x 5 images
+    assert len(images) == 3 * 2 * 4 * 5 and {r["image"] for r in images} == set(range(5))
+    assert {"random", "random-full"} <= {r["perturbation"] for r in images}
+    for r in images:
+        if r["perturbation"] != "none":
+            assert {"rms_change", "unsampled_change", "measured_change", "measured_copy_psnr"} <= set(r)
+    # the means in "results" are the means of the per-image rows
+    for row in report["results"]:
+        if row["eps"] == 0.04:
+            mine = [r["psnr"] for r in images if (r["method"], r["acceleration"], r["perturbation"], r["eps"])
+                    == (row["method"], row["acceleration"], row["perturbation"], 0.04)]
+            assert len(mine) == 5 and abs(sum(mine) / 5 - row["psnr"]) < 1e-3
+    transfer = report["transfer"]
+    assert len(transfer) == 3 * 2 and all(t["family_size"] == 6 for t in transfer)
+    for t in transfer:
+        worst = [r["psnr"] for r in images if (r["method"], r["acceleration"], r["perturbation"]) == (t["method"], t["acceleration"], "worst-case")]
+        control = [r["psnr"] for r in images if (r["method"], r["acceleration"], r["perturbation"]) == (t["method"], t["acceleration"], "random")]
+        d = [c - w for c, w in zip(control, worst)]
+        assert abs(t["difference"] - sum(d) / 5) < 1e-3
+        lo, hi = t["ci95"]
+        assert lo <= t["difference"] <= hi and t["ci_corrected"][0] <= lo and hi <= t["ci_corrected"][1]
+        assert t["p_holm"] >= t["p_value"] - 1e-9
+        assert t["transfers"] == (t["p_holm"] < 0.05 and t["difference"] >= MIN_EFFECT_DB)
+        assert t["verdict"] == ("transfers" if t["transfers"] else "no evidence of transfer")
+        assert "psnr_drop_random_full" in t and "measured_copy_drop_worst_case" in t
+    assert "Holm" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("coils", [1, 4])
+def test_probe_reads_fastmri_kspace(coils, prior_run, surrogate_dir, cohort_2d, tmp_path):
+    """A fastMRI-format file written here (64x64 k-space of cohort slices, cropped to the prior's
+    32x32): single-coil, and 4 coils with ESPIRiT maps; with measurement noise and a user mask."""
+    import numpy as np
+
+    from medgen.recon.data import load_slices
+    from medgen.recon.fastmri import simulate_kspace, write_fastmri_h5
+    from medgen.recon.kspace import birdcage_maps
+
+    x, _ = load_slices(cohort_2d, {"shape": [32, 32]}, scaling="prior")
+    big = torch.nn.functional.pad(x[:4], (16, 16, 16, 16))  # 64x64: the centre crop gives the slices back
+    maps = birdcage_maps(coils, (64, 64)) if coils > 1 else None
+    h5 = write_fastmri_h5(tmp_path / "file.h5", simulate_kspace(big, maps))
+    mask = tmp_path / "mask.json"
+    mask.write_text(json.dumps([0, 4, 8, 12, 15, 16, 17, 20, 24, 28]))
+    out = tmp_path / "probe"
+    assert cli(["probe", "mri", "--prior", str(prior_run), "--kspace", str(h5), "--surrogate", str(surrogate_dir), "--out", str(out),
+                "--mask-file", str(mask), "--noise-sigma", "0.001", "--eps", "0,0.04", "--n-images", "3", "--posterior-samples", "1",
+                "--steps", "3", "--attack-steps", "3", "--tv-iterations", "3", "--methods", "projection,zero-filled",
+                "--device", "cpu"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    setup = report["setup"]
+    assert setup["data"]["slices"] == [0, 1, 2] and setup["data"]["calibration_slices"] == [3] and setup["data"]["cropped"]
+    assert setup["physics"]["coils"] == coils and setup["physics"]["noise_sigma"] == 0.001
+    assert setup["masks"]["3"]["kind"] == "user" and setup["masks"]["3"]["columns"] == [0, 4, 8, 12, 15, 16, 17, 20, 24, 28]
+    if coils > 1:
+        assert setup["physics"]["operator"] == "deepinv.physics.MultiCoilMRI" and "ESPIRiT" in setup["physics"]["coil_maps"]
+    # zero-filled of clean data is scored against the file's own reference: the slices, each scaled to max 1
+    zf = next(r for r in report["results"] if r["method"] == "zero-filled" and r["perturbation"] == "none")
+    assert 5 < zf["psnr"] < 40 and np.isfinite(zf["psnr"])

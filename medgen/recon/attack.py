@@ -11,8 +11,13 @@ Batching: all eps values and images are one batch of E x B independent problems.
 sum over the batch and Adam is coordinate-wise, so each problem follows exactly the trajectory it
 would follow alone.
 
-The control is a Gaussian direction on the full k-space scaled to exactly the worst-case delta's
-norm, per image and eps.
+Controls (per image and eps). `random_measured_perturbation`, the probe's control: Gaussian noise on
+the *sampled* k-space only, scaled so that its measured norm ||M delta_r|| equals the worst-case
+delta's ||M delta||. The mask drops whatever lies off the sampled columns, and the worst-case delta
+puts all of its budget on them, so only this control isolates the *direction* of the attack from its
+measured energy. `random_perturbation`, the older control (row "random-full"): Gaussian noise on the
+full k-space with the worst-case delta's full norm; at R=8 most of it is masked away, so it measures
+the effect of the measured energy as much as of the direction.
 """
 
 from __future__ import annotations
@@ -96,4 +101,12 @@ def random_perturbation(like: torch.Tensor, generator: torch.Generator | None = 
     """Gaussian directions with exactly the norms of `like`'s elements (the same layout)."""
     noise = torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like.device)
     scale = _norms(like) / _norms(noise).clamp_min(1e-30)
+    return noise * scale.view(-1, *([1] * (like.ndim - 1)))
+
+
+def random_measured_perturbation(like: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gaussian noise on the sampled k-space (zero elsewhere) with exactly the measured norms
+    ||M like_b|| of `like`'s elements: the control that matches the energy the reconstruction sees."""
+    noise = apply_mask(torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like.device), mask)
+    scale = _norms(apply_mask(like, mask)) / _norms(noise).clamp_min(1e-30)
     return noise * scale.view(-1, *([1] * (like.ndim - 1)))

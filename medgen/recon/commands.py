@@ -31,7 +31,7 @@ def _names(text: str) -> list[str]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from medgen.recon.settings import METHODS, ProbeSettings
+    from medgen.recon.settings import MASK_KINDS, METHODS, SCALINGS, ProbeSettings
 
     d = ProbeSettings()
     p = sub.add_parser("probe", help="MRI reconstruction probe: a pixel prior under worst-case k-space perturbations",
@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--data", type=Path, required=True, help="2D images (folder or manifest.csv)")
     t.add_argument("--out", type=Path, required=True, help="surrogate folder to write (model.safetensors + config.json)")
     t.add_argument("--acceleration", type=int, default=None, help="R of the training masks (default 8)")
-    t.add_argument("--mask", choices=("equispaced", "random"), default=None, help="mask kind (default equispaced)")
+    t.add_argument("--mask", choices=MASK_KINDS, default=None, help="mask kind (default equispaced: a random offset per image)")
     t.add_argument("--coils", type=int, default=None, help="1 (default): single-coil; N: N simulated birdcage coils")
     t.add_argument("--config", type=Path, default=None, help="YAML whose data: section preprocesses the images (shape, spacing)")
     t.add_argument("--device", default="auto")
@@ -58,17 +58,40 @@ def register(sub: argparse._SubParsersAction) -> None:
                                        "DPS) and baselines (TV, zero-filled, surrogate), clean and under worst-case and random "
                                        "perturbations of relative norm eps.")
     m.add_argument("--prior", type=Path, required=True, help="a 2D pixel-space `medgen train diffusion` run")
-    m.add_argument("--data", type=Path, required=True, help="2D images; files the prior or surrogate trained on are skipped")
+    m.add_argument("--data", type=Path, default=None,
+                   help="2D images; files the prior or surrogate trained on are skipped (with --kspace: only to train a surrogate)")
+    m.add_argument("--kspace", type=Path, default=None,
+                   help="measured k-space in the fastMRI format (.h5, dataset kspace: slices x [coils x] H x W, complex) "
+                        "instead of images; centre-cropped to the prior's size")
+    m.add_argument("--coil-maps", type=Path, default=None,
+                   help="coil sensitivities for multi-coil --kspace (.h5 dataset coil_maps, or .npy); default: ESPIRiT estimates")
+    m.add_argument("--noise-sigma", type=float, default=d.noise_sigma,
+                   help="measurement noise: std per real/imaginary part of the measured k-space, images scaled to [0, 1] (default 0)")
     m.add_argument("--out", type=Path, required=True, help="report folder to write")
     m.add_argument("--surrogate", type=Path, default=None, help="folder from `medgen probe train-surrogate` (default: train one now into OUT/surrogate)")
     m.add_argument("--acceleration", type=_ints, default=list(d.accelerations), help="comma-separated R (default 4,8)")
-    m.add_argument("--mask", choices=("equispaced", "random"), default=d.mask)
+    m.add_argument("--mask", choices=MASK_KINDS, default=d.mask,
+                   help="equispaced-fixed (default): central lines plus every R-th column from the centre, the same for every "
+                        "seed; equispaced: deepinv's, offset drawn from the seed; random: random outer columns")
+    m.add_argument("--mask-file", type=Path, default=None,
+                   help="your own mask (.npy, .h5 dataset mask, or .json list of sampled columns); replaces --mask and "
+                        "--acceleration")
     m.add_argument("--eps", type=_floats, default=list(d.eps), help="relative perturbation norms in [0, 1) (default 0,0.01,0.02,0.04,0.08)")
     m.add_argument("--methods", type=_names, default=list(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     m.add_argument("--posterior-samples", type=int, default=d.posterior_samples, help="draws per measurement of each diffusion method (default 4)")
     m.add_argument("--steps", type=int, default=d.steps, help="posterior sampling steps (default 100)")
     m.add_argument("--attack-steps", type=int, default=d.attack_steps, help="Adam steps of the attack (default 200; Han et al.: 2000)")
-    m.add_argument("--n-images", type=int, default=d.n_images, help="held-out images to evaluate (default 16)")
+    m.add_argument("--n-images", type=int, default=d.n_images,
+                   help=f"held-out images to evaluate, the unit of the statistics (default {d.n_images}); up to 8 more held-out "
+                        f"images calibrate TV and DPS")
+    m.add_argument("--scaling", choices=SCALINGS, default=d.scaling,
+                   help="prior (default): the intensities the prior was trained on; minmax: each image to [0, 1] (Han et al.)")
+    m.add_argument("--full-kspace-control", action="store_true",
+                   help="also the older control: Gaussian noise on the full k-space with the worst case's full norm")
+    m.add_argument("--tv-white-box", action="store_true",
+                   help="also attack TV with its own gradients (through every FISTA iteration; slow on a CPU)")
+    m.add_argument("--projection-real", action="store_true",
+                   help="keep only the real part after each projection step (Han et al.'s code); default: the complex image")
     m.add_argument("--coils", type=int, default=d.coils, help="1 (default): single-coil MRI; N: multi-coil with N birdcage coils")
     m.add_argument("--dps-weight", default=d.dps_weight, help="DPS guidance weight (deepinv DPSDataFidelity, norm guidance); "
                    "auto (default): the best of a grid on clean calibration images")
@@ -125,17 +148,31 @@ def _probe_mri(args: argparse.Namespace) -> int:
                              posterior_samples=args.posterior_samples, steps=args.steps, attack_steps=args.attack_steps,
                              n_images=args.n_images, coils=args.coils, dps_weight=args.dps_weight,
                              projection_lambda=args.projection_lambda, tv_iterations=args.tv_iterations,
-                             batch_size=args.batch_size, seed=args.seed)
+                             batch_size=args.batch_size, seed=args.seed, scaling=args.scaling,
+                             full_kspace_control=args.full_kspace_control, projection_real=args.projection_real,
+                             tv_white_box=args.tv_white_box,
+                             noise_sigma=args.noise_sigma)
     report = run_probe(args.prior, args.data, args.out, surrogate=args.surrogate, settings=settings,
                        data_cfg=_data_cfg(args.config), device=_device(args.device), overwrite=args.overwrite,
-                       surrogate_overrides=args.overrides)
+                       surrogate_overrides=args.overrides, kspace=args.kspace, coil_maps=args.coil_maps, mask_file=args.mask_file)
     print_summary(report)
     print(f"report: {args.out / 'report.md'}")
     return 0
 
 
+def transfer_line(t: dict) -> str:
+    """One transfer cell for a person: drops, the paired difference with its interval, the verdict."""
+    ci = t.get("ci95")
+    interval = f", 95% CI [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
+    p = f", Holm p {t['p_holm']:.3g}" if t.get("p_holm") is not None else ""
+    return (f"PSNR drop {t['psnr_drop_worst_case']:.2f} dB (worst-case) vs {t['psnr_drop_random']:.2f} dB (random, same measured "
+            f"norm; copying the measured data alone: {t['measured_copy_drop_worst_case']:.2f}), difference "
+            f"{t['difference']:+.2f} dB{interval}{p} over {t['n_images']} images: {t['verdict']}")
+
+
 def print_summary(report: dict, indent: str = "") -> None:
-    """One line per method and R: clean PSNR and the PSNR at the largest eps, worst-case vs random."""
+    """One line per method and R: clean PSNR and the PSNR at the largest eps, worst-case vs random;
+    then the transfer verdict of each diffusion method at the largest eps."""
     rows = report["results"]
     top = max((r["eps"] for r in rows), default=0.0)
     for r in rows:
@@ -151,8 +188,7 @@ def print_summary(report: dict, indent: str = "") -> None:
         print(line)
     for t in report.get("transfer", []):
         if t["method"] in ("projection", "dps") and t["eps"] == top:
-            print(f"{indent}  transfer to {t['method']} R={t['acceleration']}: PSNR drop {t['psnr_drop_worst_case']:.2f} dB (worst-case) "
-                  f"vs {t['psnr_drop_random']:.2f} dB (random): {'transfers' if t['transfers'] else 'does not transfer'}")
+            print(f"{indent}  {t['method']} R={t['acceleration']}, eps={top:g}: {transfer_line(t)}")
 
 
 # ----------------------------------------------------------------------------- demo
@@ -166,8 +202,8 @@ DEMO_SETTINGS = {
            "probe": {"accelerations": [8], "eps": [0.0, 0.04, 0.08], "n_images": 2, "posterior_samples": 2, "steps": 5,
                      "attack_steps": 5, "tv_iterations": 5}},
     False: {"prior": [], "surrogate": ["train.max_steps=200", "network.channels_per_scale=[16,32,64]"],
-            "probe": {"accelerations": [4, 8], "eps": [0.0, 0.02, 0.04, 0.08], "n_images": 8, "posterior_samples": 2,
-                      "steps": 25, "attack_steps": 30, "tv_iterations": 20}},  # the white-box TV attack dominates
+            "probe": {"accelerations": [4, 8], "eps": [0.0, 0.08], "n_images": 24, "posterior_samples": 2,
+                      "steps": 25, "attack_steps": 30, "tv_iterations": 100}},
 }
 
 

@@ -10,7 +10,10 @@ sampled multi-coil operator is an isometry too.
 
 Masks sample whole phase-encoding columns (the last axis, as deepinv and fastMRI do): a block of
 `center_fraction * W` central columns plus equispaced (fastMRI's offset rule) or uniformly random
-outer columns, `W / R` columns in all. fastMRI's pairs are R=4 with centre fraction 0.08 and R=8
+outer columns, `W / R` columns in all; the equispaced offset is drawn from the seed. "equispaced-fixed"
+(`fixed_equispaced_mask`, the probe's default) has no randomness at all: a stated number of central
+columns plus every R-th column counted from the centre, so every seed sees the same mask and the
+effective acceleration is reported, not assumed. fastMRI's pairs are R=4 with centre fraction 0.08 and R=8
 with 0.04; other R keep their product, R * center_fraction = 0.32.
 """
 
@@ -21,8 +24,8 @@ from typing import Sequence
 import torch
 
 from medgen.errors import ConfigError
+from medgen.recon.settings import MASK_KINDS  # import-light, shared with the CLI
 
-MASK_KINDS = ("equispaced", "random")
 FASTMRI_CENTER_FRACTIONS = {4: 0.08, 8: 0.04}
 
 
@@ -60,8 +63,24 @@ def kspace_mask(shape: Sequence[int], acceleration: int, kind: str = "equispaced
     H, W = (int(s) for s in shape)
     cf = center_fraction_for(acceleration) if center_fraction is None else float(center_fraction)
     check_acceleration(W, acceleration, cf)
+    if kind == "equispaced-fixed":
+        return fixed_equispaced_mask((H, W), acceleration, max(1, int(cf * W)))
     generator = {"equispaced": EquispacedMaskGenerator, "random": RandomMaskGenerator}[kind]
     return generator((H, W), acceleration=int(acceleration), center_fraction=cf).step(batch_size=1, seed=int(seed))["mask"][0, 0]
+
+
+def fixed_equispaced_mask(shape: Sequence[int], acceleration: int, center_lines: int) -> torch.Tensor:
+    """(H, W) 0/1 mask: `center_lines` contiguous columns around the k-space centre (column W // 2,
+    fftshift's zero frequency) and every `acceleration`-th column from the centre outwards."""
+    H, W = (int(s) for s in shape)
+    R, n = int(acceleration), int(center_lines)
+    if R < 1 or not 1 <= n <= W:
+        raise ConfigError(f"a fixed equispaced mask needs acceleration >= 1 and 1 <= center lines <= {W}, got R={R}, {n} lines")
+    columns = torch.zeros(W)
+    columns[(W // 2) % R :: R] = 1.0
+    start = W // 2 - n // 2
+    columns[start : start + n] = 1.0
+    return columns.expand(H, W).contiguous()
 
 
 def birdcage_maps(n_coils: int, shape: Sequence[int]) -> torch.Tensor:
@@ -73,18 +92,29 @@ def birdcage_maps(n_coils: int, shape: Sequence[int]) -> torch.Tensor:
     return maps / maps.abs().square().sum(0, keepdim=True).sqrt().clamp_min(1e-8)
 
 
-def mri_physics(mask: torch.Tensor, coils: int = 1, device: torch.device | str = "cpu"):
+def mri_physics(mask: torch.Tensor, coils: int = 1, device: torch.device | str = "cpu", coil_maps: torch.Tensor | None = None):
     """deepinv's operator A = M F (single coil, `physics.MRI`) or A = M F S (`MultiCoilMRI` with
-    simulated birdcage maps) for a (H, W) mask; the same mask for every image in a batch."""
+    simulated birdcage maps, or `coil_maps` (N, C, H, W) of real data, one set per image: bind the
+    batch's with `bind_coil_maps`) for a (H, W) mask; the same mask for every image in a batch."""
     from deepinv.physics import MRI, MultiCoilMRI
 
     if coils < 1:
         raise ConfigError(f"coils must be >= 1, got {coils}")
     mask = mask.to(device=device, dtype=torch.float32)
+    if coil_maps is not None:
+        return MultiCoilMRI(mask=mask, coil_maps=coil_maps[:1].to(device), img_size=tuple(mask.shape), device=device)
     if coils == 1:
         return MRI(mask=mask, img_size=tuple(mask.shape), device=device)
     return MultiCoilMRI(mask=mask, coil_maps=birdcage_maps(coils, mask.shape).to(device), img_size=tuple(mask.shape),
                         device=device)
+
+
+def bind_coil_maps(physics, coil_maps: torch.Tensor | None, index) -> object:
+    """Give a multi-coil operator the maps of the images in a batch: coil_maps[index] (B, C, H, W).
+    A no-op without per-image maps (single coil, or simulated maps shared by every image)."""
+    if coil_maps is not None:
+        physics.update_parameters(coil_maps=coil_maps[torch.as_tensor(list(index), dtype=torch.long)].to(physics.mask.device))
+    return physics
 
 
 def fully_sampled(physics):

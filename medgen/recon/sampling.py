@@ -72,8 +72,12 @@ def projection_step(physics, x: torch.Tensor, y: torch.Tensor, scale: torch.Tens
 
 @torch.no_grad()
 def projection_reconstruct(denoiser: torch.nn.Module, schedule_sde: DiscreteScheduleSDE, physics, y: torch.Tensor,
-                           gens: Sequence[torch.Generator], *, steps: int = 100, lam: float = 1.0) -> torch.Tensor:
-    """(B, 2, H, W) complex reconstructions in [0, 1] units from k-space y, one per generator."""
+                           gens: Sequence[torch.Generator], *, steps: int = 100, lam: float = 1.0,
+                           real: bool = False) -> torch.Tensor:
+    """(B, 2, H, W) complex reconstructions in [0, 1] units from k-space y, one per generator.
+
+    real: keep only the real part after each projection step, as Han et al.'s precursor code does
+    (the default keeps the complex image; the prior denoises its imaginary part towards 0 anyway)."""
     device = y.device
     sde = schedule_sde.build(denoiser, device)
     taus = schedule_sde.timesteps(steps).to(device)
@@ -85,7 +89,9 @@ def projection_reconstruct(denoiser: torch.nn.Module, schedule_sde: DiscreteSche
         x, _ = solver.step(sde, t0, t1, x)  # deepinv: ancestral prior step
         noise = _per_sample_randn(gens, x)
         x = projection_step(physics, x, y, sde.scale_t(t1), sde.sigma_t(t1), noise, lam)
-    return x.float()  # tau = 0: s = 1, sigma = 0, A x = y exactly
+        if real:
+            x = torch.cat([x[:, :1], torch.zeros_like(x[:, 1:])], dim=1)
+    return x.float()  # tau = 0: s = 1, sigma = 0, A x = y exactly (for real=False)
 
 
 def dps_reconstruct(denoiser: torch.nn.Module, schedule_sde: DiscreteScheduleSDE, physics, y: torch.Tensor,

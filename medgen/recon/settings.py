@@ -9,6 +9,8 @@ from medgen.errors import ConfigError
 
 METHODS = ("projection", "dps", "tv", "zero-filled", "surrogate")
 WHITE_BOX = ("tv", "surrogate")  # methods attacked with their own gradients
+SCALINGS = ("prior", "minmax")
+MASK_KINDS = ("equispaced", "random", "equispaced-fixed")
 
 
 @dataclass
@@ -16,8 +18,13 @@ class ProbeSettings:
     """Every knob of the probe; the CLI's options map one to one."""
 
     accelerations: Sequence[int] = (4, 8)
-    mask: str = "equispaced"
-    center_fraction: float | None = None  # None: fastMRI's for each R
+    mask: str = "equispaced-fixed"  # no random offset: every seed sees the same mask (Han et al.: a fixed mask)
+    center_fraction: float | None = None  # None: fastMRI's for each R (central lines = int(fraction * W), at least 1)
+    scaling: str = "prior"  # prior: the intensities the prior was trained on, in [0, 1]; minmax: each image to [0, 1]
+    full_kspace_control: bool = False  # also the older control, Gaussian on the full k-space (row "random-full")
+    tv_white_box: bool = False  # also attack TV with its own gradients (backprop through every FISTA iteration: slow)
+    projection_real: bool = False  # keep only the real part after each projection step (Han et al.'s code)
+    noise_sigma: float = 0.0  # measurement noise, std per real/imaginary component of the measured k-space
     coils: int = 1  # 1: deepinv MRI; N > 1: MultiCoilMRI with N birdcage coils
     eps: Sequence[float] = (0.0, 0.01, 0.02, 0.04, 0.08)
     methods: Sequence[str] = METHODS
@@ -27,20 +34,24 @@ class ProbeSettings:
     projection_lambda: float = 1.0  # Song et al. 2022's lambda (1: replace the measured lines)
     attack_steps: int = 200  # Han et al.: 2000
     attack_lr: float = 0.1
-    tv_iterations: int = 50
-    tv_prox_iterations: int = 10
-    n_images: int = 16
+    tv_iterations: int = 200
+    tv_prox_iterations: int = 20
+    n_images: int = 24  # the unit of the statistics: paired differences over images
     batch_size: int = 64  # reconstructions per forward batch (memory; results agree to float rounding)
     seed: int = 0
     mask_seed: int = 0
 
     def validate(self, width: int | None = None) -> None:
         from medgen.recon.attack import check_eps
-        from medgen.recon.kspace import MASK_KINDS, check_acceleration
+        from medgen.recon.kspace import check_acceleration
 
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ConfigError(f"--methods: unknown {unknown or 'empty list'}; choose from {', '.join(METHODS)}")
+        if self.scaling not in SCALINGS:
+            raise ConfigError(f"--scaling must be one of {', '.join(SCALINGS)}, got {self.scaling!r}")
+        if not float(self.noise_sigma) >= 0:
+            raise ConfigError(f"--noise-sigma must be >= 0, got {self.noise_sigma}")
         if self.mask not in MASK_KINDS:
             raise ConfigError(f"--mask must be one of {', '.join(MASK_KINDS)}, got {self.mask!r}")
         self.eps = check_eps(self.eps)

@@ -26,7 +26,7 @@ import torch
 from medgen.config import section, setting
 from medgen.data.config import SplitConfig
 from medgen.errors import ConfigError, DataError, TrainingError, WeightsError
-from medgen.recon.kspace import MASK_KINDS, apply_mask, center_fraction_for, check_acceleration, magnitude, to_complex
+from medgen.recon.kspace import MASK_KINDS, apply_mask, center_fraction_for, check_acceleration, kspace_mask, magnitude, to_complex
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +103,23 @@ class Surrogate(torch.nn.Module):
         return magnitude(self.net(physics.A_adjoint(y)))
 
 
+class _FixedMasks:
+    """The one fixed mask, served like deepinv's generators: step(batch_size) -> {"mask": (b, 2, H, W)}."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def step(self, batch_size: int = 1, seed: int | None = None) -> dict[str, torch.Tensor]:
+        return {"mask": self.mask.expand(int(batch_size), 2, *self.mask.shape).clone()}
+
+
 def _mask_generator(kind: str, shape, acceleration: int, center_fraction: float, seed: int):
     from deepinv.physics.generator import EquispacedMaskGenerator, RandomMaskGenerator
 
     if kind not in MASK_KINDS:
         raise ConfigError(f"mask must be one of {', '.join(MASK_KINDS)}, got {kind!r}")
+    if kind == "equispaced-fixed":
+        return _FixedMasks(kspace_mask(shape, acceleration, kind, center_fraction))
     cls = {"equispaced": EquispacedMaskGenerator, "random": RandomMaskGenerator}[kind]
     return cls(tuple(shape), acceleration=int(acceleration), center_fraction=center_fraction,
                rng=torch.Generator().manual_seed(int(seed)))
