@@ -70,13 +70,13 @@ def bench(device: str, size: int, batch: int, steps: int) -> list[tuple[str, flo
         single = rate(lambda: run(den, sde, physics, y[:1], sample_generators([0]), steps=steps), 1)
         rows.append((name, full, full / anchor, full / single))
     with torch.no_grad():
-        for name, fn in (("tv (PGD 50 x 10)", lambda yy: tv_reconstruct(physics, yy, 1e-2, iterations=50)),
+        for name, fn in (("tv (FISTA 100 x prox 20)", lambda yy: tv_reconstruct(physics, yy, 1e-2, iterations=100)),
                          ("zero-filled", lambda yy: zero_filled(physics, yy)), ("surrogate", lambda yy: sur(physics, yy))):
             full = rate(lambda: fn(y), batch, repeat=3)
             single = rate(lambda: fn(y[:1]), 1, repeat=3)
             rows.append((name, full, None, full / single))
     for name, f in (("attack step, surrogate", lambda yy: sur(physics, yy)),
-                    ("attack step, TV white-box", lambda yy: magnitude(tv_reconstruct(physics, yy, 1e-2, iterations=50)))):
+                    ("attack step, TV white-box", lambda yy: magnitude(tv_reconstruct(physics, yy, 1e-2, iterations=100)))):
         n_steps = 3
         per_image_step = rate(lambda: worst_case_perturbation(f, k, physics.mask, [0.02], steps=n_steps), batch * (n_steps + 1))
         rows.append((name, per_image_step, None, None))

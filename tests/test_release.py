@@ -228,6 +228,9 @@ def test_quick_demo_ends_with_a_release_and_a_summary(demo):
     summary = stdout[stdout.index("[demo] summary"):]
     assert re.search(r"audit verdict\s+pass", summary) and re.search(rf"release\s+{re.escape(str(release))}", summary)
     assert re.search(r"fd_pca\s+\d", summary) and "precision" in summary
+    # the probe's line: the paired difference over 2 images with its interval, and a verdict
+    assert re.search(r"probe projection R=8\s+PSNR [+-]\d\.\d\d dB at eps 0\.08 .*worst - random [+-]\d\.\d\d dB, "
+                     r"95% CI \[.*\], n=2\): (transfers|no evidence of transfer)", summary), summary
 
 
 @pytest.mark.slow

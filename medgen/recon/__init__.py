@@ -25,6 +25,10 @@ _EXPORTS = {
     "load_surrogate": "medgen.recon.surrogate",
     "worst_case_perturbation": "medgen.recon.attack",
     "random_perturbation": "medgen.recon.attack",
+    "random_measured_perturbation": "medgen.recon.attack",
+    "read_kspace": "medgen.recon.fastmri",
+    "write_fastmri_h5": "medgen.recon.fastmri",
+    "estimate_coil_maps": "medgen.recon.fastmri",
     "recon_metrics": "medgen.recon.metrics",
 }
 

@@ -5,8 +5,9 @@ Reconstruction").
 For each acceleration R: k-space of every evaluation image is simulated with deepinv's operator
 (`kspace.py`), or read from a fastMRI file (`--kspace`, `fastmri.py`); perturbations of relative norm
 eps are found on the supervised surrogate and transferred to every method (the paper's setting), and
-found white-box on the surrogate itself (and on TV with --tv-white-box). The control is Gaussian noise on the *sampled*
-k-space with the same measured norm as the worst-case delta (`attack.random_measured_perturbation`),
+found white-box on the surrogate itself (and on TV with --tv-white-box). The control is Gaussian
+noise on the *sampled* k-space with the same measured norm as the worst-case delta
+(`attack.random_measured_perturbation`),
 so that worst-case against control isolates the direction of the attack from the energy the
 reconstruction receives; the older full-k-space control is an option (row "random-full"). Every
 method reconstructs the clean and all perturbed measurements in one batch per method (stochastic
@@ -55,7 +56,6 @@ from medgen.recon.kspace import (
     zero_filled,
 )
 from medgen.recon.metrics import psnr, recon_metrics
-from medgen.recon.stats import ALPHA, MIN_EFFECT_DB, holm, paired_summary, verdict
 from medgen.recon.sampling import (
     DIFFUSION_METHODS,
     calibrate_dps_weight,
@@ -64,6 +64,7 @@ from medgen.recon.sampling import (
     sample_generators,
 )
 from medgen.recon.settings import WHITE_BOX, ProbeSettings
+from medgen.recon.stats import ALPHA, MIN_EFFECT_DB, holm, paired_summary, verdict
 from medgen.versions import software_versions
 
 log = logging.getLogger(__name__)
