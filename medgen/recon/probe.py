@@ -72,6 +72,10 @@ log = logging.getLogger(__name__)
 N_CALIBRATION = 8  # held-out images, neither evaluated nor trained on, that choose TV's lambda and the DPS weight
 CONTROLS = {"random": "Gaussian noise on the sampled k-space with the worst-case delta's measured norm ||M delta|| (per image, eps)",
             "random-full": "Gaussian noise on the full k-space with the worst-case delta's norm ||delta|| (most of it is masked away)"}
+# the same test says "transfers" of a perturbation found on the surrogate, and only that the direction
+# matters of the surrogate's own (white-box) worst case
+VERDICTS = {"surrogate": {True: "transfers", False: "no evidence of transfer"},
+            "white-box": {True: "worst case beats the control (white-box)", False: "no evidence against the control (white-box)"}}
 DIFFERENCES_FROM_HAN = {
     "data": "the built-in cohort's magnitude slices (MNI152-based), k-space simulated with zero phase; Han et al.: fastMRI "
             "knee/brain k-space (medgen reads it with --kspace)",
@@ -355,7 +359,7 @@ def finalize_transfer(rows: list[dict], *, alpha: float = ALPHA, min_effect_db: 
         r.update({"difference": round(s["mean"], 4), "stderr": rounded(s["stderr"]), "ci95": rounded(s["ci"]),
                   "ci_corrected": rounded(s["ci_corrected"]), "p_value": rounded(s["p_value"]), "p_holm": rounded(p_holm),
                   "family_size": family, "alpha": alpha, "min_effect_db": min_effect_db, "transfers": transfers,
-                  "verdict": "transfers" if transfers else "no evidence of transfer"})
+                  "verdict": VERDICTS[r["source"]][transfers]})
     return rows
 
 

@@ -34,7 +34,7 @@ def write_figures(report: dict[str, Any], panels: dict[str, Any], out: Path) -> 
 
     rows = report["results"]
     accelerations = sorted({r["acceleration"] for r in rows})
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(11, 4.8))
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["perturbation"] != "none":
@@ -46,9 +46,10 @@ def write_figures(report: dict[str, Any], panels: dict[str, Any], out: Path) -> 
                 marker=MARKERS[accelerations.index(R) % len(MARKERS)], ms=4, lw=1.3, label=f"{method} R={R}, {label}")
     ax.set_xlabel("relative perturbation norm eps = ||delta|| / ||k||")
     ax.set_ylabel("PSNR (dB, vs ground truth)")
-    ax.set_title("Reconstruction PSNR under k-space perturbations (solid: worst-case, dashed: random)", fontsize=9)
+    ax.set_title("Reconstruction PSNR under k-space perturbations (solid: worst-case, dashed: random, same measured norm)",
+                 fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2, loc="best")
+    ax.legend(fontsize=6, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the data
     fig.tight_layout()
     fig.savefig(out / CURVES, dpi=120)
     plt.close(fig)
