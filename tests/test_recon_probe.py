@@ -276,3 +276,88 @@ def test_probe_reads_fastmri_kspace(coils, prior_run, surrogate_dir, cohort_2d, 
     # zero-filled of clean data is scored against the file's own reference: the slices, each scaled to max 1
     zf = next(r for r in report["results"] if r["method"] == "zero-filled" and r["perturbation"] == "none")
     assert 5 < zf["psnr"] < 40 and np.isfinite(zf["psnr"])
+
+
+def _complex_run(prior_run: Path, tmp_path: Path, intensity: dict) -> Path:
+    """A two-channel (real, imaginary) run: the tiny prior's recipe with 2 in/out channels, random weights."""
+    from medgen.models.serialization import load_model_config, save_inference_model
+    from medgen.models.unet import UNet
+
+    config = load_model_config(prior_run / "model")
+    config["params"].update(in_channels=2, out_channels=2)
+    config.update(sample_shape=[2, 32, 32], image_shape=[2, 32, 32])
+    config["data"] = {**config["data"], "channels": None, "intensity": intensity}
+    torch.manual_seed(0)
+    run = tmp_path / f"complex_{intensity['mode']}"
+    save_inference_model(UNet(**config["params"]), run / "model", config)
+    return run
+
+
+def test_complex_denoiser_gives_back_the_clean_complex_image():
+    """Closed form: with an oracle network that knows the clean image U (complex, |U| <= 1) and answers
+    the v target, the complex denoiser returns x0 = U / 2 at every noise level, the imaginary part
+    included; the magnitude denoiser maps its real channel with the [0, 1] offset instead."""
+    from medgen.diffusion import NoiseSchedule
+    from medgen.recon.prior import MedgenDenoiser
+
+    schedule = NoiseSchedule.from_config({"schedule": "linear", "num_train_timesteps": 1000, "prediction": "v"})
+    ab_table = schedule.alphas_cumprod().float()
+    U = torch.rand(1, 2, 8, 8) * 1.2 - 0.6  # real and imaginary parts in [-0.6, 0.6]
+
+    class Oracle(torch.nn.Module):
+        """Answers the v target of the clean image u0 at the (integer, here) timestep t."""
+
+        def forward(self, x_t, t):
+            ab = ab_table[t.round().long()].view(-1, 1, 1, 1)
+            eps = (x_t - ab.sqrt() * self.u0) / (1 - ab).sqrt()
+            return ab.sqrt() * eps - (1 - ab).sqrt() * self.u0
+
+    oracle = Oracle()
+    oracle.u0 = U
+    den = MedgenDenoiser(oracle, schedule, complex_prior=True)
+    sigmas = (1 / ab_table[[0, 99, 499, 998]] - 1).sqrt() / 2  # noise levels of integer timesteps, [0, 1] units
+    for sigma in sigmas:
+        x = U / 2 + sigma * torch.randn_like(U)
+        torch.testing.assert_close(den(x, float(sigma)), U / 2, atol=1e-4, rtol=0)
+
+    class PassThrough(torch.nn.Module):
+        """Takes its scaled input for the clean image (v target with eps = 0): the input's units come back."""
+
+        def forward(self, x_t, t):
+            ab = ab_table[t.round().long()].view(-1, 1, 1, 1)
+            return -(1 - ab).sqrt() * x_t / ab.sqrt()
+
+    x = U / 2  # any complex image of magnitude <= 0.5 (|u| <= 1)
+    torch.testing.assert_close(MedgenDenoiser(PassThrough(), schedule, complex_prior=True)(x, float(sigmas[2])), x, atol=1e-5, rtol=0)
+    oracle.u0 = U[:, :1]
+    mag = MedgenDenoiser(oracle, schedule)
+    x = (U[:, :1] + 1) / 2 + 0.1 * torch.randn(1, 1, 8, 8)
+    out = mag(torch.cat([x, torch.zeros_like(x)], 1), float(sigmas[1]))
+    torch.testing.assert_close(out[:, :1], (U[:, :1] + 1) / 2, atol=1e-4, rtol=0)
+    assert torch.equal(out[:, 1:], torch.zeros_like(x))
+
+
+def test_complex_prior_runs_on_measured_kspace_and_is_refused_otherwise(prior_run, surrogate_dir, cohort_2d, tmp_path, capsys):
+    import numpy as np
+
+    from medgen.recon.fastmri import simulate_kspace, write_fastmri_h5
+
+    good = _complex_run(prior_run, tmp_path, {"mode": "fixed", "in_range": [-1000.0, 1000.0]})
+    gen = np.random.default_rng(0)
+    images = torch.rand(4, 1, 32, 32) * torch.exp(1j * torch.from_numpy(gen.uniform(-np.pi, np.pi, (4, 1, 32, 32))))
+    h5 = write_fastmri_h5(tmp_path / "complex.h5", simulate_kspace(images))
+    out = tmp_path / "probe"
+    assert cli(["probe", "mri", "--prior", str(good), "--kspace", str(h5), "--surrogate", str(surrogate_dir), "--out", str(out),
+                "--acceleration", "4", "--eps", "0,0.04", "--n-images", "3", "--posterior-samples", "1", "--steps", "3",
+                "--attack-steps", "2", "--methods", "projection,dps,zero-filled", "--device", "cpu"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["setup"]["prior"]["images"] == "complex (real, imaginary)" and "times 0.5" in report["setup"]["data"]["scaling"]
+    assert all(np.isfinite(r["psnr"]) for r in report["results"])
+    # a complex prior needs measured k-space; one trained with a mapping that moves 0 is refused
+    assert cli(["probe", "mri", "--prior", str(good), "--data", str(cohort_2d), "--surrogate", str(surrogate_dir),
+                "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
+    assert "pass --kspace" in capsys.readouterr().err
+    bad = _complex_run(prior_run, tmp_path, {"mode": "auto"})
+    assert cli(["probe", "mri", "--prior", str(bad), "--kspace", str(h5), "--surrogate", str(surrogate_dir),
+                "--out", str(tmp_path / "y"), "--device", "cpu"]) == 2
+    assert "keeps 0 at 0" in capsys.readouterr().err

@@ -56,13 +56,19 @@ class MedgenDenoiser(_deepinv_denoiser_base()):
     the training table (fractional timesteps feed its sinusoidal embedding); at the table's values
     it is the exact integer timestep. `clip` clips the x0 estimate to [0, 1] as medgen's pixel
     samplers do (an eps prediction at high noise overshoots by 1/sqrt(ab)).
+
+    complex_prior: a two-channel (real, imaginary) prior trained on complex images with a
+    zero-preserving intensity mapping (`check_pixel_prior`). Both channels go through the network
+    with u = 2 x (no offset: a complex image is not in [0, 1]); sigma' = 2 sigma as for magnitude
+    priors, so the SDE is the same. The probe hands it images of magnitude <= 0.5 (|u| <= 1).
     """
 
-    def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule, clip: bool = True):
+    def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule, clip: bool = True, complex_prior: bool = False):
         super().__init__()
         self.net = net.eval().requires_grad_(False)
         self.prediction = schedule.prediction
         self.clip = clip
+        self.complex_prior = bool(complex_prior)
         sigma = _sigma_table(schedule)
         finite = torch.isfinite(sigma)
         self.register_buffer("log_sigma", sigma[finite].log(), persistent=False)  # increasing in t
@@ -76,14 +82,21 @@ class MedgenDenoiser(_deepinv_denoiser_base()):
     def forward(self, x: torch.Tensor, sigma: float | torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         B = x.shape[0]
         sigma = self._handle_sigma(sigma, batch_size=B, device=x.device, dtype=torch.float32)  # (B,)
-        real = x[:, :1].float()
         sigma_pm1 = 2 * sigma  # [-1, 1] units
         ab = 1 / (1 + sigma_pm1.double().square())  # (B,)
-        x_t = (2 * real - 1) * ab.sqrt().float().view(B, 1, 1, 1)  # medgen's x_t
+        if self.complex_prior:
+            if x.shape[1] != 2:
+                raise ValueError(f"a complex prior denoises (B, 2, H, W) complex images, got {tuple(x.shape)}")
+            u = 2 * x.float()  # (B, 2, H, W): real and imaginary channels, zero stays zero
+        else:
+            u = 2 * x[:, :1].float() - 1  # (B, 1, H, W): the real channel, [0, 1] -> [-1, 1]
+        x_t = u * ab.sqrt().float().view(B, 1, 1, 1)  # medgen's x_t
         out = self.net(x_t, self.timestep(sigma_pm1).float()).float()
         u0 = predict_x0(self.prediction, out, x_t, ab.float())
         if self.clip:
             u0 = u0.clamp(-1, 1)
+        if self.complex_prior:
+            return u0 / 2
         x0 = (u0 + 1) / 2  # (B, 1, H, W) in [0, 1]
         return torch.cat([x0, torch.zeros_like(x0)], 1) if x.shape[1] == 2 else x0
 
@@ -137,9 +150,22 @@ def check_pixel_prior(run_dir: str | os.PathLike) -> dict:
         raise ConfigError(f"--prior {run_dir}: the probe needs a 2D pixel-space prior; this run is {'/'.join(kinds)} "
                           f"(train one with `medgen train diffusion` without autoencoder.run, on 2D images)")
     channels = int(config["sample_shape"][0])
-    if channels != 1:
-        raise ConfigError(f"--prior {run_dir}: the probe needs a one-channel (grayscale) prior; this run has {channels} channels")
+    if channels not in (1, 2):
+        raise ConfigError(f"--prior {run_dir}: the probe needs a one-channel (magnitude) or two-channel (real, imaginary) "
+                          f"prior; this run has {channels} channels")
+    if channels == 2:
+        intensity = (config.get("data") or {}).get("intensity") or {"mode": "auto"}
+        lo, hi = (intensity.get("in_range") or [None, None]) if intensity.get("mode") == "fixed" else (None, None)
+        if not (intensity.get("mode") == "none" or (lo is not None and float(lo) == -float(hi))):
+            raise ConfigError(f"--prior {run_dir}: a two-channel prior is read as complex (real, imaginary) images, which needs "
+                              f"an intensity mapping that keeps 0 at 0; this run used data.intensity {intensity}. Train it with "
+                              f"data.intensity.mode=fixed and a symmetric in_range [-a, a] (or mode none)")
     return config
+
+
+def is_complex_prior(config: dict) -> bool:
+    """A two-channel run: (real, imaginary) images (checked by `check_pixel_prior`)."""
+    return int(config["sample_shape"][0]) == 2
 
 
 class PixelPrior:
@@ -153,7 +179,8 @@ class PixelPrior:
         self.config = check_pixel_prior(run_dir)
         pipe = DiffusionPipeline.from_run(run_dir, device)
         self.schedule = pipe.schedule
-        self.denoiser = MedgenDenoiser(pipe.denoiser, pipe.schedule, clip=clip).to(device)
+        self.complex = is_complex_prior(self.config)
+        self.denoiser = MedgenDenoiser(pipe.denoiser, pipe.schedule, clip=clip, complex_prior=self.complex).to(device)
         self.sde = DiscreteScheduleSDE(pipe.schedule)
         self.sha256 = pipe.checkpoint_sha256
         self.image_shape = tuple(int(s) for s in self.config["sample_shape"][1:])  # (H, W)
@@ -161,4 +188,5 @@ class PixelPrior:
     @property
     def recipe(self) -> dict[str, Any]:
         return {"run": str(self.run_dir.resolve()), "sha256": self.sha256, "image_shape": list(self.image_shape),
+                "images": "complex (real, imaginary)" if self.complex else "magnitude",
                 "schedule": self.schedule.to_dict(), "backbone": self.config.get("backbone"), "step": self.config.get("step")}

@@ -392,6 +392,10 @@ class Measurements:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Measurements(move(self.truth), move(self.kspace), move(self.coil_maps))
 
+    def scaled(self, factor: float) -> "Measurements":
+        """Images and k-space times `factor` (the operator is linear; PSNR, NMSE and eps are scale-free)."""
+        return Measurements(self.truth * factor, None if self.kspace is None else self.kspace * factor, self.coil_maps)
+
 
 def _attack_fn(fn: Callable[[torch.Tensor], torch.Tensor], physics, coil_maps: torch.Tensor | None, n: int):
     """fn for the attack's batches (B or E*B elements, eps-major): binds each element's coil maps."""
@@ -580,11 +584,17 @@ def run_probe(prior: str | os.PathLike, data: str | os.PathLike | None, out: str
     dev = default_device(device)
     prior_model = PixelPrior(prior_dir, dev)
     ph, pw = prior_model.image_shape
+    if prior_model.complex and kspace is None:
+        raise ConfigError(f"--prior {prior_dir} is a complex (real, imaginary) prior: it reconstructs measured k-space with "
+                          f"its phase; pass --kspace FILE.h5 (magnitude images have none)")
 
     samples: list = []
     n_blank = 0
     if kspace is not None:
         data_eval, data_cal, kspace_info = _read_measurements(Path(kspace), None if coil_maps is None else Path(coil_maps), (ph, pw), s)
+        if prior_model.complex:  # |x| <= 0.5 is |u| <= 1 in the complex prior's units (MedgenDenoiser)
+            data_eval, data_cal = data_eval.scaled(0.5), data_cal.scaled(0.5)
+            kspace_info["scaling"] += "; times 0.5 for the complex prior (magnitude 1 is its intensity 1)"
         H, W = ph, pw
     else:
         candidates = scan_dataset(data)
