@@ -91,6 +91,7 @@ def main() -> None:
         save_surrogate(train_surrogate(cfg, device), surrogate, overwrite=True)
         timings["surrogate_s"] = round(time.perf_counter() - tic)
 
+    reports = {}
     for seed in [int(v) for v in args.seeds.split(",") if v.strip()]:
         settings = ProbeSettings(accelerations=[int(v) for v in args.acceleration.split(",") if v.strip()],
                                  eps=[float(e) for e in args.eps.split(",")], posterior_samples=args.posterior_samples,
@@ -108,6 +109,9 @@ def main() -> None:
         print_summary(report)
         print()
         print(markdown_table(report))
+        reports[seed] = report
+    print("\n## transfer cells, every seed\n")
+    print(seeds_table(reports))
     print(f"\ntimings: {json.dumps(timings)}; reports: {out}/report_seed*/report.md")
 
 
@@ -140,6 +144,23 @@ def markdown_table(report: dict) -> str:
                    f"{t['rms_change_worst_case']:.4f} / {t['rms_change_random']:.4f} | "
                    f"{t['unsampled_change_worst_case']:.4f} / {t['unsampled_change_random']:.4f} | {t['verdict']} |")
     return "\n".join(out)
+
+
+def seeds_table(reports: dict[int, dict]) -> str:
+    """One row per (method, R, eps) and seed: worst-case and control drops, worst - control with its
+    95% interval over images, and the verdict (Holm within each seed's probe)."""
+    lines = ["| method | R | eps | seed | drop, worst-case | drop, random | worst - random [95% CI] | Holm p | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    cells = sorted({(t["method"], t["acceleration"], t["eps"]) for r in reports.values() for t in r["transfer"]},
+                   key=lambda c: (c[1], c[0] == "surrogate", c[0], c[2]))
+    for method, R, eps in cells:
+        for seed, report in reports.items():
+            t = next(t for t in report["transfer"] if (t["method"], t["acceleration"], t["eps"]) == (method, R, eps))
+            ci = "n/a" if not t.get("ci95") else f"[{t['ci95'][0]:+.2f}, {t['ci95'][1]:+.2f}]"
+            p = "n/a" if t.get("p_holm") is None else f"{t['p_holm']:.3g}"
+            lines.append(f"| {method} | {R} | {eps:g} | {seed} | {t['psnr_drop_worst_case']:.2f} | {t['psnr_drop_random']:.2f} | "
+                         f"{t['difference']:+.2f} {ci} | {p} | {t['verdict']} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
