@@ -316,3 +316,17 @@ def test_posterior_samples_differ_reproduce_and_ignore_the_batch(method):
     if method == "projection":  # the last step is hard data consistency
         torch.testing.assert_close(physics.A(a), y, rtol=0, atol=1e-5)
     assert magnitude(a).shape == (3, 1, 16, 16)
+
+
+def test_projection_real_keeps_only_the_real_part():
+    """--projection-real (Han et al.'s code): after every projection step the imaginary part is 0, so
+    the output is real; the default keeps the complex image, whose last step is exact data consistency."""
+    den = MedgenDenoiser(_tiny_unet(3), SCHEDULE)
+    sde = DiscreteScheduleSDE(SCHEDULE)
+    physics = mri_physics(kspace_mask((32, 32), 4, "equispaced-fixed"))  # central columns 15, 16: not conjugate-symmetric
+    y = physics.A(to_complex(_images(2, 32)))
+    complex_ = projection_reconstruct(den, sde, physics, y, sample_generators([1, 2]), steps=4)
+    real = projection_reconstruct(den, sde, physics, y, sample_generators([1, 2]), steps=4, real=True)
+    assert torch.equal(real[:, 1], torch.zeros_like(real[:, 1]))
+    assert complex_[:, 1].abs().max() > 1e-3  # A^+ of an asymmetric mask's residual has an imaginary part
+    torch.testing.assert_close(physics.A(complex_), y, rtol=0, atol=1e-5)

@@ -194,7 +194,8 @@ def print_summary(report: dict, indent: str = "") -> None:
 # ----------------------------------------------------------------------------- demo
 
 
-# quick: the smoke run (~30 s on 2 cores); full: ~4 min on 2 cores, on the 64 px cohort resampled to 32 px
+# quick: the smoke run (~5 s on 2 cores); full: ~1.5 min on 2 cores (the prior and surrogate included), on the
+# 64 px cohort resampled to 32 px
 DEMO_SETTINGS = {
     True: {"prior": ["train.max_steps=30", "model.channels=[8,16]", "model.attention_levels=[false,false]",
                      "model.head_channels=8", "model.norm_groups=4", "train.batch_size=8", "sample.n_preview=2", "sample.steps=2"],
@@ -202,8 +203,8 @@ DEMO_SETTINGS = {
            "probe": {"accelerations": [8], "eps": [0.0, 0.04, 0.08], "n_images": 2, "posterior_samples": 2, "steps": 5,
                      "attack_steps": 5, "tv_iterations": 5}},
     False: {"prior": [], "surrogate": ["train.max_steps=200", "network.channels_per_scale=[16,32,64]"],
-            "probe": {"accelerations": [4], "eps": [0.0, 0.08], "n_images": 24, "posterior_samples": 2,
-                      "steps": 25, "attack_steps": 30, "tv_iterations": 100}},  # R=4: where TV works; R=8 in eval/probe_table.py
+            "probe": {"accelerations": [4, 8], "eps": [0.0, 0.08], "n_images": 24, "posterior_samples": 2,
+                      "steps": 25, "attack_steps": 30, "tv_iterations": 100}},
 }
 
 

@@ -10,11 +10,11 @@ sampled multi-coil operator is an isometry too.
 
 Masks sample whole phase-encoding columns (the last axis, as deepinv and fastMRI do): a block of
 `center_fraction * W` central columns plus equispaced (fastMRI's offset rule) or uniformly random
-outer columns, `W / R` columns in all; the equispaced offset is drawn from the seed. "equispaced-fixed"
-(`fixed_equispaced_mask`, the probe's default) has no randomness at all: a stated number of central
-columns plus every R-th column counted from the centre, so every seed sees the same mask and the
-effective acceleration is reported, not assumed. fastMRI's pairs are R=4 with centre fraction 0.08 and R=8
-with 0.04; other R keep their product, R * center_fraction = 0.32.
+outer columns, `W / R` columns in all; the equispaced offset is drawn from the seed.
+"equispaced-fixed" (`fixed_equispaced_mask`, the probe's default) has no randomness at all: a
+stated number of central columns plus every R-th column counted from the centre, so every seed sees
+the same mask and the effective acceleration is reported, not assumed. fastMRI's pairs are R=4 with
+centre fraction 0.08 and R=8 with 0.04; other R keep their product, R * center_fraction = 0.32.
 """
 
 from __future__ import annotations

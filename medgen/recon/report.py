@@ -91,7 +91,7 @@ def _table(rows: list[dict], R: int) -> list[str]:
     lines = ["| method | perturbation | " + " | ".join(f"eps={e:g}" for e in eps) + " |", "|---|---|" + "---|" * len(eps)]
     for m in methods:
         mine = [r for r in rows if r["acceleration"] == R and r["method"] == m and r["perturbation"] != "none"]
-        for kind in sorted({(r["perturbation"], r["source"]) for r in mine}, key=lambda k: (k[0] != "worst-case", str(k[1]))):
+        for kind in sorted({(r["perturbation"], r["source"]) for r in mine}, key=lambda k: (k[0] != "worst-case", k[0], str(k[1]))):
             cells = []
             for e in eps:
                 hit = [r for r in mine if (r["perturbation"], r["source"]) == kind and r["eps"] == e]
@@ -120,8 +120,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"{setup['physics']['operator']}, {setup['masks'][str(accelerations[0])]['kind']} masks).",
         "",
         "Worst-case perturbations delta of the full k-space (y = M(k + delta), ||delta|| / ||k|| <= eps) are found on the "
-        "supervised surrogate and transferred to every method (Han et al. 2024); TV and the surrogate are also attacked "
-        "white-box. The control (*random*) is Gaussian noise on the sampled k-space with the same measured norm ||M delta|| as "
+        "supervised surrogate and transferred to every method (Han et al. 2024); attacked white-box too: "
+        f"{', '.join(setup['attack']['sources']['white-box']) or 'none'}. The control (*random*) is Gaussian noise on the sampled k-space with the same measured norm ||M delta|| as "
         "the worst case, so that the two differ only in direction. PSNR in dB against the ground truth (data range = its max); "
         "± is the spread over posterior samples of one image. Per-image rows are in report.json (\"images\").",
         "",

@@ -18,7 +18,7 @@ class ProbeSettings:
     """Every knob of the probe; the CLI's options map one to one."""
 
     accelerations: Sequence[int] = (4, 8)
-    mask: str = "equispaced-fixed"  # no random offset: every seed sees the same mask (Han et al.: a fixed mask)
+    mask: str = "equispaced-fixed"  # no random offset: every seed sees the same mask
     center_fraction: float | None = None  # None: fastMRI's for each R (central lines = int(fraction * W), at least 1)
     scaling: str = "prior"  # prior: the intensities the prior was trained on, in [0, 1]; minmax: each image to [0, 1]
     full_kspace_control: bool = False  # also the older control, Gaussian on the full k-space (row "random-full")
