@@ -26,19 +26,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from medgen.errors import ConfigError
 from medgen.progress import progress
 from medgen.recon.kspace import apply_mask
+from medgen.recon.settings import check_eps
 
 INIT_SCALE = 1e-3  # the start: Gaussian noise of norm 1e-3 * eps * ||k||
-
-
-def check_eps(eps: Sequence[float]) -> list[float]:
-    values = [float(e) for e in eps]
-    bad = [e for e in values if not 0.0 <= e < 1.0]
-    if bad or not values:
-        raise ConfigError(f"--eps values are relative k-space norms ||delta|| / ||k|| and must lie in [0, 1); got {bad or values}")
-    return values
 
 
 def _norms(x: torch.Tensor) -> torch.Tensor:

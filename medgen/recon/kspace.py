@@ -24,33 +24,7 @@ from typing import Sequence
 import torch
 
 from medgen.errors import ConfigError
-from medgen.recon.settings import MASK_KINDS  # import-light, shared with the CLI
-
-FASTMRI_CENTER_FRACTIONS = {4: 0.08, 8: 0.04}
-
-
-def center_fraction_for(acceleration: int) -> float:
-    """fastMRI's centre fraction for R (0.08 at R=4, 0.04 at R=8, else 0.32 / R)."""
-    return FASTMRI_CENTER_FRACTIONS.get(int(acceleration), 0.32 / float(acceleration))
-
-
-def mask_lines(width: int, acceleration: int, center_fraction: float) -> tuple[int, int]:
-    """(central columns, outer columns) deepinv's generators sample for this width and R."""
-    n_center = int(center_fraction * width)
-    return n_center, int(width // acceleration - n_center)
-
-
-def check_acceleration(width: int, acceleration: int, center_fraction: float | None = None) -> None:
-    """Raise ConfigError when R cannot be reached on images `width` columns wide."""
-    if int(acceleration) != acceleration or acceleration < 2:
-        raise ConfigError(f"acceleration must be an integer >= 2, got {acceleration}")
-    cf = center_fraction_for(acceleration) if center_fraction is None else center_fraction
-    n_center, n_outer = mask_lines(width, int(acceleration), cf)
-    if n_center < 1 or n_outer < 1:
-        raise ConfigError(
-            f"acceleration R={acceleration} cannot be reached on images {width} px wide: {width}/{acceleration} gives "
-            f"{width // acceleration} sampled columns, {n_center} of them central (centre fraction {cf:g}) and {n_outer} outer; "
-            f"a Cartesian mask needs at least one of each. Use a smaller --acceleration or wider images")
+from medgen.recon.settings import MASK_KINDS, center_fraction_for, check_acceleration  # torch-free, shared with the CLI
 
 
 def kspace_mask(shape: Sequence[int], acceleration: int, kind: str = "equispaced", center_fraction: float | None = None,

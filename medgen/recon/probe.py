@@ -46,11 +46,9 @@ from medgen.recon.attack import random_measured_perturbation, random_perturbatio
 from medgen.recon.kspace import (
     apply_mask,
     bind_coil_maps,
-    center_fraction_for,
     fully_sampled,
     kspace_mask,
     magnitude,
-    mask_lines,
     mri_physics,
     to_complex,
     zero_filled,
@@ -63,7 +61,7 @@ from medgen.recon.sampling import (
     projection_reconstruct,
     sample_generators,
 )
-from medgen.recon.settings import WHITE_BOX, ProbeSettings
+from medgen.recon.settings import WHITE_BOX, ProbeSettings, center_fraction_for, mask_lines
 from medgen.recon.stats import ALPHA, MIN_EFFECT_DB, holm, paired_summary, verdict
 from medgen.versions import software_versions
 

@@ -1,4 +1,6 @@
-"""The probe's settings (import-light: the CLI reads their defaults without loading torch or deepinv)."""
+"""The probe's settings, and the torch-free checks of its options (fastMRI's centre fractions, which R
+an image width can reach, eps). Import-light: the CLI reads their defaults without loading torch or
+deepinv; kspace.py and attack.py import the checks from here."""
 
 from __future__ import annotations
 
@@ -11,6 +13,39 @@ METHODS = ("projection", "dps", "tv", "zero-filled", "surrogate")
 WHITE_BOX = ("tv", "surrogate")  # methods attacked with their own gradients
 SCALINGS = ("prior", "minmax")
 MASK_KINDS = ("equispaced", "random", "equispaced-fixed")
+FASTMRI_CENTER_FRACTIONS = {4: 0.08, 8: 0.04}
+
+
+def center_fraction_for(acceleration: int) -> float:
+    """fastMRI's centre fraction for R (0.08 at R=4, 0.04 at R=8, else 0.32 / R)."""
+    return FASTMRI_CENTER_FRACTIONS.get(int(acceleration), 0.32 / float(acceleration))
+
+
+def mask_lines(width: int, acceleration: int, center_fraction: float) -> tuple[int, int]:
+    """(central columns, outer columns) deepinv's generators sample for this width and R."""
+    n_center = int(center_fraction * width)
+    return n_center, int(width // acceleration - n_center)
+
+
+def check_acceleration(width: int, acceleration: int, center_fraction: float | None = None) -> None:
+    """Raise ConfigError when R cannot be reached on images `width` columns wide."""
+    if int(acceleration) != acceleration or acceleration < 2:
+        raise ConfigError(f"acceleration must be an integer >= 2, got {acceleration}")
+    cf = center_fraction_for(acceleration) if center_fraction is None else center_fraction
+    n_center, n_outer = mask_lines(width, int(acceleration), cf)
+    if n_center < 1 or n_outer < 1:
+        raise ConfigError(
+            f"acceleration R={acceleration} cannot be reached on images {width} px wide: {width}/{acceleration} gives "
+            f"{width // acceleration} sampled columns, {n_center} of them central (centre fraction {cf:g}) and {n_outer} outer; "
+            f"a Cartesian mask needs at least one of each. Use a smaller --acceleration or wider images")
+
+
+def check_eps(eps: Sequence[float]) -> list[float]:
+    values = [float(e) for e in eps]
+    bad = [e for e in values if not 0.0 <= e < 1.0]
+    if bad or not values:
+        raise ConfigError(f"--eps values are relative k-space norms ||delta|| / ||k|| and must lie in [0, 1); got {bad or values}")
+    return values
 
 
 @dataclass
@@ -42,9 +77,6 @@ class ProbeSettings:
     mask_seed: int = 0
 
     def validate(self, width: int | None = None) -> None:
-        from medgen.recon.attack import check_eps
-        from medgen.recon.kspace import check_acceleration
-
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ConfigError(f"--methods: unknown {unknown or 'empty list'}; choose from {', '.join(METHODS)}")
