@@ -156,6 +156,41 @@ def test_new_run_refuses_existing_dir(pixel_run, cohort_2d):
 # --------------------------------------------------------------------------- schedules in optimizer steps
 
 
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_lr_decay_matches_diffusers_after_the_warmup(kind):
+    """`lr_factor` against diffusers' own schedules: equal from the end of the warm-up on (diffusers
+    starts its warm-up at lr 0, ours at lr / warmup: the earlier runs' warm-up); constant stays 1."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    from medgen.train.diffusion import lr_factor
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    make = get_cosine_schedule_with_warmup if kind == "cosine" else get_linear_schedule_with_warmup
+    reference = make(opt, num_warmup_steps=3, num_training_steps=20).lr_lambdas[0]
+    for step in range(3, 21):
+        assert lr_factor(step, 3, 20, kind) == pytest.approx(reference(step), abs=1e-12), step
+    assert [lr_factor(s, 3, 20, kind) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    # past the horizon (an extended run) ours stays at 0; diffusers' cosine would climb again
+    assert lr_factor(25, 3, 20, kind) == 0.0 and lr_factor(10, 0, 20, "constant") == 1.0
+
+
+def test_cosine_schedule_resumes_exactly(cohort_2d, tmp_path):
+    """A cosine run stopped at step 2 and resumed to 4 applies the uninterrupted run's rates and
+    reaches its losses: the scheduler's step count travels with the checkpoint."""
+    common = (f"data.path={cohort_2d}", "train.checkpoint_every=2", "train.preview_every=4", "train.lr=1e-3",
+              "train.lr_schedule=cosine", "train.lr_warmup_steps=1", "train.lr_decay_steps=5", "sample.steps=1")
+    whole = train_diffusion(_cfg("demo_diffusion_2d_pixel.yaml", *common, "train.max_steps=4"), tmp_path / "whole")
+    out = tmp_path / "resumed"
+    train_diffusion(_cfg("demo_diffusion_2d_pixel.yaml", *common, "train.max_steps=2"), out)
+    train_diffusion(_cfg("demo_diffusion_2d_pixel.yaml", *common, "train.max_steps=4"), out, resume="latest")
+    import math
+
+    expected = [1e-3] + [1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 4)) for s in (1, 2, 3)]
+    a, b = read_metrics(whole), read_metrics(out)
+    assert [r["lr"] for r in a] == pytest.approx(expected) and [r["lr"] for r in b] == pytest.approx(expected)
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5, abs=1e-6)
+
+
 def test_lr_warmup_in_optimizer_steps_with_accumulation_and_no_ema(cohort_2d, tmp_path):
     """Gradient accumulation 2, warm-up 3: optimizer step t runs at lr * min(1, t / 3); the
     scheduler steps after the optimizer, so torch's "lr_scheduler.step() before optimizer.step()"

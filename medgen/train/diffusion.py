@@ -303,17 +303,44 @@ def _check_divisible(model, shape, cfg) -> None:
                           f"{list(cfg.model.channels)}); use fewer levels or another data.shape")
 
 
+def lr_factor(step: int, warmup: int, total: int, kind: str = "constant") -> float:
+    """The learning-rate multiplier of the optimizer step with 0-based index `step`.
+
+    Warm-up: step t = step + 1 runs at t / warmup while t <= warmup (the first step is not wasted at
+    lr 0). Then `constant`, or diffusers' cosine / linear decay (`get_cosine_schedule_with_warmup`,
+    `get_linear_schedule_with_warmup`): progress p = (step - warmup) / (total - warmup), factor
+    (1 + cos(pi p)) / 2 or 1 - p, 0 from `total` on (diffusers' cosine would climb again past it).
+    The same formula as diffusers after the warm-up up to `total` (tested); ours during the warm-up,
+    so that `constant` keeps the earlier runs' warm-up exactly.
+    """
+    import math
+
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    p = min(1.0, max(0.0, (step - warmup) / max(1, total - warmup)))
+    return 0.5 * (1.0 + math.cos(math.pi * p)) if kind == "cosine" else 1.0 - p
+
+
 def build_optimizer(tcfg, model: torch.nn.Module):
-    """AdamW and a linear warm-up over `train.lr_warmup_steps` optimizer steps.
+    """AdamW and its schedule: a linear warm-up over `train.lr_warmup_steps` optimizer steps, then
+    `train.lr_schedule` (constant, cosine or linear decay reaching 0 at `train.lr_decay_steps`,
+    default `train.max_steps`; `lr_factor`).
 
     The scheduler is stepped once per optimizer step that was taken (`_optimizer_step`), so its
-    count is in optimizer steps whatever the processes and gradient accumulation; step t (1-based)
-    runs at lr * min(1, t / warmup).
+    count is in optimizer steps whatever the processes and gradient accumulation; accelerate saves
+    and restores its step count with the checkpoint, so a resumed run continues the same curve (give
+    `train.lr_decay_steps` when a run will be extended past its first `train.max_steps`).
     """
+    from functools import partial
+
     opt = torch.optim.AdamW(model.parameters(), lr=float(tcfg.lr), betas=tuple(float(b) for b in tcfg.betas),
                             weight_decay=float(tcfg.weight_decay))
     warm = int(cfg_get(tcfg, "lr_warmup_steps", 0))
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+    total = int(cfg_get(tcfg, "lr_decay_steps", None) or tcfg.max_steps)
+    kind = str(cfg_get(tcfg, "lr_schedule", "constant"))
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, warmup=warm, total=total, kind=kind))
     return opt, lr_sched
 
 

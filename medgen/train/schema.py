@@ -242,6 +242,9 @@ class DiffusionTrain(TrainConfig):
 
     grad_clip: float | None = setting(1.0, gt=0)  # max global gradient norm; null: no clipping
     lr_warmup_steps: int = setting(0, ge=0)  # linear learning-rate warm-up over this many optimizer steps
+    # after the warm-up: constant (the papers' released code), or a cosine / linear decay to 0 at lr_decay_steps
+    lr_schedule: str = setting("constant", choices=("constant", "cosine", "linear"))
+    lr_decay_steps: int | None = setting(None, ge=1)  # where the decay reaches 0 (optimizer steps); null: train.max_steps
     compile: bool = False  # torch.compile the denoiser's repeated blocks (GPU; runs it channels-last)
 
 
