@@ -1,6 +1,6 @@
 """`medgen.load_pipeline(run_dir).sample(n, ...)` and the sample directory writer.
 
-A sample directory (ARCHITECTURE.md): PNG (2D, 8- or 16-bit) or NIfTI (3D, with the training
+A sample directory (docs/ARCHITECTURE.md): PNG (2D, 8- or 16-bit) or NIfTI (3D, with the training
 spacing) files, `manifest.csv` (`file,label,seed,sampler,steps,guidance,checkpoint_sha256`) and
 `grid.png`. Sample i uses seed `seed + i` for its own generator, so the same seed gives the same
 samples whatever the batch size. Sampler, steps, guidance and eta default to the run's own (its

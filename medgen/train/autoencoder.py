@@ -15,7 +15,7 @@ summed over latent elements, mean over the batch); lambda is the adaptive weight
 hinge loss on a 3D PatchGAN (whole volume) and/or a 2D PatchGAN (images, or random slices of
 volumes) as in Medical Diffusion (Khader et al. 2023); feature matching sums the layers of both.
 
-The run directory follows ARCHITECTURE.md; `model/` rebuilds with `load_autoencoder`.
+The run directory follows docs/ARCHITECTURE.md; `model/` rebuilds with `load_autoencoder`.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ Nothing here knows what is being trained. A loop built on it looks like::
             ckpt.save(accelerator, step, {"anything": "json"})
     save_inference_model(accelerator.unwrap_model(model), run_dir / "model", model_config)
 
-The run directory layout is the one in ARCHITECTURE.md: `config.yaml`, `model/`,
+The run directory layout is the one in docs/ARCHITECTURE.md: `config.yaml`, `model/`,
 `checkpoints/step_N/`, `metrics.jsonl`, `samples/`, `split.json`.
 
 Checkpoints (`checkpoints/step_N/`) hold `accelerator.save_state` output (model weights as
