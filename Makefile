@@ -21,7 +21,7 @@ demo: install
 demo-quick: install
 	$(PY) -m medgen demo --quick --out runs/demo-quick
 
-# The whole suite (about 13 min on 2 quiet cores, 569 tests, AMD EPYC, plus ~2.5 min of install on a fresh clone);
+# The whole suite (about 14 min on 2 quiet cores, 575 tests, AMD EPYC, plus ~2.5 min of install on a fresh clone);
 # `make test-fast` skips the tests marked slow (DDP launches, 3D planted copies, sampling quality).
 test: install
 	$(PY) -m pytest -q --durations=20
