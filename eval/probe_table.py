@@ -116,34 +116,13 @@ def main() -> None:
 
 
 def markdown_table(report: dict) -> str:
-    """PSNR (dB) of every method against eps per R: worst-case (source) / controls; then the transfer
-    cells: drops, the measured-copy drop, the paired difference with its 95% interval, Holm's p,
-    absolute changes and the verdict."""
+    """report.md's tables: PSNR of every method against eps per R, then the transfer cells."""
+    from medgen.recon.report import psnr_table, transfer_table
+
     out = []
     for R in sorted({r["acceleration"] for r in report["results"]}):
-        rows = [r for r in report["results"] if r["acceleration"] == R]
-        eps = sorted({r["eps"] for r in rows})
-        out += [f"R={R}", "", "| method | perturbation | " + " | ".join(f"eps={e:g}" for e in eps) + " |", "|---|---|" + "---|" * len(eps)]
-        for method in dict.fromkeys(r["method"] for r in rows):
-            kinds = sorted({(r["perturbation"], r["source"]) for r in rows if r["method"] == method and r["perturbation"] != "none"},
-                           key=lambda k: (k[0] != "worst-case", k[0], str(k[1])))
-            for kind in kinds:
-                cells = []
-                for e in eps:
-                    hit = next(r for r in rows if r["method"] == method and (r["perturbation"], r["source"]) == kind and r["eps"] == e)
-                    cells.append(f"{hit['psnr']:.2f}" + (f" ± {hit['psnr_std']:.2f}" if hit["psnr_std"] else ""))
-                out.append(f"| {method} | {kind[0]}{f' ({kind[1]})' if kind[1] else ''} | " + " | ".join(cells) + " |")
-        out.append("")
-    out += ["| method | R | eps | drop, worst-case | drop, random | drop, copy | worst - random [95% CI] | Holm p | RMS change, worst / random "
-            "| unsampled change, worst / random | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for t in report["transfer"]:
-        ci = "n/a" if not t.get("ci95") else f"[{t['ci95'][0]:+.2f}, {t['ci95'][1]:+.2f}]"
-        p = "n/a" if t.get("p_holm") is None else f"{t['p_holm']:.3g}"
-        out.append(f"| {t['method']} | {t['acceleration']} | {t['eps']:g} | {t['psnr_drop_worst_case']:.2f} | {t['psnr_drop_random']:.2f} | "
-                   f"{t['measured_copy_drop_worst_case']:.2f} | {t['difference']:+.2f} {ci} | {p} | "
-                   f"{t['rms_change_worst_case']:.4f} / {t['rms_change_random']:.4f} | "
-                   f"{t['unsampled_change_worst_case']:.4f} / {t['unsampled_change_random']:.4f} | {t['verdict']} |")
-    return "\n".join(out)
+        out += [f"R={R}", ""] + psnr_table(report["results"], R) + [""]
+    return "\n".join(out + transfer_table(report["transfer"]))
 
 
 def seeds_table(reports: dict[int, dict]) -> str:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from medgen.errors import ConfigError, DataError
-from medgen.recon.kspace import apply_mask
+from medgen.recon.kspace import apply_mask, fft2c, ifft2c
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +57,6 @@ class KspaceSlices:
     path: Path
     slices: list[int]  # slice indices in the file
     cropped: bool  # the coil images were centre-cropped to image_shape
-
-
-def _fft2c(x: torch.Tensor) -> torch.Tensor:
-    """Centred orthonormal 2D FFT over the last two axes (fastMRI's fft2c, deepinv's MRIMixin.fft)."""
-    return torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(x, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
-
-
-def _ifft2c(k: torch.Tensor) -> torch.Tensor:
-    """Inverse of `_fft2c`."""
-    return torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(k, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
 
 
 def _center_crop(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -166,10 +156,10 @@ def read_kspace(path: str | Path, *, slices: Sequence[int] | None = None,
                 raise DataError(f"{path}: slice {i} of 'kspace' contains NaN or inf values; leave it out with slices= "
                                 f"or repair the file")
             k = torch.from_numpy(np.asarray(raw, dtype=np.complex64))
-            kept.append(_fft2c(_center_crop(_ifft2c(k), shape)) if crop else k)
+            kept.append(fft2c(_center_crop(ifft2c(k), shape)) if crop else k)
     k = torch.stack(kept)  # (N, [C,] H, W) complex64
     multi = k.ndim == 4
-    truth = _ifft2c(k).abs()
+    truth = ifft2c(k).abs()
     if multi:
         truth = truth.square().sum(1).sqrt()
     scale = truth.amax(dim=(-2, -1))
@@ -339,4 +329,4 @@ def simulate_kspace(images: torch.Tensor, coil_maps: torch.Tensor | None = None)
         if coil_maps.ndim != 3 or tuple(coil_maps.shape[-2:]) != tuple(x.shape[-2:]):
             raise ConfigError(f"coil maps must be (C, {x.shape[-2]}, {x.shape[-1]}), got shape {tuple(coil_maps.shape)}")
         x = coil_maps.detach().cpu().to(torch.complex64)[None] * x[:, None]
-    return _fft2c(x).numpy()
+    return fft2c(x).numpy()

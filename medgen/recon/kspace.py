@@ -116,6 +116,16 @@ def to_complex(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.zeros_like(x)], dim=1)
 
 
+def fft2c(x: torch.Tensor) -> torch.Tensor:
+    """Centred orthonormal 2D FFT over the last two axes: deepinv's `MRIMixin.fft`, fastMRI's `fft2c`."""
+    return torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(x, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
+
+
+def ifft2c(k: torch.Tensor) -> torch.Tensor:
+    """Inverse of `fft2c`."""
+    return torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(k, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
+
+
 def magnitude(x: torch.Tensor) -> torch.Tensor:
     """(B, 2, H, W) complex image -> (B, 1, H, W) magnitude."""
     return x.square().sum(1, keepdim=True).sqrt()

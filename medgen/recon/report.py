@@ -84,7 +84,24 @@ def write_figures(report: dict[str, Any], panels: dict[str, Any], out: Path) -> 
     plt.close(fig)
 
 
-def _table(rows: list[dict], R: int) -> list[str]:
+def transfer_table(transfer: list[dict]) -> list[str]:
+    """Markdown: one row per transfer cell (drops, copy baseline, difference with its 95% interval,
+    Holm's p, absolute changes, verdict); report.md and eval/probe_table.py print the same table."""
+    lines = ["| method | R | eps | drop, worst-case | drop, random | drop, copy | difference [95% CI] | Holm p | NMSE +, worst / random "
+             "| RMS change, worst / random | unsampled change, worst / random | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for t in transfer:
+        ci = "n/a" if not t.get("ci95") else f"[{t['ci95'][0]:+.2f}, {t['ci95'][1]:+.2f}]"
+        p = "n/a" if t.get("p_holm") is None else f"{t['p_holm']:.3g}"
+        lines.append(f"| {t['method']} | {t['acceleration']} | {t['eps']:g} | {t['psnr_drop_worst_case']:.2f} | "
+                     f"{t['psnr_drop_random']:.2f} | {t['measured_copy_drop_worst_case']:.2f} | {t['difference']:+.2f} {ci} | {p} | "
+                     f"{t['nmse_increase_worst_case']:.4f} / {t['nmse_increase_random']:.4f} | "
+                     f"{t['rms_change_worst_case']:.4f} / {t['rms_change_random']:.4f} | "
+                     f"{t['unsampled_change_worst_case']:.4f} / {t['unsampled_change_random']:.4f} | {t['verdict']} |")
+    return lines
+
+
+def psnr_table(rows: list[dict], R: int) -> list[str]:
     """Markdown: PSNR per method against eps, worst-case / random (and white-box where there is one)."""
     eps = sorted({r["eps"] for r in rows if r["acceleration"] == R})
     methods = list(dict.fromkeys(r["method"] for r in rows if r["acceleration"] == R))
@@ -135,7 +152,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             lines.append(f"| {r['method']} | {r['acceleration']} | {r['psnr']:.2f}" + (f" ± {r['psnr_std']:.2f}" if r["psnr_std"] else "")
                          + f" | {r['ssim']:.4f} | {r['nmse']:.4f} | {r['posterior_samples']} |")
     for R in accelerations:
-        lines += ["", f"## PSNR against eps, R={R}", ""] + _table(rows, R)
+        lines += ["", f"## PSNR against eps, R={R}", ""] + psnr_table(rows, R)
     transfer = report.get("transfer", [])
     if transfer:
         family = transfer[0].get("family_size", len(transfer))
@@ -147,17 +164,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
                   "*Copy* is the drop of a reconstruction that only copies the measured data (clean reconstruction + A^H M delta): "
                   "a drop near it is the measured energy, not the prior. RMS change in image units; unsampled change = "
                   "||(1 - M) F (perturbed - clean)|| / ||k||, what moved where nothing was measured.", "",
-                  "| method | R | eps | drop, worst-case | drop, random | drop, copy | difference [95% CI] | Holm p | NMSE +, worst / random "
-                  "| RMS change, worst / random | unsampled change, worst / random | verdict |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for t in transfer:
-            ci = "n/a" if not t.get("ci95") else f"[{t['ci95'][0]:+.2f}, {t['ci95'][1]:+.2f}]"
-            p = "n/a" if t.get("p_holm") is None else f"{t['p_holm']:.3g}"
-            lines.append(f"| {t['method']} | {t['acceleration']} | {t['eps']:g} | {t['psnr_drop_worst_case']:.2f} | "
-                         f"{t['psnr_drop_random']:.2f} | {t['measured_copy_drop_worst_case']:.2f} | {t['difference']:+.2f} {ci} | {p} | "
-                         f"{t['nmse_increase_worst_case']:.4f} / {t['nmse_increase_random']:.4f} | "
-                         f"{t['rms_change_worst_case']:.4f} / {t['rms_change_random']:.4f} | "
-                         f"{t['unsampled_change_worst_case']:.4f} / {t['unsampled_change_random']:.4f} | {t['verdict']} |")
+                  ] + transfer_table(transfer)
     hall = [c for c in report.get("changes", []) if c["perturbation"] == "worst-case" and c["posterior_spread"] > 0]
     if hall:
         lines += ["", "## Hallucination against sampling spread", "",
