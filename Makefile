@@ -11,7 +11,7 @@ install: $(STAMP)
 # Re-installs only when pyproject.toml changes (the stamp name carries its checksum).
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[all,dev]'  # every extra (the demo's cohort, multi-coil MRI) and the test tools
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

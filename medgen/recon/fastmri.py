@@ -38,6 +38,7 @@ import torch
 
 from medgen.errors import ConfigError, DataError
 from medgen.recon.kspace import apply_mask, fft2c, ifft2c
+from medgen.versions import require_extra
 
 log = logging.getLogger(__name__)
 
@@ -182,11 +183,9 @@ def estimate_coil_maps(kspace: torch.Tensor, *, calib_width: int = 24) -> torch.
     """(N, C, H, W) complex64 ESPIRiT maps (sigpy, crop=0) of fully sampled multi-coil k-space
     (N, 2, C, H, W), normalised to sum_c |S_c|^2 = 1 wherever they are nonzero. The central
     calib_width x calib_width block is the calibration region."""
-    try:
-        from sigpy.mri.app import EspiritCalib
-    except ImportError:
-        raise ConfigError("estimating coil maps (ESPIRiT) needs the sigpy package: pip install sigpy, "
-                          "or give the maps in a file") from None
+    require_extra("sigpy.mri.app", "estimating coil maps (ESPIRiT) of multi-coil k-space without --coil-maps")
+    from sigpy.mri.app import EspiritCalib
+
     if kspace.ndim != 5 or kspace.shape[1] != 2:
         raise ConfigError(f"coil maps are estimated from multi-coil k-space (N, 2, C, H, W), got shape {tuple(kspace.shape)}")
     H, W = kspace.shape[-2:]

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from medgen.errors import ConfigError
-from medgen.recon.settings import MASK_KINDS, center_fraction_for, check_acceleration  # torch-free, shared with the CLI
+from medgen.recon.settings import MASK_KINDS, center_fraction_for, check_acceleration, check_coils  # torch-free, shared with the CLI
 
 
 def kspace_mask(shape: Sequence[int], acceleration: int, kind: str = "equispaced", center_fraction: float | None = None,
@@ -60,9 +60,10 @@ def fixed_equispaced_mask(shape: Sequence[int], acceleration: int, center_lines:
 def birdcage_maps(n_coils: int, shape: Sequence[int]) -> torch.Tensor:
     """(N, H, W) complex64 birdcage sensitivities (sigpy, through deepinv), normalised so that
     sum_n |S_n|^2 = 1 at every pixel."""
+    check_coils(n_coils)
     from deepinv.physics import MultiCoilMRI
 
-    maps = MultiCoilMRI(img_size=(1, 2, *shape)).simulate_birdcage_csm(n_coils)  # needs sigpy
+    maps = MultiCoilMRI(img_size=(1, 2, *shape)).simulate_birdcage_csm(n_coils)
     return maps / maps.abs().square().sum(0, keepdim=True).sqrt().clamp_min(1e-8)
 
 

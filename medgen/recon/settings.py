@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from medgen.errors import ConfigError
+from medgen.versions import require_extra
 
 METHODS = ("projection", "dps", "tv", "zero-filled", "surrogate")
 WHITE_BOX = ("tv", "surrogate")  # methods attacked with their own gradients
@@ -38,6 +39,13 @@ def check_acceleration(width: int, acceleration: int, center_fraction: float | N
             f"acceleration R={acceleration} cannot be reached on images {width} px wide: {width}/{acceleration} gives "
             f"{width // acceleration} sampled columns, {n_center} of them central (centre fraction {cf:g}) and {n_outer} outer; "
             f"a Cartesian mask needs at least one of each. Use a smaller --acceleration or wider images")
+
+
+def check_coils(coils: int) -> None:
+    """Raise ConfigError when `coils` > 1 simulated coils cannot be had: their birdcage maps come from
+    sigpy, the optional extra `medgen[mri]` (checked without importing it, before any work)."""
+    if int(coils) > 1:
+        require_extra("sigpy", f"--coils {coils} (simulated birdcage coil maps)")
 
 
 def check_eps(eps: Sequence[float]) -> list[float]:
@@ -90,6 +98,7 @@ class ProbeSettings:
         for name in ("posterior_samples", "steps", "n_images", "batch_size", "coils", "tv_iterations"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        check_coils(self.coils)
         if self.dps_weight != "auto":
             try:
                 self.dps_weight = float(self.dps_weight)

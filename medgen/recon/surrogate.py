@@ -26,7 +26,8 @@ import torch
 from medgen.config import section, setting
 from medgen.data.config import SplitConfig
 from medgen.errors import ConfigError, DataError, TrainingError, WeightsError
-from medgen.recon.kspace import MASK_KINDS, apply_mask, center_fraction_for, check_acceleration, kspace_mask, magnitude, to_complex
+from medgen.recon.kspace import (MASK_KINDS, apply_mask, center_fraction_for, check_acceleration, check_coils, kspace_mask, magnitude,
+                                 to_complex)
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ def train_surrogate(cfg: dict, device: str | torch.device | None = None) -> Surr
     data_cfg = dict(cfg["data"])
     if not data_cfg.get("path"):
         raise ConfigError("the surrogate needs --data DIR (data.path)")
+    check_coils(cfg["coils"])
     samples = scan_dataset(data_cfg["path"])
     split = data_cfg.get("split") or {}
     subjects = make_splits(samples, float(split.get("val", 0.1)), float(split.get("holdout", 0.1)), int(split.get("seed", 0)))
