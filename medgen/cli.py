@@ -41,6 +41,7 @@ COMMAND_MODULES = (
     "medgen.privacy.commands",
     "medgen.recon.commands",
     "medgen.release.commands",
+    "medgen.export.commands",
 )
 
 

@@ -251,6 +251,14 @@ def _yaml_problem(e: Exception) -> str:
     return ": ".join(p for p in parts if p) or _first_line(e)
 
 
+def yaml_error(path: Path, e: yaml.MarkedYAMLError) -> ConfigError:
+    """'FILE:LINE:COL: not valid YAML: what the parser says', for any YAML file a user wrote
+    (configs, a release's card.yaml); the parser counts lines and columns from 0."""
+    mark = e.problem_mark or e.context_mark
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    return ConfigError(f"{where}: not valid YAML: {_yaml_problem(e)}")
+
+
 def _read_yaml(path: Path) -> DictConfig:
     if path.is_dir():
         raise ConfigError(f"config file {path} is a folder; pass a YAML file (e.g. configs/demo_autoencoder_2d.yaml)")
@@ -258,10 +266,8 @@ def _read_yaml(path: Path) -> DictConfig:
         raise ConfigError(f"config file {path} does not exist")
     try:
         loaded = OmegaConf.load(path)
-    except yaml.MarkedYAMLError as e:  # the line and column of the problem (the parser counts from 0)
-        mark = e.problem_mark or e.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(e)}") from None
+    except yaml.MarkedYAMLError as e:
+        raise yaml_error(path, e) from None
     except Exception as e:  # OmegaConf's own errors, undecodable bytes
         raise ConfigError(f"config file {path} is not valid YAML: {_first_line(e)}") from None
     if not isinstance(loaded, DictConfig):

@@ -262,7 +262,7 @@ def test_sample_cli_png_manifest_and_overwrite(pixel_run, tmp_path, capsys):
             "--label", "0", "--guidance", "1.5", "--seed", "10", "--bit-depth", "16"]
     assert cli(args) == 0
     rows = list(csv.DictReader(open(out / "manifest.csv")))
-    assert list(rows[0]) == ["file", "label", "seed", "sampler", "steps", "guidance", "checkpoint_sha256"]
+    assert list(rows[0]) == ["file", "label", "seed", "sampler", "steps", "guidance", "checkpoint_sha256", "units", "release_id"]
     assert [r["seed"] for r in rows] == ["10", "11", "12"] and {r["label"] for r in rows} == {"0"}
     from medgen.io import sha256_file
 

@@ -267,14 +267,17 @@ def test_data_card_names_nothing_of_the_cohort(demo):
     cohort = scan_dataset(out / "cohort")
     names = {s.subject_id for s in cohort} | {s.path.name for s in cohort} | {str(out / "cohort")}
     assert len(names) >= 64
+    card = json.loads((release / "data_card.json").read_text())
     for path in release.rglob("*"):
         rel = path.relative_to(release).as_posix()
         text = path.read_text(errors="replace") if path.suffix in (".csv", ".json", ".md") else ""
         hits = [n for n in names if n in rel or n in text]
         assert not hits, (rel, hits[:3])
-        if path.suffix == ".png":
-            assert not Image.open(path).info  # no text chunks, no metadata of any kind
-    card = json.loads((release / "data_card.json").read_text())
+        if path.suffix == ".png":  # metadata names nothing of the cohort; a sample's is its synthetic markers (issue 23)
+            info = Image.open(path).info
+            assert not [n for n in names if n in str(info)]
+            if path.name != "grid.png":
+                assert set(info) == {"Description", "Software", "Release ID"} and info["Release ID"] == card["output"]["release_id"]
     assert card["model"]["resolved_config"]["data"]["path"] == "[withheld]"
     for key in ("metrics", "audit", "rounds", "dropped", "software", "intended_use", "limitations", "sampling"):
         assert card[key], key
@@ -286,8 +289,16 @@ def test_data_card_names_nothing_of_the_cohort(demo):
     assert card["software"]["torch"] == torch.__version__.split("+")[0] or card["software"]["torch"].startswith(torch.__version__[:3])
     assert "fd_pca" in card["metrics"]["values"] and card["metrics"]["values"]["fd_pca"]["ci95"]
     md = (release / "DATA_CARD.md").read_text()
-    for heading in ("## Intended use", "## Privacy audit", "## Rounds", "## Limitations", "## Software"):
+    for heading in ("## Motivation", "## Composition", "### Privacy audit", "### Rounds", "## Uses", "### Limitations", "### Software"):
         assert heading in md
+    # the demo's own card (issue 23): written as card.yaml beside the release, every field provided
+    from medgen.release.commands import DEMO_CARD
+
+    assert card["steward"] == DEMO_CARD and card["not_provided"] == [] and "not provided" not in md
+    assert md.startswith("---\nlicense: cc-by-4.0\n") and (out / "card.yaml").is_file()
+    image_shape = json.loads((out / "diffusion" / "model" / "config.json").read_text())["image_shape"]
+    assert [card["dataset"]["channels"], *card["dataset"]["shape"]] == image_shape
+    assert f"- each image: {' x '.join(map(str, image_shape[1:]))} pixels, 1 channel, " in md
     assert f"At 97.5% confidence, at most {a['bound']['upper_pct']:.2f}% of this model's outputs are copies" in md
 
 
@@ -317,8 +328,10 @@ def test_models_that_copy_a_fifth_are_refused_and_every_attempt_is_on_the_record
     assert {a["verdict"] for a in verdicts[-2:]} <= {"fail", "inconclusive"} and [a["attempt"] for a in verdicts[-2:]] == [first + 1, first + 2]
     assert all(a["bound_upper_pct"] > 15 for a in verdicts[-2:])  # a fifth copied: the bound says so
 
-    code, _, err = run_cli(capsys, *_release_args(out, "--n", "16", "--out", out / "release_honest"))
+    code, _, err = run_cli(capsys, *_release_args(out, "--n", "16", "--out", out / "release_honest", "--card", out / "card.yaml",
+                                                  "--card-field", "contact=steward@example.org"))
     card = json.loads((out / "release_honest" / "data_card.json").read_text())
+    assert card["steward"]["contact"] == "steward@example.org" and card["steward"]["license"] == "CC-BY-4.0"  # the field over the file
     a = card["audit"]
     assert code == 0 and a["attempt"] == first + 3 and a["alpha_used"] == pytest.approx(0.05 / 2 ** (first + 3))
     refused = [e for e in a["earlier_attempts"] if e.get("kind") == "release" and e.get("released") is False]

@@ -42,28 +42,30 @@ def run_3d(cohort_3d, tmp_path_factory):
 
 
 def whole_set_write(pipeline, out: Path, n: int, label=None, seed: int = 0, batch_size: int = 16, bit_depth: int = 8,
-                    **settings) -> None:
+                    release_id: str = "", **settings) -> None:
     """What `write_samples` wrote before streaming (medgen at b7ca3a3, one process): every sample
-    generated into one tensor, then the files, the manifest and the grid from it."""
-    from medgen.sample.pipeline import MANIFEST_FIELDS, _png_bytes, _write_nifti
-    from medgen.train.preview import grid_png
+    generated into one tensor, then the files (as medgen.sample.formats writes them), the
+    manifest and the grid from it."""
+    from medgen.sample.formats import sample_format
+    from medgen.sample.pipeline import MANIFEST_FIELDS
+    from medgen.train.preview import grid_png, sample_captions
 
     s = pipeline.sampling_settings(**settings)
     x = pipeline.sample(n, **s, label=label, seed=seed, batch_size=batch_size)
-    names = [f"sample_{i:05d}" + (".png" if pipeline.spatial_dims == 2 else ".nii.gz") for i in range(n)]
+    output = sample_format(pipeline, release_id=release_id, bit_depth=bit_depth)
+    names = [f"sample_{i:05d}{output.suffix}" for i in range(n)]
     out.mkdir()
     for i, img in enumerate(x):
-        if pipeline.spatial_dims == 2:
-            (out / names[i]).write_bytes(_png_bytes(img, bit_depth))
-        else:
-            _write_nifti(out / names[i], img, pipeline.spacing)
+        output.write(out / names[i], img, seed + i)
     rows = [{"file": names[i], "label": "" if label is None else int(label), "seed": seed + i, "sampler": s["sampler"],
-             "steps": s["steps"], "guidance": s["guidance"], "checkpoint_sha256": pipeline.checkpoint_sha256 or ""} for i in range(n)]
+             "steps": s["steps"], "guidance": s["guidance"], "checkpoint_sha256": pipeline.checkpoint_sha256 or "",
+             "units": output.units, "release_id": release_id} for i in range(n)]
     with open(out / "manifest.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
         w.writeheader()
         w.writerows(rows)
-    (out / "grid.png").write_bytes(grid_png(x[:64] if pipeline.spatial_dims == 2 else x[:8]))
+    shown = x[:64] if pipeline.spatial_dims == 2 else x[:8]
+    (out / "grid.png").write_bytes(grid_png(shown, captions=sample_captions([seed + i for i in range(len(shown))], label)))
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -76,8 +78,8 @@ def test_streamed_write_is_byte_identical_to_the_whole_set_write(dims, batch_siz
 
     pipe = load_pipeline(str(run_2d if dims == 2 else run_3d), device="cpu")
     n = 7 if dims == 2 else 3  # a last batch that is not full
-    write_samples(pipe, tmp_path / "streamed", n, seed=3, label=1, batch_size=batch_size, steps=2)
-    whole_set_write(pipe, tmp_path / "whole", n, seed=3, label=1, batch_size=batch_size, steps=2)
+    write_samples(pipe, tmp_path / "streamed", n, seed=3, label=1, batch_size=batch_size, steps=2, release_id="smp-test")
+    whole_set_write(pipe, tmp_path / "whole", n, seed=3, label=1, batch_size=batch_size, steps=2, release_id="smp-test")
     streamed, whole = _hashes(tmp_path / "streamed"), _hashes(tmp_path / "whole")
     assert len(streamed) == n + 2 and streamed == whole
 

@@ -46,6 +46,27 @@ def _intensity_transform(cfg: DataConfig, source_dtype: np.dtype):
     return None
 
 
+def intensity_range(spec) -> tuple[float, float] | None:
+    """The source values `_intensity_transform` sends to -1 and 1 when one linear map serves every
+    image (`data.intensity`): the HU window (ct), `in_range` (fixed), (-1, 1) kept as they are
+    (none). None for the per-image mappings (percentile, minmax, zscore) and for auto, which maps
+    8/16-bit files by their type's range but float files per image: no single map inverts them."""
+    if spec.mode == "ct":
+        return float(spec.window[0]), float(spec.window[1])
+    if spec.mode == "fixed":
+        return float(spec.in_range[0]), float(spec.in_range[1])
+    if spec.mode == "none":
+        return -1.0, 1.0
+    return None
+
+
+def to_source_units(x, value_range: tuple[float, float]):
+    """The inverse of the linear intensity mapping (source [lo, hi] -> [-1, 1]): [-1, 1] -> [lo, hi]
+    (tensor or array). Source values the mapping clipped (outside a CT window) cannot come back."""
+    lo, hi = value_range
+    return lo + (x + 1) * ((hi - lo) / 2)
+
+
 def _resize(image, target_shape: tuple[int, ...]):
     """Resize a torchio image to `target_shape`, keeping the field of view (tio.Resize's
     arithmetic), antialiased when shrinking: torchio's Gaussian-prefiltered resampling for

@@ -1,11 +1,19 @@
 """The data card of a release (`data_card.json`, `DATA_CARD.md`) and the check that nothing of the
 real data is named in a release folder.
 
-The card is built from numbers and settings only: counts, thresholds, rates, metrics, seeds,
-checksums, versions. It never holds a real file name, subject id, path of the real data, image or
-latent; paths in the run's resolved config are withheld. `find_leaks` checks the finished folder
-(file names, manifest, card) against every real identifier before the release is renamed into
-place, so a slip fails the release instead of leaking.
+DATA_CARD.md opens with Hugging Face dataset-card metadata (YAML front matter: license,
+task_categories, size_categories, tags, pretty_name) and follows the sections of Datasheets for
+Datasets (Gebru et al. 2021): motivation, composition (with the quality metrics and the privacy
+audit), generation process, preprocessing, uses, distribution, maintenance. Every value is written
+for a person; data_card.json holds the same fields for a program.
+
+The card is built from numbers and settings: counts, thresholds, rates, metrics, seeds, checksums,
+versions, the run's preprocessing, and the data steward's own words (modality, source dataset,
+licences, contact...: `medgen.release.steward`; "not provided" where left out). It never holds a
+real file name, subject id, path of the real data, image or latent; paths in the run's resolved
+config are withheld. `find_leaks` checks the finished folder (file names, manifest, card) against
+every real identifier before the release is renamed into place, so a slip fails the release
+instead of leaking.
 """
 
 from __future__ import annotations
@@ -17,9 +25,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from medgen.release.steward import NOT_PROVIDED, STEWARD_FIELDS, check_card_fields, missing_fields
 from medgen.versions import software_versions
 
 WITHHELD = "[withheld]"
+FORMAT_NAMES = {"png": "PNG", "nifti": "NIfTI (.nii.gz)", "dicom": "DICOM"}
+# Hugging Face's size_categories (the dataset card metadata spec): the first whose bound exceeds n.
+SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+                   (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"))
 SOFTWARE = ("diffusers", "accelerate", "monai", "torchio", "scipy", "safetensors", "Pillow", "nibabel")
 TEXT_SUFFIXES = (".csv", ".json", ".md", ".txt", ".yaml")
 
@@ -136,6 +149,96 @@ def _limitations(card: dict[str, Any]) -> list[str]:
     return out
 
 
+def _default_output(ext: str, bit_depth: int, channels: int) -> dict[str, Any]:
+    """How the files hold the images when the release names nothing else: as `medgen sample`
+    writes them (PNG: the model's [-1, 1] mapped linearly to the bit depth; NIfTI: float32 as
+    generated, the voxel size in the affine)."""
+    if ext == ".png":
+        bits = bit_depth if channels == 1 else 8
+        top = 2 ** bits - 1
+        return {"format": "png", "units": "none (relative intensity)", "value_range": [0, top], "release_id": None,
+                "intensity": f"the model's intensity scale -1 to 1 mapped linearly to 0 to {top} ({bits}-bit "
+                             f"{'grayscale' if channels == 1 else 'RGB'}); the source's units are not restored",
+                "markers": ["the file name (synthetic_NNNNN)"]}
+    return {"format": "nifti", "units": "none (relative intensity)", "value_range": [-1, 1], "release_id": None,
+            "intensity": "float32 on the model's intensity scale -1 to 1 (see Preprocessing), the voxel size in the affine; "
+                         "the source's units are not restored",
+            "markers": ["the file name (synthetic_NNNNN)"]}
+
+
+def _preprocessing(data: dict[str, Any], spatial_dims: int, image_shape: Sequence[int], spacing) -> dict[str, Any]:
+    """What the run did to the real images before the model learned them (its `data:` config),
+    in sentences, and the config itself with its paths withheld."""
+    intensity = data.get("intensity") or {}
+    steps = []
+    if spatial_dims == 3 and data.get("canonical", True):
+        steps.append("reoriented to RAS+ (torchio ToCanonical)")
+    steps.append(f"resampled to {_mm(data['spacing'])} voxels (torchio Resample)" if data.get("spacing")
+                 else "voxel size kept as in the files")
+    if data.get("shape"):
+        steps.append(f"resized to {_shape(data['shape'])} (the whole field of view, antialiased)" if data.get("resize")
+                     else f"centre-cropped or zero-padded to {_shape(data['shape'])}")
+    if data.get("channels"):
+        steps.append({1: "converted to one channel (RGB averaged to gray)", 3: "converted to three channels (gray repeated)"}
+                     .get(data["channels"], f"{data['channels']} channels"))
+    steps.append(_intensity_sentence(intensity))
+    image = f"{_shape(image_shape[1:])}, {image_shape[0]} channel{'s' if image_shape[0] != 1 else ''}" + (f", {_mm(spacing)}" if spacing else "")
+    return {"steps": steps, "model_space": f"the model learned and generates images of {image}",
+            "config": withhold_paths({k: v for k, v in data.items() if k not in ("cache", "num_workers")})}
+
+
+def _intensity_sentence(spec: dict[str, Any]) -> str:
+    """`data.intensity` for a person: which source values became -1 and 1."""
+    mode, lower, upper = spec.get("mode", "auto"), spec.get("lower", 0.5), spec.get("upper", 99.5)
+    percentile = f"each image's percentiles {lower:g} to {upper:g} mapped linearly to -1 to 1 (clipped)"
+    return {
+        "auto": f"intensity: 8- and 16-bit files mapped from their full range (0 to 255, 0 to 65535) to -1 to 1; other files: {percentile}",
+        "percentile": f"intensity: {percentile}",
+        "minmax": "intensity: each image's minimum to maximum mapped linearly to -1 to 1",
+        "fixed": f"intensity: source values {_span(spec.get('in_range'))} mapped linearly to -1 to 1 (clipped)",
+        "ct": f"intensity: the CT window {_span(spec.get('window'))} HU mapped linearly to -1 to 1 (clipped)",
+        "zscore": "intensity: each image z-scored (mean 0, standard deviation 1)",
+        "none": "intensity: values kept as read",
+    }.get(mode, f"intensity: mode {mode}")
+
+
+def _metadata(card: dict[str, Any]) -> dict[str, Any]:
+    """The Hugging Face dataset-card metadata (the YAML front matter of DATA_CARD.md)."""
+    s = card["steward"]
+    named = [x for x in (s.get("anatomy"), s.get("modality")) if x]
+    tasks = s.get("task_categories") or ("image-classification" if card["dataset"]["label"] is not None else "unconditional-image-generation")
+    return {
+        "license": _hf_license(s.get("license")),
+        "pretty_name": s.get("pretty_name") or " ".join(["Synthetic", *named, "images" if named else "medical images"]),
+        "size_categories": [next((name for bound, name in SIZE_CATEGORIES if card["dataset"]["n"] < bound), "n>1B")],
+        "task_categories": [t.strip() for t in tasks.split(",") if t.strip()],
+        "tags": list(dict.fromkeys(["synthetic", "medical", *(_slug(x) for x in (s.get("modality"), s.get("anatomy")) if x), "medgen"])),
+    }
+
+
+def _hf_license(licence: str | None) -> str:
+    """A licence id as the Hub lists them (lower-case SPDX: cc-by-4.0); 'other' for prose, 'unknown' when not given."""
+    if not licence:
+        return "unknown"
+    return licence.lower() if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*", licence) else "other"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return " x ".join(str(int(s)) for s in shape)
+
+
+def _mm(spacing: Sequence[float]) -> str:
+    return " x ".join(f"{float(s):.3g}" for s in spacing) + " mm"
+
+
+def _span(pair: Sequence[float] | None) -> str:
+    return "?" if not pair else f"{pair[0]:g} to {pair[1]:g}"
+
+
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * float(x):.0f}%"
 
@@ -143,24 +246,38 @@ def _pct(x) -> str:
 def build_card(*, n: int, ext: str, pipe, run: Path, settings: dict, label, seed: int, bit_depth: int, policy: dict,
                first, combined, rounds: list[dict], chosen: Sequence[int], metrics: dict, split_info: dict, n_train: int,
                quality: dict | None = None,
-               n_holdout: int, n_train_subjects: int, n_holdout_subjects: int, attempt: int = 1, earlier: list[dict] = ()) -> dict[str, Any]:
-    """The data card as a JSON-ready dict (see the module docstring for what it never holds)."""
+               n_holdout: int, n_train_subjects: int, n_holdout_subjects: int, attempt: int = 1, earlier: list[dict] = (),
+               output: dict | None = None, card_fields: dict | None = None) -> dict[str, Any]:
+    """The data card as a JSON-ready dict (see the module docstring for what it never holds).
+
+    `output`: how the files hold the images (format, units, intensity, value_range, release_id,
+    markers; default: the PNG/NIfTI writing of `medgen sample`); `card_fields`: the steward's
+    fields (`medgen.release.steward`), each "not provided" when left out."""
+    from medgen.release.pipeline import MANIFEST_FIELDS
+
     config = pipe.config
     latent = config.get("latent") or {}
+    image_shape = list(config.get("image_shape") or pipe.sample_shape)  # (C, *S) of the released images
+    output = {**_default_output(ext, bit_depth, image_shape[0]), **(output or {})}
+    fields = check_card_fields(card_fields)
     card: dict[str, Any] = {
-        "card_version": 1,
+        "card_version": 2,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "steward": {k: fields.get(k) for k in STEWARD_FIELDS} | {k: v for k, v in fields.items() if k not in STEWARD_FIELDS},
+        "not_provided": missing_fields(fields),
         "dataset": {
-            "n": n, "format": "PNG" if ext == ".png" else "NIfTI (.nii.gz)", "files": f"synthetic_00000{ext} ... synthetic_{n - 1:05d}{ext}",
-            "naming": "position in the release; no link to any patient", "sample_shape": list(pipe.sample_shape) if not latent else None,
-            "spatial_dims": pipe.spatial_dims, "spacing_mm": pipe.spacing, "bit_depth": bit_depth if ext == ".png" else None,
-            "manifest": "manifest.csv: file, sha256, seed, label, sampler, steps, guidance, checkpoint_sha256",
+            "n": n, "format": FORMAT_NAMES.get(output["format"], output["format"]), "files": f"synthetic_00000{ext} ... synthetic_{n - 1:05d}{ext}",
+            "naming": "position in the release; no link to any patient", "shape": image_shape[1:], "channels": image_shape[0],
+            "spatial_dims": pipe.spatial_dims, "spacing_mm": pipe.spacing, "bit_depth": bit_depth if output["format"] == "png" else None,
+            "manifest": "manifest.csv: " + ", ".join(MANIFEST_FIELDS),
             "label": label, "synthetic": True,
         },
+        "output": output,
+        "preprocessing": _preprocessing(config.get("data") or {}, pipe.spatial_dims, image_shape, pipe.spacing),
         "model": {
             "checkpoint_sha256": pipe.checkpoint_sha256, "mode": "latent" if latent else "pixel",
-            "autoencoder_sha256": latent.get("autoencoder_sha256"), "num_classes": pipe.num_classes,
-            "resolved_config": _resolved_config(run), "config_paths": f"paths {WITHHELD}",
+            "autoencoder_sha256": latent.get("autoencoder_sha256"), "latent_shape": list(pipe.sample_shape) if latent else None,
+            "num_classes": pipe.num_classes, "resolved_config": _resolved_config(run), "config_paths": f"paths {WITHHELD}",
         },
         "sampling": {**{k: settings[k] for k in ("sampler", "steps", "guidance", "eta")}, "label": label, "seed": seed,
                      "seed_rule": "sample index i uses seed + i (its own generator; identical whatever the batch size or process count)",
@@ -178,6 +295,7 @@ def build_card(*, n: int, ext: str, pipe, run: Path, settings: dict, label, seed
         "out_of_scope": OUT_OF_SCOPE,
     }
     card["limitations"] = _limitations(card)
+    card["metadata"] = _metadata(card)
     return card
 
 
@@ -222,34 +340,90 @@ def _metric_rows(values: dict) -> list[str]:
     return [f"| {name} | {value} | {ci or '-'} |" for name, value, ci in metric_cells(values)]
 
 
-def card_markdown(card: dict[str, Any]) -> str:
-    d, m, s, a, t = card["dataset"], card["model"], card["sampling"], card["audit"], card["training_data"]
-    test = a["all_samples"]["test"]
-    lines = [
-        "# Data card: synthetic dataset", "",
-        f"{d['n']} synthetic {d['spatial_dims']}D images ({d['format']}), generated by a medgen diffusion model and released "
-        f"after a memorization audit. Created {card['created_utc']}. Every image is synthetic; no file corresponds to a patient.", "",
-        "## Intended use", "", *[f"- {x}" for x in card["intended_use"]], "",
-        "Out of scope:", "", *[f"- {x}" for x in card["out_of_scope"]], "",
-        "## Files", "",
-        f"- `{d['files']}` ({d['naming']})",
-        f"- {d['manifest']}",
-        "- `grid.png` (a preview), `data_card.json` (this card, machine-readable)", "",
-        "## Model", "",
-        f"- checkpoint sha256: `{m['checkpoint_sha256']}` ({m['mode']} diffusion"
-        + (f", autoencoder sha256 `{m['autoencoder_sha256']}`" if m["autoencoder_sha256"] else "") + ")",
-        "- resolved config: `data_card.json` → `model.resolved_config` (paths withheld)", "",
-        "## Sampling", "",
-        f"- sampler {s['sampler']}, {s['steps']} steps, guidance {s['guidance']}, eta {s['eta']}, "
-        + ("unconditional" if s["label"] is None else f"label {s['label']}"),
-        f"- seed {s['seed']}: {s['seed_rule']}; released indices {s['indices_released']}", "",
-        "## Quality (against the training images)", "",
+def _text(value: Any) -> str:
+    """A value of the card for a person: numbers short, None as "none", lists and mappings as
+    comma-separated words (never a Python repr)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_text(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_text(v) for v in value)
+    return str(value)
+
+
+def _steward(card: dict[str, Any], key: str) -> str:
+    return card["steward"].get(key) or NOT_PROVIDED
+
+
+def _citation_lines(citation: str) -> list[str]:
+    """A one-line citation inline; BibTeX or several lines as a block."""
+    return [f"- citation: {citation}"] if "\n" not in citation else ["- citation:", "", "```", citation, "```"]
+
+
+def _index_ranges(ranges: list[list[int]]) -> str:
+    return ", ".join(str(a) if a == b else f"{a} to {b}" for a, b in ranges)
+
+
+def _front_matter(card: dict[str, Any]) -> list[str]:
+    import yaml
+
+    return ["---", yaml.safe_dump(card["metadata"], sort_keys=False, allow_unicode=True, width=1000).rstrip(), "---", ""]
+
+
+def _motivation(card: dict[str, Any]) -> list[str]:
+    return [
+        "## Motivation", "",
+        "- purpose: a synthetic stand-in for the source data, for work where the real images cannot be shared (see Uses)",
+        f"- created by: the data steward (contact: {_steward(card, 'contact')}) with medgen {card['software'].get('medgen', '?')}, "
+        "from a diffusion model trained on the source data and released only after a memorization audit passed",
+        f"- source data: {_steward(card, 'source_dataset')}", "",
+    ]
+
+
+def _composition(card: dict[str, Any]) -> list[str]:
+    d, o, s = card["dataset"], card["output"], card["sampling"]
+    image = f"{_shape(d['shape'])} {'pixels' if d['spatial_dims'] == 2 else 'voxels'}, {d['channels']} channel" \
+            f"{'s' if d['channels'] != 1 else ''}" + (f", {_mm(d['spacing_mm'])}" if d.get("spacing_mm") else ", voxel size unknown")
+    value_range = f"{o['value_range'][0]:g} to {o['value_range'][1]:g}" if o.get("value_range") else "not fixed"
+    return [
+        "## Composition", "",
+        f"- instances: {d['n']} synthetic {d['spatial_dims']}D images, "
+        + ("unconditional (no class)" if s["label"] is None else f"all of class {s['label']}"),
+        f"- modality: {_steward(card, 'modality')}",
+        f"- anatomy: {_steward(card, 'anatomy')}",
+        f"- each image: {image}",
+        f"- files: `{d['files']}` ({d['format']}; {d['naming']})",
+        f"- values: {o['intensity'].rstrip('.')}; units {o['units']}; range {value_range}",
+        "- marked as synthetic by: " + "; ".join(m.rstrip(".") for m in o.get("markers") or ["the file name"])
+        + (f"; release id `{o['release_id']}`" if o.get("release_id") else ""),
+        f"- {d['manifest']}; `grid.png` (a preview), `data_card.json` (this card, machine-readable)",
+        "- patients: none; every image is generated, no file corresponds to a patient (see the privacy audit)", "",
+        *_quality_section(card), *_audit_section(card),
+    ]
+
+
+def _quality_section(card: dict[str, Any]) -> list[str]:
+    recipe = card["metrics"]["recipe"]
+    return [
+        "### Quality (against the training images)", "",
         "| metric | value | 95% interval |", "|---|---|---|", *_metric_rows(card["metrics"]["values"]), "",
-        f"Features: {(card['metrics']['recipe'].get('features') or {}).get('extractor', '-')}; "
-        f"{card['metrics']['recipe'].get('n_real')} real vs {card['metrics']['recipe'].get('n_fake')} synthetic images; "
-        f"intervals: {card['metrics']['recipe'].get('intervals', 'none')}.", "",
+        f"Features: {(recipe.get('features') or {}).get('extractor', '-')}; {recipe.get('n_real')} real vs {recipe.get('n_fake')} "
+        f"synthetic images; intervals: " + ("; ".join(f"{k}: {v}" for k, v in recipe["intervals"].items()) if recipe.get("intervals") else "none")
+        + ".", "",
         *_quality_lines(card.get("quality_floor") or {}),
-        "## Privacy audit", "",
+    ]
+
+
+def _audit_section(card: dict[str, Any]) -> list[str]:
+    a, t = card["audit"], card["training_data"]
+    test = a["all_samples"]["test"]
+    return [
+        "### Privacy audit", "",
         f"**{a['statement'][0].upper() + a['statement'][1:]}.**" if a.get("statement") else "", "",
         f"- verdict: **{a['verdict']}** (first round: {a['first_round']['verdict']}); attempt {a['attempt']} of this model, "
         f"judged at alpha {a['alpha_used']:.4g} ({a['policy']['alpha']:g} spent over the model's release attempts as alpha / 2^k)",
@@ -262,22 +436,86 @@ def card_markdown(card: dict[str, Any]) -> str:
         + ", ".join(f"{d} {_pct(v['recall'])}" for d, v in a["control"].get("by_detector", {}).items()),
         f"- all {a['all_samples']['n_synthetic']} generated samples: {a['copy_rate_pct']:.2f}% above tau vs null (held-out) "
         f"{a['null_rate_pct']:.2f}%, p = {test['p_value']:.3g}; memorized training images "
-        f"{a['memorization_rate_pct']:.2f}%; not anatomy: "
-        + ", ".join(f"{v} {k}" for k, v in a["all_samples"]["not_anatomy"].items()),
+        f"{a['memorization_rate_pct']:.2f}%; not anatomy: " + (_text(a["all_samples"]["not_anatomy"]) or "none"),
         f"- released samples above tau: {a['released_samples_above_tau']} (flagged samples are dropped)",
-        "- policy: " + ", ".join(f"{k} {v}" for k, v in a["policy"].items()), "",
-        "## Rounds", "",
+        f"- policy: {_text(a['policy'])}", "",
+    ]
+
+
+def _generation(card: dict[str, Any]) -> list[str]:
+    """Datasheets' collection process: for a synthetic set, how the images were generated."""
+    m, s, t = card["model"], card["sampling"], card["training_data"]
+    return [
+        "## Generation process", "",
+        f"- source data: {_steward(card, 'source_dataset')}",
+        f"- ethics approval: {_steward(card, 'ethics_approval')}",
+        f"- training data: {t['n_train_subjects']} subjects ({t['n_train_images']} images); {t['n_holdout_subjects']} held-out subjects "
+        f"({t['n_holdout_images']} images, {', '.join(t['holdout_splits'])}) calibrate the audit; checked against the run by {t['source']}",
+        f"- split.json sha256 `{t['split_json_sha256']}` (kept with the run, not released); subject ids and file names withheld",
+        f"- model: checkpoint sha256 `{m['checkpoint_sha256']}` ({m['mode']} diffusion"
+        + (f", autoencoder sha256 `{m['autoencoder_sha256']}`, latents {_shape(m['latent_shape'])}" if m.get("autoencoder_sha256") else "")
+        + "); resolved config in `data_card.json` under model.resolved_config (paths withheld)",
+        f"- sampling: {s['sampler']}, {s['steps']} steps, guidance {_text(s['guidance'])}, eta {_text(s['eta'])}, "
+        + ("unconditional" if s["label"] is None else f"class {s['label']}"),
+        f"- seeds: sample index i uses seed {s['seed']} + i, with its own generator; released indices "
+        f"{_index_ranges(s['indices_released'])}; each file's seed in manifest.csv", "",
+        "### Rounds", "",
         "| round | indices | sampled | above tau (copies), dropped | not anatomy, dropped | kept |", "|---|---|---|---|---|---|",
-        *[f"| {r['round']} | {r['indices'][0]}..{r['indices'][1] - 1} | {r['sampled']} | {r['copies']} | {r['not_anatomy']} | {r['kept']} |"
+        *[f"| {r['round']} | {r['indices'][0]} to {r['indices'][1] - 1} | {r['sampled']} | {r['copies']} | {r['not_anatomy']} | {r['kept']} |"
           for r in card["rounds"]], "",
         f"Dropped: {card['dropped']['copies']} copies, {card['dropped']['not_anatomy']} not anatomy; "
         f"{card['dropped']['kept_unused']} clean samples beyond N were not needed.", "",
-        "## Training data", "",
-        f"- {t['n_train_subjects']} training subjects ({t['n_train_images']} images), {t['n_holdout_subjects']} held-out subjects "
-        f"({t['n_holdout_images']} images) for calibration ({', '.join(t['holdout_splits'])}); source: {t['source']}",
-        f"- split.json sha256 `{t['split_json_sha256']}` (kept with the run, not released); subject ids and file names withheld", "",
-        "## Limitations", "", *[f"- {x}" for x in card["limitations"]], "",
-        "## Software", "", ", ".join(f"{k} {v}" for k, v in card["software"].items()), "",
+        "### Software", "", ", ".join(f"{k} {v}" for k, v in card["software"].items()), "",
+    ]
+
+
+def _preprocessing_section(card: dict[str, Any]) -> list[str]:
+    p = card["preprocessing"]
+    return ["## Preprocessing", "", "The source images were preprocessed before the model learned them (the run's `data:` config):", "",
+            *[f"{i}. {step}" for i, step in enumerate(p["steps"], 1)], "",
+            f"So {p['model_space']}. How the released files hold them: {card['output']['intensity'].rstrip('.')}. "
+            "The real images, raw or preprocessed, are not part of the release.", ""]
+
+
+def _uses(card: dict[str, Any]) -> list[str]:
+    return ["## Uses", "", *[f"- {x}" for x in card["intended_use"]], "",
+            "Out of scope:", "", *[f"- {x}" for x in card["out_of_scope"]], "",
+            "### Limitations", "", *[f"- {x}" for x in card["limitations"]], ""]
+
+
+def _distribution(card: dict[str, Any]) -> list[str]:
+    return ["## Distribution", "",
+            f"- licence of this release: {_steward(card, 'license')}",
+            f"- licence of the source data: {_steward(card, 'source_license')}",
+            *_citation_lines(_steward(card, "citation")),
+            "- integrity: manifest.csv holds each file's sha256", ""]
+
+
+def _maintenance(card: dict[str, Any]) -> list[str]:
+    a = card["audit"]
+    missing = card["not_provided"]
+    return ["## Maintenance", "",
+            f"- contact: {_steward(card, 'contact')}",
+            f"- this release is attempt {a['attempt']} of the model; every audit and release of the model is logged with the run "
+            "(privacy_attempts.jsonl), and a new release is a new attempt, judged at a smaller alpha",
+            f"- card version {card['card_version']}, created {card['created_utc']}",
+            *([f"- fields the data steward did not provide: {', '.join(missing)}"] if missing else []), ""]
+
+
+def card_markdown(card: dict[str, Any]) -> str:
+    """DATA_CARD.md: Hugging Face metadata as YAML front matter, then the sections of
+    Datasheets for Datasets (Gebru et al. 2021), every value written for a person."""
+    d, a, s = card["dataset"], card["audit"], card["steward"]
+    what = " ".join(x for x in (s.get("anatomy"), s.get("modality")) if x)
+    lines = [
+        *_front_matter(card),
+        f"# Data card: {card['metadata']['pretty_name']}", "",
+        f"{d['n']} synthetic {d['spatial_dims']}D {what + ' ' if what else ''}images ({d['format']}, {_shape(d['shape'])}), "
+        "generated by a medgen diffusion model "
+        f"and released after a memorization audit ({a['verdict']}). Created {card['created_utc']}. Every image is synthetic; "
+        "no file corresponds to a patient. The sections follow Datasheets for Datasets (Gebru et al. 2021).", "",
+        *_motivation(card), *_composition(card), *_generation(card), *_preprocessing_section(card), *_uses(card),
+        *_distribution(card), *_maintenance(card),
     ]
     return "\n".join(lines)
 

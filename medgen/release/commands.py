@@ -1,6 +1,6 @@
 """`medgen release` and the demo's release stage.
 
-    medgen release --run RUN_DIR [--train DIR --holdout DIR] --n N --out RELEASE_DIR [--policy max_copy_rate=0.05] ...
+    medgen release --run RUN_DIR [--train DIR --holdout DIR] --n N --out RELEASE_DIR [--policy max_copy_rate=0.05] [--card card.yaml] ...
 
 Exit codes: 0 released, 1 refused (audit fail, too few clean samples), 3 refused (audit
 inconclusive), 2 an error a user can fix (bad input, training data that does not match the run).
@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from medgen.cli import ISSUES_URL
 from medgen.errors import ReleaseRefused, RunError
+from medgen.release.steward import CARD_FIELDS
+from medgen.sample.commands import add_output_options
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp", "euler")  # = medgen.diffusion.sampling.SAMPLERS (no torch import to parse)
 DEFAULT_DETECTORS = "auto"  # ssl,pixel-rank; pixel-rank,latent for a latent run (medgen.privacy.calibration.default_detectors)
@@ -52,25 +55,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sample index i uses seed+i (indices continue across rounds)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="PNG bit depth for 2D samples")
+    add_output_options(p)
     p.add_argument("--detector", default=DEFAULT_DETECTORS, help="copy detectors, as `medgen audit --detector` (default auto: ssl,pixel-rank, "
                    "or pixel-rank,latent for a latent run; a folder from `medgen audit train-detector` skips training the SSL detector)")
     p.add_argument("--features", default="auto", help="feature extractor of the metrics, as `medgen eval --features`")
     p.add_argument("--bootstrap", type=int, default=200, help="replicates for the metrics' 95%% intervals")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available; each process's own GPU under accelerate)")
     p.add_argument("--overwrite", action="store_true", help="replace a release folder medgen wrote")
+    p.add_argument("--card", type=Path, default=None, metavar="CARD_YAML", help="what the data steward says on the data card (YAML, "
+                   f"field: text): {', '.join(CARD_FIELDS)}; a field left out reads \"not provided\"")
+    p.add_argument("--card-field", action="append", default=[], metavar="KEY=VALUE", help="one card field, over the --card file's (repeatable)")
     p.set_defaults(func=_release)
 
 
 def _release(args: argparse.Namespace) -> int:
     from medgen.release.pipeline import ReleasePolicy, make_release
+    from medgen.release.steward import load_card_fields
 
     policy = ReleasePolicy.parse(args.policy)
+    card_fields = load_card_fields(args.card, args.card_field)
     card = make_release(
         args.run, args.out, args.n, train=args.train, holdout=args.holdout,
         holdout_splits=[x.strip() for x in args.holdout_splits.split(",") if x.strip()], data=args.data, policy=policy,
         sampler=args.sampler, steps=args.steps, guidance=args.guidance, eta=args.eta, label=args.label, seed=args.seed,
-        batch_size=args.batch_size, bit_depth=args.bit_depth, detector=args.detector, bootstrap=args.bootstrap,
-        features=args.features, device=args.device, overwrite=args.overwrite,
+        batch_size=args.batch_size, bit_depth=args.bit_depth, fmt=args.fmt, units=args.units, detector=args.detector, bootstrap=args.bootstrap,
+        features=args.features, device=args.device, overwrite=args.overwrite, card_fields=card_fields,
     )
     if card is not None:
         print(summary_line(card))
@@ -88,12 +97,37 @@ def summary_line(card: dict) -> str:
 
 # ----------------------------------------------------------------------------- demo
 
+# The demo's card: its cohort is simulated from the MNI152 template nilearn ships (medgen.data.cohort). The template's
+# terms are McGill's notice (nilearn's description of it, datasets/description/icbm152_2009.rst, says "unknown"); they ask
+# for the notice in every copy, so the release is CC-BY-4.0 (attribution) rather than CC0.
+DEMO_CARD = {
+    "pretty_name": "medgen demo: synthetic brain MRI",
+    "modality": "MRI (T1-weighted)",
+    "anatomy": "brain",
+    "source_dataset": "medgen's built-in cohort (medgen data synth-brain): pseudo-subjects simulated from the MNI ICBM 2009a "
+                      "nonlinear symmetric T1 template (1 mm) that ships with nilearn, with enlarged lateral ventricles (label 1), "
+                      "random affine and elastic deformations, a bias field, gamma contrast and Rician noise; no real patient",
+    "source_license": "the MNI ICBM 2009a template's notice: Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, "
+                      "Montreal Neurological Institute, McGill University; permission to use, copy, modify and distribute it for any "
+                      "purpose without fee, provided the copyright notice appears in all copies; provided as is, without warranty",
+    "ethics_approval": "not required: no patient data; the only source is a published average of 152 adults' MRI scans, and every "
+                       "subject of the cohort is simulated",
+    "license": "CC-BY-4.0",
+    "contact": f"the medgen project, {ISSUES_URL}",
+    "citation": "medgen demo release (synthetic). The template: Fonov et al., NeuroImage 54(1):313-327, 2011, "
+                "doi:10.1016/j.neuroimage.2010.07.033; Fonov et al., NeuroImage 47(S1):S102, 2009, doi:10.1016/S1053-8119(09)70884-5",
+}
+
 
 def demo_stage(ctx) -> None:
     """Release the demo's samples: same run, same split (held-out + validation subjects) and the
     SSL detector the audit stage trained, so the release is judged by the audit the demo showed.
-    A refusal is a result: ctx.state["release_refused"] says why."""
+    A refusal is a result: ctx.state["release_refused"] says why. The card's steward fields are
+    the demo's own (DEMO_CARD), written to card.yaml beside the release as an example.
+    """
+    from medgen.io import atomic_write_text
     from medgen.release.pipeline import make_release
+    from medgen.release.steward import card_yaml, load_card_fields
 
     run = ctx.state.get("diffusion_run")
     if run is None:
@@ -104,9 +138,12 @@ def demo_stage(ctx) -> None:
         detector = f"{Path(audit_dir) / 'detector'},pixel-rank"
     out = Path(ctx.out) / "release"
     n = 16 if ctx.quick else (64 if ctx.dims == 2 else 48)
+    card_file = Path(ctx.out) / "card.yaml"  # an example for a user's own release
+    atomic_write_text(card_file, card_yaml(DEMO_CARD, "What the data steward says on the demo's data card: medgen release ... "
+                                                      "--card card.yaml\n(--card-field key=value overrides a field). Write your own for your data."))
     try:
         card = make_release(run, out, n, holdout_splits=("holdout", "val"), detector=detector, bootstrap=50 if ctx.quick else 200,
-                            overwrite=True, echo=lambda m: print(f"  {m}"))
+                            overwrite=True, card_fields=load_card_fields(card_file), echo=lambda m: print(f"  {m}"))
     except ReleaseRefused as e:
         ctx.state["release_refused"] = e.summary
         print(f"  {e}")

@@ -19,8 +19,9 @@ The steps (issue 14):
    files under neutral names, `manifest.csv`, `grid.png`, `DATA_CARD.md`, `data_card.json`,
    check that nothing of the real data is in them, and rename the folder into place.
 
-The audit scores the files as written (PNG/NIfTI read back through the run's data config), so
-what is audited is what leaves. Under `accelerate launch` every process samples its share of
+The audit scores the files as written (PNG, NIfTI or DICOM read back through the run's data config
+with the intensity mapping of the files' units, `SampleFormat.reading_config`), so what is audited
+is what leaves. Under `accelerate launch` every process samples its share of
 each round (`medgen.sample.shard`); the main process audits, decides and writes.
 """
 
@@ -43,7 +44,7 @@ from medgen.io import atomic_write_bytes, atomic_write_json, atomic_write_text, 
 
 ROUNDS = ".rounds"  # staging folder of the sampling rounds inside the temp release folder
 SCORE_BATCH = 64  # samples read and scored at a time: the audit holds scores, not the sampled set
-MANIFEST_FIELDS = ("file", "sha256", "seed", "label", "sampler", "steps", "guidance", "checkpoint_sha256")
+MANIFEST_FIELDS = ("file", "sha256", "seed", "label", "sampler", "steps", "guidance", "checkpoint_sha256", "units", "release_id")
 FILE_STEM = "synthetic"  # released files: synthetic_00000.png, ... (neutral: position in the release)
 
 
@@ -224,6 +225,26 @@ def _on_main(processes, fn: Callable[[], Any]) -> Any:
 # ----------------------------------------------------------------------------- the release
 
 
+def move_released_files(tmp: Path, rounds: Sequence[dict], chosen: Sequence[int], output, seed: int, row: dict[str, Any]) -> str:
+    """Move the chosen samples (global indices, in release order) from the round folders in `tmp`
+    to `FILE_STEM_NNNNN` + the format's suffix (a 3D DICOM series stays a folder); returns
+    manifest.csv's text: each file's sha256 (a folder's over its files' names and contents), its
+    seed (`seed` + index) and `row`'s columns."""
+    from medgen.data import content_sha256
+    from medgen.sample.pipeline import sample_name
+
+    bounds = [r["indices"] for r in rounds]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for j, g in enumerate(chosen):
+        r = next(k for k, (a, b) in enumerate(bounds) if a <= g < b)
+        name = f"{FILE_STEM}_{j:05d}{output.suffix}"
+        os.replace(tmp / ROUNDS / f"round_{r + 1}" / sample_name(g - bounds[r][0], output), tmp / name)
+        w.writerow({**row, "file": name, "sha256": content_sha256(tmp / name), "seed": seed + g})
+    return buf.getvalue()
+
+
 def _refuse(what: str, result) -> ReleaseRefused:
     from medgen.privacy.commands import verdict_line
 
@@ -252,6 +273,8 @@ def make_release(
     seed: int = 0,
     batch_size: int = 16,
     bit_depth: int = 8,
+    fmt: str | None = None,
+    units: str = "source",
     detector: Any = None,
     detector_options: dict | None = None,
     bootstrap: int = 200,
@@ -259,6 +282,7 @@ def make_release(
     device=None,
     overwrite: bool = False,
     processes=None,
+    card_fields: dict | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any] | None:
     """Release `n` synthetic samples of diffusion run `run` into `out`, or refuse.
@@ -267,11 +291,21 @@ def make_release(
     `ReleaseRefused` (exit 1 fail, 3 inconclusive) when the audit does not pass or the release
     cannot be made clean, `RunError`/`DataError` for bad input; then `out` is not written (an
     existing one is left as it was).
+
+    `fmt` (png for 2D, nifti for 3D, or dicom) and `units` (source: the units the model was trained
+    on; raw: [-1, 1]) say how the files are written (`medgen.sample.formats`); each carries the
+    attempt's release id, recorded in the manifest, the card and the attempt log.
+
+    `card_fields`: what the data steward says on the card (modality, anatomy, source dataset and
+    licence, ethics approval, licence, contact, citation: `medgen.release.steward`); the card
+    says "not provided" for each one left out.
     """
     from medgen.data import load_images
     from medgen.privacy.attempts import attempt_entry, check_writable, read_attempts, record_attempt, release_history, start_release
     from medgen.privacy.calibration import CopyAudit
     from medgen.privacy.families import RoundTrip
+    from medgen.release.steward import check_card_fields, missing_fields
+    from medgen.sample.formats import new_release_id, sample_format
     from medgen.sample.pipeline import load_pipeline, write_samples
     from medgen.sample.shard import ProcessGroup
 
@@ -280,6 +314,7 @@ def make_release(
 
     policy = policy or ReleasePolicy()
     policy.validate()
+    card_fields = check_card_fields(card_fields)
     check_counts({"--n": n, "--batch-size": batch_size, "--steps": steps})
     if bit_depth not in (8, 16):
         raise ConfigError(f"--bit-depth must be 8 or 16, got {bit_depth}")
@@ -292,13 +327,18 @@ def make_release(
     ensure_new_output(out, overwrite, "release folder", inputs=inputs)
     processes = processes or ProcessGroup.current(device)
     say = echo if processes.is_main else (lambda _: None)
+    if missing_fields(card_fields):
+        say(f"release: the data card will say \"not provided\" for {', '.join(missing_fields(card_fields))} "
+            f"(pass --card card.yaml or --card-field key=value)")
     train_s, hold_s, data_cfg, split_info = training_sets(run, train, holdout, holdout_splits=holdout_splits, data=data)
     pipe = load_pipeline(run, processes.device or device)
     pipe.check_label(label)  # a label the model does not know: refused now, not after the audit is fitted
     settings = pipe.sampling_settings(sampler, steps, guidance, eta)  # as the rounds resolve them (for the card)
+    output = sample_format(pipe, fmt, units, processes.broadcast(new_release_id()), bit_depth=bit_depth)  # one id per attempt
+    read_cfg = output.reading_config(data_cfg)  # the files as written, back to the model's [-1, 1]
     # round 1 and its replacements are staged beside the release: room for about twice the audited set
     ensure_new_output(out, overwrite, "release folder", inputs=inputs,
-                      need_bytes=2 * max(n, policy.audit_samples) * sample_file_bytes(pipe, bit_depth))
+                      need_bytes=2 * max(n, policy.audit_samples) * sample_file_bytes(pipe, bit_depth, output.format))
     main: dict[str, Any] = {}  # the main process's state: images, the fitted audit, the rounds
     if processes.is_main:
         check_writable(run)  # an attempt that leaves no record is not allowed
@@ -326,7 +366,7 @@ def make_release(
         from medgen.data import ImageSet
         from medgen.privacy.verdict import judge, score_set
 
-        images = ImageSet(folder / "manifest.csv", data_cfg)
+        images = ImageSet(folder / "manifest.csv", read_cfg)
         files = images.samples
         scored = score_set(main["audit"], (x for x, _ in images.batches(SCORE_BATCH)), device=device)
         if r == 1:
@@ -357,7 +397,7 @@ def make_release(
         from medgen.privacy.calibration import image_hashes
         from medgen.privacy.verdict import ScoredSet, judge
         from medgen.release.card import build_card, card_markdown, find_leaks, input_folders, real_identifiers
-        from medgen.train.preview import grid_png
+        from medgen.train.preview import grid_png, sample_captions
 
         rounds = main["rounds"]
         keep, sampled = torch.cat(main["keep"]), len(main["files"])
@@ -370,7 +410,7 @@ def make_release(
         if combined.verdict != "pass":
             raise _refuse(f"audit of all {sampled} samples of {len(rounds)} round(s)", combined)
         chosen = keep.nonzero().flatten()[:n].tolist()  # global indices, in sampling order
-        x_rel, _ = load_images([main["files"][g] for g in chosen], data_cfg)  # the N released files, nothing more
+        x_rel, _ = load_images([main["files"][g] for g in chosen], read_cfg)  # the N released files, nothing more
         quality = relative_coverage(main["x_t"], main["x_h"], x_rel, features=features, seed=seed, device=device)
         if policy.min_coverage and (quality["ratio"] is None or quality["ratio"] < policy.min_coverage):
             raise ReleaseRefused(
@@ -382,31 +422,24 @@ def make_release(
         if real_hashes & set(image_hashes(x_rel)):
             raise ReleaseRefused("release refused (nothing written): a released image is identical to a real one", "fail")
 
-        ext = ".png" if pipe.spatial_dims == 2 else ".nii.gz"
-        bounds = [r["indices"] for r in rounds]
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
-        w.writeheader()
-        for j, g in enumerate(chosen):
-            r = next(k for k, (a, b) in enumerate(bounds) if a <= g < b)
-            src = tmp / ROUNDS / f"round_{r + 1}" / f"sample_{g - bounds[r][0]:05d}{ext}"
-            name = f"{FILE_STEM}_{j:05d}{ext}"
-            os.replace(src, tmp / name)
-            w.writerow({"file": name, "sha256": sha256_file(tmp / name), "seed": seed + g, "label": "" if label is None else int(label),
-                        "sampler": settings["sampler"], "steps": settings["steps"], "guidance": settings["guidance"],
-                        "checkpoint_sha256": pipe.checkpoint_sha256 or ""})
-        atomic_write_text(tmp / "manifest.csv", buf.getvalue())
-        atomic_write_bytes(tmp / "grid.png", grid_png(x_rel[:64] if pipe.spatial_dims == 2 else x_rel[:8]))
+        ext = output.suffix  # "" for 3D DICOM: a series folder per sample
+        row = {"label": "" if label is None else int(label), "sampler": settings["sampler"], "steps": settings["steps"],
+               "guidance": settings["guidance"], "checkpoint_sha256": pipe.checkpoint_sha256 or "", "units": output.units,
+               "release_id": output.release_id}
+        atomic_write_text(tmp / "manifest.csv", move_released_files(tmp, rounds, chosen, output, seed, row))
+        shown = 64 if pipe.spatial_dims == 2 else 8
+        atomic_write_bytes(tmp / "grid.png", grid_png(x_rel[:shown], captions=sample_captions([seed + g for g in chosen[:shown]], label)))
         shutil.rmtree(tmp / ROUNDS)
 
-        say("release: evaluating the released set against the training images")
-        metrics = evaluate(main["x_t"], x_rel, features=features, bootstrap=bootstrap, seed=seed, device=device,
+        say("release: evaluating the released set against the training images, beside the held-out images (real vs real)")
+        metrics = evaluate(main["x_t"], x_rel, holdout=main["x_h"], features=features, bootstrap=bootstrap, seed=seed, device=device,
                            slice_step=2 if pipe.spatial_dims == 3 else 1)
         card = build_card(
             n=n, ext=ext, pipe=pipe, run=Path(run), settings=settings, label=label, seed=seed, bit_depth=bit_depth,
             policy=asdict(policy), first=main["first"], combined=combined, rounds=rounds, chosen=chosen, attempt=attempt, earlier=earlier,
             metrics=metrics, quality=quality, split_info=split_info, n_train=len(main["x_t"]), n_holdout=len(main["x_h"]),
-            n_train_subjects=len({s.subject_id for s in main["s_t"]}), n_holdout_subjects=len({s.subject_id for s in main["s_h"]}))
+            n_train_subjects=len({s.subject_id for s in main["s_t"]}), n_holdout_subjects=len({s.subject_id for s in main["s_h"]}),
+            output=output.description(), card_fields=card_fields)
         atomic_write_json(tmp / "data_card.json", card)
         atomic_write_text(tmp / "DATA_CARD.md", card_markdown(card))
         leaks = find_leaks(tmp, real_identifiers(Path(run), main["s_t"] + main["s_h"], data, input_folders(train, holdout, detector)))
@@ -423,7 +456,8 @@ def make_release(
                     f"the copy share under {100 * policy.max_copy_rate:.4g}%) and releases {n} of them")
             for r in range(1, policy.max_rounds + 1):
                 folder = write_samples(pipe, tmp / ROUNDS / f"round_{r}", size, sampler=sampler, steps=steps, guidance=guidance, eta=eta,
-                                       seed=seed + start, label=label, batch_size=batch_size, bit_depth=bit_depth, processes=processes)
+                                       seed=seed + start, label=label, batch_size=batch_size, bit_depth=bit_depth, processes=processes,
+                                       fmt=output.format, units=units, release_id=output.release_id)
                 start, size = start + size, _on_main(processes, lambda r=r, folder=folder, start=start: judge_round(r, folder, start))
                 if not size:
                     break
@@ -435,6 +469,7 @@ def make_release(
         raise
     if processes.is_main:
         record_attempt(run, {"kind": "release", "event": "outcome", "attempt": attempt, "released": True, "n": n,
+                             "release_id": output.release_id,
                              "bound_upper_pct": card["audit"]["bound"]["upper_pct"]})
         say(f"release: {n} samples in {out} (DATA_CARD.md, data_card.json, manifest.csv)")
     return card if processes.is_main else None

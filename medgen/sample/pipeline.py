@@ -1,9 +1,11 @@
 """`medgen.load_pipeline(run_dir).sample(n, ...)` and the sample directory writer.
 
-A sample directory (docs/ARCHITECTURE.md): PNG (2D, 8- or 16-bit) or NIfTI (3D, with the training
-spacing) files, `manifest.csv` (`file,label,seed,sampler,steps,guidance,checkpoint_sha256`) and
-`grid.png`. Sample i uses seed `seed + i` for its own generator, so the same seed gives the same
-samples whatever the batch size. Sampler, steps, guidance and eta default to the run's own (its
+A sample directory (docs/ARCHITECTURE.md): PNG (2D, 8- or 16-bit), NIfTI (3D, with the training
+spacing) or DICOM files (a series folder per volume), in the units the model was trained on and
+marked synthetic (`medgen.sample.formats`), `manifest.csv`
+(`file,label,seed,sampler,steps,guidance,checkpoint_sha256,units,release_id`) and `grid.png`.
+Sample i uses seed `seed + i` for its own generator, so the same seed gives the same samples
+whatever the batch size. Sampler, steps, guidance and eta default to the run's own (its
 config's `sample:` section, saved in `model/config.json`); latents are clipped while sampling
 when the run's latent scaling says they are bounded (medgen.diffusion.latents).
 """
@@ -11,13 +13,12 @@ when the run's latent scaling says they are bounded (medgen.diffusion.latents).
 from __future__ import annotations
 
 import csv
-import io
+import dataclasses
 import logging
 import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 
 from medgen.diffusion import NoiseSchedule, generators, sample_loop
@@ -28,7 +29,7 @@ from medgen.io import atomic_write_bytes, ensure_new_output, sha256_file
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FIELDS = ("file", "label", "seed", "sampler", "steps", "guidance", "checkpoint_sha256")
+MANIFEST_FIELDS = ("file", "label", "seed", "sampler", "steps", "guidance", "checkpoint_sha256", "units", "release_id")
 # what a run written before model/config.json carried its `sampling` entry samples with (sampler,
 # steps None: the measured default for the run's space, medgen.diffusion.default_sampler)
 SAMPLING_DEFAULTS = {"sampler": None, "steps": None, "guidance": 1.0, "eta": 0.0}
@@ -75,8 +76,10 @@ class DiffusionPipeline:
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device | None = None) -> "DiffusionPipeline":
         from medgen.models.serialization import load_inference_model
+        from medgen.sample.exported import check_export
 
         run_dir = Path(run_dir)  # a user's string as much as a Path
+        check_export(run_dir)  # a `medgen export` folder: its files are those it lists (same layout as a run)
         model_dir, config = diffusion_model(run_dir)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         denoiser = load_inference_model(model_dir, device)
@@ -165,41 +168,26 @@ class DiffusionPipeline:
 
 
 def load_pipeline(run_dir: str | os.PathLike, device: str | torch.device | None = None) -> DiffusionPipeline:
-    """The sampling pipeline of a finished `medgen train diffusion` run."""
+    """The sampling pipeline of a finished `medgen train diffusion` run, or of a folder `medgen export` wrote."""
     return DiffusionPipeline.from_run(run_dir, device)
 
 
-def _png_bytes(img: torch.Tensor, bit_depth: int) -> bytes:
-    """(C, H, W) in [-1, 1] -> PNG (grayscale 8/16-bit, or RGB 8-bit)."""
-    from PIL import Image
-
-    x = (img.float().clamp(-1, 1) + 1) / 2
-    buf = io.BytesIO()
-    if x.shape[0] == 1 and bit_depth == 16:
-        Image.fromarray((x[0].numpy() * 65535).round().astype(np.uint16)).save(buf, format="PNG")
-    else:
-        arr = (x.numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(arr[0] if arr.shape[0] == 1 else np.ascontiguousarray(arr[:3].transpose(1, 2, 0))).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _write_nifti(path: Path, vol: torch.Tensor, spacing: Sequence[float] | None) -> None:
-    """(C, D, H, W) -> NIfTI with diag(spacing) affine (the training spacing; torchio's axis order)."""
-    import nibabel as nib
-
-    arr = vol.float().numpy()
-    arr = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)  # channels last for nibabel
-    affine = np.diag([*(spacing or [1.0, 1.0, 1.0]), 1.0])
-    nib.save(nib.Nifti1Image(arr.astype(np.float32), affine), str(path))
-
-
 def write_samples(pipeline: DiffusionPipeline, out: str | os.PathLike, n: int, sampler: str | None = None,
-                  steps: int | None = None, guidance: float | None = None, label: int | None = None, seed: int = 0,
-                  batch_size: int = 16, bit_depth: int = 8, overwrite: bool = False, eta: float | None = None,
-                  progress: bool = False, processes=None) -> Path:
+                  steps: int | None = None, guidance: float | None = None, label: int | Sequence[int] | None = None,
+                  seed: int = 0, batch_size: int = 16, bit_depth: int = 8, overwrite: bool = False, eta: float | None = None,
+                  progress: bool = False, processes=None, fmt: str | None = None, units: str = "source",
+                  release_id: str | None = None) -> Path:
     """Generate `n` samples into a new sample directory (complete or not at all); sampler, steps,
-    guidance and eta default to the run's own. `overwrite`: replace a sample folder medgen wrote
-    (`medgen.io.ensure_new_output`), checked again when the folder is renamed into place.
+    guidance and eta default to the run's own. `label`: None (unconditional), one class for all, or
+    one per sample (`cycled_labels`); the manifest records each sample's. `overwrite`: replace a
+    sample folder medgen wrote (`medgen.io.ensure_new_output`), checked again when the folder is
+    renamed into place.
+
+    Files (`medgen.sample.formats`): `fmt` png (2D, the default; `bit_depth` 8 or 16), nifti (3D,
+    the default) or dicom (2D: a file, 3D: a series folder); `units` "source" writes the units the
+    model was trained on (HU for a CT window, [0, 1] after a per-image normalization), "raw" the
+    model's [-1, 1]. Every file is marked synthetic with `release_id` (default: an id of this
+    sample set, `formats.sample_set_id`, the same for the same command).
 
     Streaming: each batch is written as it is made; memory holds one batch, the first few samples
     (for grid.png) and nothing per sample, so it does not grow with `n`.
@@ -208,15 +196,19 @@ def write_samples(pipeline: DiffusionPipeline, out: str | os.PathLike, n: int, s
     started, else this one): each samples its own block of indices (sample i keeps seed + i) and
     writes its files; the main process writes the manifest and grid.
     """
+    from medgen.sample.formats import sample_format, sample_set_id
     from medgen.sample.shard import ProcessGroup
-    from medgen.train.preview import grid_png
+    from medgen.train.preview import grid_png, sample_captions
 
-    if bit_depth not in (8, 16):
-        raise ConfigError(f"bit depth must be 8 or 16, got {bit_depth}")
     if n < 1 or batch_size < 1:
         raise ConfigError(f"n and batch_size must be >= 1 (got {n}, {batch_size})")
+    labels = pipeline._labels(label, n)  # (n,) or None; checked before any work
+    output = sample_format(pipeline, fmt, units, bit_depth=bit_depth)  # refuses a format the samples cannot take, before any work
     out = ensure_new_output(out, overwrite, "sample folder")
     s = pipeline.sampling_settings(sampler, steps, guidance, eta)
+    if release_id is None:
+        release_id = sample_set_id(pipeline.checkpoint_sha256, n, seed, label, sorted(s.items()), output.format, units, bit_depth)
+    output = dataclasses.replace(output, release_id=release_id)
     processes = processes or ProcessGroup.current(pipeline.device)
     shard = processes.shard(n, batch_size)  # this process's indices; sample i keeps seed + i
     n_grid = GRID_SAMPLES[pipeline.spatial_dims]
@@ -224,49 +216,51 @@ def write_samples(pipeline: DiffusionPipeline, out: str | os.PathLike, n: int, s
         grid: list[torch.Tensor] = []  # this process's share of the first n_grid samples
         if len(shard):
             index = shard.start
-            for x in pipeline.sample_batches(len(shard), **s, label=label, seed=seed + shard.start, batch_size=batch_size,
+            mine = None if labels is None else labels[shard.start : shard.stop].tolist()
+            for x in pipeline.sample_batches(len(shard), **s, label=mine, seed=seed + shard.start, batch_size=batch_size,
                                              progress=progress):
                 for img in x:
-                    _write_sample(tmp / sample_name(index, pipeline.spatial_dims), img, bit_depth, pipeline.spacing)
+                    output.write(tmp / sample_name(index, output), img, seed + index)
                     if index < n_grid:
                         grid.append(img.clone())  # a copy: a view would keep the whole batch alive
                     index += 1
         grid = processes.gather(grid)  # after every process wrote its files
         if processes.is_main:
-            _check_all_written(tmp, n, pipeline.spatial_dims)
-            _write_manifest(tmp / "manifest.csv", n, pipeline.spatial_dims, label, seed, s, pipeline.checkpoint_sha256)
-            atomic_write_bytes(tmp / "grid.png", grid_png(torch.stack(grid)))
+            _check_all_written(tmp, n, output)
+            _write_manifest(tmp / "manifest.csv", n, output, labels, seed, s, pipeline.checkpoint_sha256)
+            atomic_write_bytes(tmp / "grid.png", grid_png(torch.stack(grid), captions=sample_captions([seed + i for i in range(len(grid))], label)))
     return Path(out)
 
 
-def sample_name(index: int, spatial_dims: int) -> str:
-    """The file name of sample `index` in a sample directory."""
-    return f"sample_{index:05d}" + (".png" if spatial_dims == 2 else ".nii.gz")
+def cycled_labels(pipeline: DiffusionPipeline, n: int) -> list[int]:
+    """Sample i gets class i mod K, K the model's classes: a balanced labelled set
+    (`medgen sample --label all`, what `medgen eval --utility` trains on)."""
+    if pipeline.num_classes == 0:
+        raise ConfigError("this model is unconditional; --label all needs a class-conditional model")
+    return [i % pipeline.num_classes for i in range(n)]
 
 
-def _write_sample(path: Path, img: torch.Tensor, bit_depth: int, spacing: Sequence[float] | None) -> None:
-    """(C, H, W) -> PNG written atomically; (C, D, H, W) -> NIfTI with the training spacing."""
-    if img.ndim == 3:
-        atomic_write_bytes(path, _png_bytes(img, bit_depth))
-    else:
-        _write_nifti(path, img, spacing)
+def sample_name(index: int, output) -> str:
+    """The file (or 3D DICOM series folder) name of sample `index` in a sample directory written
+    as `output` (`medgen.sample.formats.SampleFormat`)."""
+    return f"sample_{index:05d}{output.suffix}"
 
 
-def _check_all_written(folder: Path, n: int, spatial_dims: int) -> None:
+def _check_all_written(folder: Path, n: int, output) -> None:
     """Every sample file is in `folder` (other processes, maybe on other machines, wrote some)."""
-    missing = [name for name in (sample_name(i, spatial_dims) for i in range(n)) if not (folder / name).is_file()]
+    missing = [name for name in (sample_name(i, output) for i in range(n)) if not (folder / name).exists()]
     if missing:
         raise RunError(f"{len(missing)} sample file(s) written by other processes are not in {folder} (e.g. {missing[0]}); "
                        f"with several machines --out must be on a filesystem every machine sees")
 
 
-def _write_manifest(path: Path, n: int, spatial_dims: int, label: int | None, seed: int, settings: dict,
+def _write_manifest(path: Path, n: int, output, labels: torch.Tensor | None, seed: int, settings: dict,
                     checkpoint_sha256: str | None) -> None:
     """manifest.csv, one row per sample, written row by row (no list of n rows)."""
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
         w.writeheader()
         for i in range(n):
-            w.writerow({"file": sample_name(i, spatial_dims), "label": "" if label is None else int(label), "seed": seed + i,
+            w.writerow({"file": sample_name(i, output), "label": "" if labels is None else int(labels[i]), "seed": seed + i,
                         "sampler": settings["sampler"], "steps": settings["steps"], "guidance": settings["guidance"],
-                        "checkpoint_sha256": checkpoint_sha256 or ""})
+                        "checkpoint_sha256": checkpoint_sha256 or "", "units": output.units, "release_id": output.release_id})
