@@ -124,6 +124,10 @@ def run_demo(out: Path, quick: bool = False, dims: int = 2, stages: list[str] | 
     unknown = [s for s in stages or () if s not in names]
     if unknown:
         raise ConfigError(f"--stages {','.join(unknown)}: unknown stage; the stages are {','.join(names)}")
+    if not stages or names[0] in stages:
+        from medgen.data.cohort import require_template
+
+        require_template()  # a missing extra is named before an earlier demo in `out` is replaced
     out = Path(out)
     ctx = DemoContext(out=out, quick=quick, dims=dims)
     if (out / LEGACY_MARKER).is_file() and not (out / OUTPUT_MARKER).is_file():
@@ -197,9 +201,9 @@ def summary_table(ctx: DemoContext) -> str:
     except (KeyError, OSError, ValueError):
         report = None
     if report is not None:
-        from medgen.metrics.report import metric_cells
+        from medgen.metrics.report import summary_rows
 
-        rows += [(name, value + (f"  {ci}" if ci else "")) for name, value, ci in metric_cells(report["metrics"])]
+        rows += summary_rows(report)  # each metric beside real vs real, when the eval had held-out images
     try:
         audit = json.loads(Path(ctx.state["audit_report"]).read_text())
         b = audit.get("bound") or {}

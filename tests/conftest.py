@@ -11,6 +11,14 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _wandb_folders(tmp_path_factory):
+    """wandb's data and artifact caches (model artifacts copy the weights) stay inside the test's temp folder."""
+    root = tmp_path_factory.mktemp("wandb")
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_ARTIFACT_DIR"):
+        os.environ.setdefault(var, str(root / var.lower()))
+
+
 @pytest.fixture(scope="session")
 def cohort_2d(tmp_path_factory):
     """12 subjects, 32x32 axial PNG slices of the built-in cohort (labels 0/1)."""

@@ -14,7 +14,8 @@ The fenced blocks are read from README.md itself, so an edit of the README is te
 - blocks without a language: synopses (`medgen eval --real DIR ...`) must name only options the
   command accepts, with choices it accepts; `medgen: error:` lines must be printed verbatim by
   the command they describe.
-- `yaml` blocks are checked against the config schema.
+- `yaml` blocks are checked against the config schema; a block of data-card fields only (a
+  release's `card.yaml`) against the card's fields, and it must name every one.
 
 The 2D latent run (runs/ldm2d) and 2D pixel run (runs/dm2d) come from the README's own lines;
 3D latent and pixel runs from the commands in configs/demo_diffusion_3d.yaml's header. The
@@ -128,6 +129,7 @@ SMALL_TRAIN = {"autoencoder": ["train.max_steps=2", "train.batch_size=4", "train
                              "model.channels=[16,32]", "model.attention_levels=[false,true]", "model.head_channels=16"]}
 SMALL = {
     "sample": ["--n", "4"],
+    "eval": ["--metrics", "fid,kid,msssim"],  # 4 samples: precision/recall's k=5 neighbours need 6
     "probe train-surrogate": ["train.steps=2"],
     "probe mri": ["--steps", "2", "--attack-steps", "2", "--n-images", "2", "--posterior-samples", "1", "--eps", "0,0.02",
                   "--acceleration", "4"],
@@ -522,9 +524,16 @@ def test_readme_error_lines_are_printed_verbatim(line, ws):
 
 @pytest.mark.parametrize("block", [pytest.param(b, id=f"L{b.line}") for b in readme_blocks() if b.lang == "yaml"])
 def test_readme_yaml_is_a_valid_config(block, tmp_path):
+    import yaml
+
     from medgen.config import load_config
+    from medgen.release.steward import CARD_FIELDS, load_card_fields, missing_fields
     from medgen.train.autoencoder import DEFAULTS
 
+    if set(yaml.safe_load(block.text)) <= set(CARD_FIELDS):  # `medgen release --card card.yaml`
+        (tmp_path / "card.yaml").write_text(block.text)
+        assert missing_fields(load_card_fields(tmp_path / "card.yaml")) == []
+        return
     (tmp_path / "data").mkdir()
     text = re.sub(r"path: \S+", f"path: {tmp_path / 'data'}", block.text)  # the example's /data/brain_mri
     (tmp_path / "x.yaml").write_text(text)

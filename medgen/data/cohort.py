@@ -1,8 +1,8 @@
 """The built-in cohort: reproducible pseudo-subjects from the MNI152 T1 template.
 
-`synth_brain` needs no network: nilearn ships the ICBM 2009a symmetric MNI152 T1 template and
-its grey/white-matter probability maps (Fonov et al. 2011). Each pseudo-subject is the template,
-resampled to an isotropic `size`^3 cube centred on the brain, then
+`synth_brain` needs no network: nilearn (the extra `medgen[cohort]`) ships the ICBM 2009a
+symmetric MNI152 T1 template and its grey/white-matter probability maps (Fonov et al. 2011). Each
+pseudo-subject is the template, resampled to an isotropic `size`^3 cube centred on the brain, then
 
   label 1 only  simulated atrophy: the lateral ventricles grow by a random 3-7 mm (a soft
                 dilation, filled with the template's ventricular CSF intensity), the hallmark of
@@ -34,6 +34,7 @@ import numpy as np
 
 from medgen.errors import ConfigError, DataError
 from medgen.io import atomic_dir, atomic_write_bytes
+from medgen.versions import require_extra
 
 FOV_MM = 192.0  # side of the output cube: the brain (145 x 181 x 155 mm) plus room for rotation
 # Points inside the left and right lateral-ventricle bodies of the 2009a symmetric template (MNI mm).
@@ -58,21 +59,26 @@ class _Template:
     ventricle_z: float  # axial voxel index (fractional) of the ventricles' centroid
 
 
+def require_template():
+    """nilearn's import spec (its package folder holds the template); a ConfigError naming the extra
+    `medgen[cohort]` when nilearn is not installed. Called before any output exists."""
+    return require_extra("nilearn", "the built-in cohort (medgen data synth-brain, medgen demo)")
+
+
 def _mni152(kind: str) -> tuple[np.ndarray, np.ndarray]:
     """One 1 mm MNI152 2009a map bundled with nilearn (kind t1|gm|wm) in [0, 1], and its affine.
 
     The files are read from nilearn's package folder (what `nilearn.datasets.load_mni152_template`
-    reads) without importing `nilearn.datasets`, which pulls in scikit-learn and takes seconds.
+    reads) with nibabel: no nilearn code runs, so nilearn is the optional extra `medgen[cohort]`.
     """
-    import importlib.util
-
     import nibabel as nib
 
-    spec = importlib.util.find_spec("nilearn")
+    spec = require_template()
     name = f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
-    path = Path(spec.origin).parent / "datasets" / "data" / name if spec and spec.origin else Path(name)
+    path = Path(spec.origin or "").parent / "datasets" / "data" / name
     if not path.is_file():
-        raise DataError(f"the MNI152 template that ships with nilearn is missing ({path}); reinstall it: pip install 'nilearn>=0.10'")
+        raise DataError(f"the MNI152 template that ships with nilearn is missing ({path}); reinstall nilearn: "
+                        f"pip install --force-reinstall --no-deps 'nilearn>=0.10'")
     img = nib.load(str(path))
     data = np.asarray(img.get_fdata(dtype=np.float32))
     return data / data.max(), np.asarray(img.affine, dtype=np.float64)
@@ -273,6 +279,7 @@ def synth_brain(
         raise ConfigError(f"synth-brain: size must be between 8 and 256 voxels, got {size}")
     if not 0.0 <= atrophy_fraction <= 1.0:
         raise ConfigError(f"synth-brain: atrophy_fraction must be in [0, 1], got {atrophy_fraction}")
+    require_template()
     out = Path(out)
     labels = subject_labels(n, seed, atrophy_fraction)
     suffix = ".nii.gz" if dims == 3 else ".png"
@@ -292,43 +299,20 @@ def synth_brain(
 
 
 def preview_figure(folder: str | os.PathLike, out_png: str | os.PathLike, n: int = 8) -> Path:
-    """Draw the first `n` subjects of a cohort folder as a grid: 2D images, or three orthogonal
-    mid-slices (axial, coronal, sagittal) per 3D volume; titles give subject and label."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    """Draw the first `n` subjects of a cohort folder as a grid (`medgen.figures.image_grid`): 2D
+    images, or each 3D volume's axial, coronal and sagittal mid-planes in radiological orientation;
+    captions give subject and label. Intensities share one scale (0 to the 99.5th percentile)."""
     from medgen.data.dataset import scan_dataset
     from medgen.data.readers import read_image
+    from medgen.figures import figure_png, image_grid
 
     samples = scan_dataset(folder)[:n]
-    images = [read_image(s.path)[0][0] for s in samples]  # (H, W) or (X, Y, Z), first channel
+    images = [read_image(s.path)[0][0] for s in samples]  # (H, W) or (X, Y, Z) in RAS+, first channel
+    vmax = float(np.percentile(np.concatenate([v.ravel() for v in images]), 99.5)) or 1.0
+    captions = [s.subject_id + ("" if s.label is None else f", label {s.label} ({LABEL_NAMES.get(s.label, s.label_name)})")
+                for s in samples]
     volumetric = images[0].ndim == 3
-    if volumetric:  # RAS+ axes; display with anterior/superior up
-        views = [[np.flipud(v[:, :, v.shape[2] // 2].T), np.flipud(v[:, v.shape[1] // 2, :].T), np.flipud(v[v.shape[0] // 2, :, :].T)] for v in images]
-    else:
-        views = [[v] for v in images]
-    vmax = float(np.percentile(np.concatenate([p.ravel() for row in views for p in row]), 99.5)) or 1.0
-    cols = min(2 if volumetric else 4, len(views))
-    rows = math.ceil(len(views) / cols)
-    per = len(views[0])
-    fig = Figure(figsize=(2.2 * cols * per, 2.4 * rows))
-    FigureCanvasAgg(fig)  # render with Agg whatever pyplot's backend is; pyplot is never touched
-    axes = fig.subplots(rows, cols * per, squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for i, (sample, row) in enumerate(zip(samples, views)):
-        r, c = divmod(i, cols)
-        for j, panel in enumerate(row):
-            ax = axes[r, c * per + j]
-            ax.imshow(panel, cmap="gray", vmin=0.0, vmax=vmax, interpolation="nearest")
-            if j == 0:
-                title = sample.subject_id
-                if sample.label is not None:
-                    title += f"  label {sample.label} ({LABEL_NAMES.get(sample.label, sample.label_name)})"
-                ax.set_title(title, fontsize=8, loc="left")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig = image_grid([np.clip(v / vmax, 0.0, 1.0) for v in images], volumes=volumetric, ncol=2 if volumetric else 4, captions=captions)
     out_png = Path(out_png)
-    atomic_write_bytes(out_png, buf.getvalue())
+    atomic_write_bytes(out_png, figure_png(fig))
     return out_png

@@ -1,5 +1,6 @@
 """Evaluation metrics for synthetic medical images: FID (2D, 2.5D, 3D), KID, precision/recall,
-density/coverage, MS-SSIM diversity, confidence intervals, and the feature-extractor registry.
+density/coverage, MS-SSIM diversity, confidence intervals, the feature-extractor registry, and
+the utility of a labelled synthetic set (train on synthetic, test on real).
 
 Import-light: submodules (and torch) load on first attribute access.
 """
@@ -24,6 +25,7 @@ _EXPORTS = {
     "bootstrap_mean": "medgen.metrics.bootstrap",
     "get_extractor": "medgen.metrics.features",
     "evaluate": "medgen.metrics.report",
+    "synthetic_utility": "medgen.metrics.utility",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from medgen.errors import RunError
 from medgen.io import ensure_new_output
+from medgen.tracking import add_tracker_options, log_report, report_tracker
 
 DEFAULT_DETECTORS = "auto"  # ssl,pixel-rank; pixel-rank,latent for a latent model (medgen.privacy.calibration.default_detectors)
 
@@ -91,6 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --filter-out folder")
+    add_tracker_options(p, "--run")
     _add_training_options(p)
     p.set_defaults(func=lambda a: _audit(a, p))
 
@@ -119,6 +121,7 @@ def _audit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("--run takes the training and held-out subjects from the run; drop --train/--holdout")
     ensure_new_output(args.out, args.overwrite, "audit folder",
                       inputs={f"--{k}": getattr(args, k) for k in ("train", "holdout", "synthetic", "run", "autoencoder")})
+    tracker = report_tracker(args.tracker, args.run)
     options = {**_training_options(args), "weights": args.weights}
     report = run_audit(
         args.train, args.holdout, args.synthetic, args.out, run=args.run, data=args.data,
@@ -134,6 +137,7 @@ def _audit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"inconclusive: {r}")
     for w in report["warnings"]:
         print(f"warning: {w}")
+    log_report(args.out, tracker, args.tracker_dir, job="audit")
     return EXIT_CODES[report["verdict"]]
 
 

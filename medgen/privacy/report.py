@@ -16,11 +16,12 @@ TOP_PAIRS = "top_pairs.png"
 
 
 def _display(img: torch.Tensor) -> np.ndarray:
-    """(C, *S) in [-1, 1] -> 2D array in [0, 1]: channel mean, middle slice of the first axis for 3D."""
-    x = img.float().mean(0)
-    while x.ndim > 2:
-        x = x[x.shape[0] // 2]
-    return ((x.clamp(-1, 1) + 1) / 2).numpy()
+    """(C, *S) in [-1, 1] -> 2D array in [0, 1]: channel mean; for 3D the axial mid-plane in
+    radiological orientation (`medgen.figures.radiological_planes`)."""
+    from medgen.figures import radiological_planes
+
+    x = ((img.float().mean(0).clamp(-1, 1) + 1) / 2).numpy()
+    return radiological_planes(x)[0] if x.ndim == 3 else x
 
 
 def _short(name: str, width: int = 28) -> str:

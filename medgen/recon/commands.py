@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from medgen.errors import ConfigError
+from medgen.tracking import add_tracker_options, log_report, report_tracker
 
 
 def _ints(text: str) -> list[int]:
@@ -102,6 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--seed", type=int, default=d.seed)
     m.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     m.add_argument("--overwrite", action="store_true")
+    add_tracker_options(m, "--prior")
     m.add_argument("overrides", nargs="*", metavar="key=value",
                    help="surrogate keys (as train-surrogate) for the surrogate trained when --surrogate is not given")
     m.set_defaults(func=_probe_mri)
@@ -144,6 +146,7 @@ def _probe_mri(args: argparse.Namespace) -> int:
     if args.overrides and args.surrogate is not None:
         raise ConfigError(f"key=value overrides {args.overrides} configure the surrogate trained when --surrogate is absent; "
                           f"drop them or --surrogate")
+    tracker = report_tracker(args.tracker, args.prior)
     settings = ProbeSettings(accelerations=args.acceleration, mask=args.mask, eps=args.eps, methods=args.methods,
                              posterior_samples=args.posterior_samples, steps=args.steps, attack_steps=args.attack_steps,
                              n_images=args.n_images, coils=args.coils, dps_weight=args.dps_weight,
@@ -157,6 +160,7 @@ def _probe_mri(args: argparse.Namespace) -> int:
                        surrogate_overrides=args.overrides, kspace=args.kspace, coil_maps=args.coil_maps, mask_file=args.mask_file)
     print_summary(report)
     print(f"report: {args.out / 'report.md'}")
+    log_report(args.out, tracker, args.tracker_dir, job="probe")
     return 0
 
 

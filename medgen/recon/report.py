@@ -2,86 +2,149 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from medgen.figures import agg_figure, figure_png
 from medgen.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CURVES = "psnr_vs_eps.png"
 PANELS = "panels.png"
-COLORS = {"projection": "tab:red", "dps": "tab:purple", "tv": "tab:blue", "zero-filled": "tab:gray", "surrogate": "tab:green"}
-MARKERS = "osD^v<>"
+KIND_STYLES = {"worst-case": ("tab:red", "o"), "worst-case (white-box)": ("tab:purple", "D"), "random": ("tab:blue", "s"),
+               "random-full": ("tab:gray", "^")}  # (colour, marker)
+KIND_LABELS = {"worst-case": "worst-case, found on the surrogate", "worst-case (white-box)": "worst-case, white-box on the method",
+               "random": "random, same measured norm (control)", "random-full": "random, full k-space"}
+R_STYLES = ["-", "--", ":", "-."]  # line style per acceleration
+PANEL_TITLES = ["ground truth", "zero-filled", "clean recon", "perturbed recon", "|perturbed - clean|", "posterior std (clean)"]
 
 
-def _curve_style(row: dict) -> tuple[str, str]:
-    """(line style, label suffix): worst-case solid (white-box TV dash-dot), random dashed."""
-    if row["perturbation"] == "random":
-        return "--", "random (sampled k-space)"
-    if row["perturbation"] == "random-full":
-        return ":", "random (full k-space)"
-    if row["source"] == "white-box" and row["method"] != "surrogate":
-        return "-.", "worst-case, white-box"
-    return "-", "worst-case" + (" (white-box)" if row["method"] == "surrogate" else " (from surrogate)")
+def _curve_kind(row: dict) -> str:
+    """The kind of perturbation of a curve (a key of KIND_STYLES and KIND_LABELS)."""
+    if row["perturbation"] == "worst-case" and row["source"] == "white-box" and row["method"] != "surrogate":
+        return "worst-case (white-box)"
+    return row["perturbation"]
 
 
-def write_figures(report: dict[str, Any], panels: dict[str, Any], out: Path) -> None:
-    import matplotlib
+def _psnr_changes(report: dict[str, Any]) -> dict[tuple, list[float]]:
+    """Per (method, R, perturbation, source, eps): each image's PSNR change against its own clean
+    reconstruction (report["images"]; posterior samples averaged first, as in `stats.py`)."""
+    images = report.get("images", [])
+    clean = {(r["method"], r["acceleration"], r["image"]): r["psnr"] for r in images if r["perturbation"] == "none"}
+    out: dict[tuple, list[float]] = {}
+    for r in images:
+        if r["perturbation"] != "none":
+            key = (r["method"], r["acceleration"], r["perturbation"], r["source"], float(r["eps"]))
+            out.setdefault(key, []).append(r["psnr"] - clean[(r["method"], r["acceleration"], r["image"])])
+    return out
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _interval(changes: list[float] | None, eps: float) -> tuple[float, float] | None:
+    """95% Student t interval of the mean change over images; at eps 0 the change is 0 exactly."""
+    from medgen.recon.stats import paired_summary
+
+    if eps == 0:
+        return 0.0, 0.0
+    ci = paired_summary(changes)["ci"] if changes else None
+    return None if ci is None else (ci[0], ci[1])
+
+
+def psnr_figure(report: dict[str, Any]) -> Figure:
+    """PSNR change against eps, one panel per method (each its own y scale; the clean PSNR in the
+    title): a colour and marker per kind of perturbation, a line style per acceleration R, the band
+    the 95% t interval of the mean change over images (paired with the clean reconstruction of the
+    same image), the legend to the right of the panels."""
+    from matplotlib.lines import Line2D
 
     rows = report["results"]
+    clean = {(r["method"], r["acceleration"]): r["psnr"] for r in rows if r["perturbation"] == "none"}
+    rows = [r for r in rows if r["perturbation"] != "none"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
     accelerations = sorted({r["acceleration"] for r in rows})
-    fig, ax = plt.subplots(figsize=(11, 4.8))
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if r["perturbation"] != "none":
-            groups.setdefault((r["method"], r["acceleration"], r["perturbation"], r["source"]), []).append(r)
-    for (method, R, _, _), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], str(kv[0][3]))):
-        group.sort(key=lambda r: r["eps"])
-        style, label = _curve_style(group[0])
-        ax.plot([r["eps"] for r in group], [r["psnr"] for r in group], ls=style, color=COLORS.get(method, "k"),
-                marker=MARKERS[accelerations.index(R) % len(MARKERS)], ms=4, lw=1.3, label=f"{method} R={R}, {label}")
-    ax.set_xlabel("relative perturbation norm eps = ||delta|| / ||k||")
-    ax.set_ylabel("PSNR (dB, vs ground truth)")
-    ax.set_title("Reconstruction PSNR under k-space perturbations (solid: worst-case, dashed: random, same measured norm)",
-                 fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the data
-    fig.tight_layout()
-    fig.savefig(out / CURVES, dpi=120)
-    plt.close(fig)
+    changes = _psnr_changes(report)
+    ncol = min(len(methods), 3)
+    nrow = math.ceil(len(methods) / ncol)
+    fig = agg_figure(figsize=(3.4 * ncol + 2.8, 2.9 * nrow + 0.7), layout="constrained")
+    axes = fig.subplots(nrow, ncol, squeeze=False, sharex=True).ravel()
+    for ax in axes[len(methods):]:
+        fig.delaxes(ax)
+    kinds: list[str] = []
+    for ax, method in zip(axes, methods):
+        curves: dict[tuple, list[dict]] = {}
+        for r in rows:
+            if r["method"] == method:
+                curves.setdefault((r["acceleration"], r["perturbation"], str(r["source"])), []).append(r)
+        for (R, _, _), curve in sorted(curves.items()):
+            curve.sort(key=lambda r: r["eps"])
+            kind = _curve_kind(curve[0])
+            kinds += [kind] if kind not in kinds else []
+            color, eps = KIND_STYLES[kind][0], [r["eps"] for r in curve]
+            ax.plot(eps, [r["psnr"] - clean[(method, R)] for r in curve], color=color, marker=KIND_STYLES[kind][1],
+                    ls=R_STYLES[accelerations.index(R) % len(R_STYLES)], ms=4, lw=1.4)
+            bands = [_interval(changes.get((method, R, r["perturbation"], r["source"], r["eps"])), r["eps"]) for r in curve]
+            if all(b is not None for b in bands):
+                ax.fill_between(eps, [b[0] for b in bands], [b[1] for b in bands], color=color, alpha=0.15, lw=0)
+        ax.axhline(0.0, color="black", lw=0.6)
+        ax.set_title(f"{method}: clean " + ", ".join(f"{clean[(method, R)]:.2f} dB" + (f" (R={R})" if len(accelerations) > 1 else "")
+                                                    for R in accelerations if (method, R) in clean), fontsize=9)
+        ax.tick_params(labelbottom=True, labelsize=8)
+        ax.grid(alpha=0.3)
+    fig.supxlabel("relative perturbation norm eps = ||delta|| / ||k||", fontsize=9)
+    fig.supylabel("PSNR change vs the clean reconstruction (dB)", fontsize=9)
+    handles = [Line2D([], [], color=KIND_STYLES[k][0], marker=KIND_STYLES[k][1], ms=4, label=KIND_LABELS[k]) for k in kinds]
+    if len(accelerations) > 1:
+        handles += [Line2D([], [], color="black", ls=R_STYLES[i % len(R_STYLES)], label=f"R={R}") for i, R in enumerate(accelerations)]
+    n_images = max((r["n_images"] for r in rows), default=0)
+    fig.legend(handles=handles, loc="outside right center", fontsize=8, title_fontsize=8,
+               title=f"band: 95% t interval of the mean\nchange over {n_images} images" + (f", R={accelerations[0]}" if len(accelerations) == 1 else ""))
+    fig.suptitle("PSNR under k-space perturbations of relative norm eps, paired per image with the clean reconstruction", fontsize=10)
+    return fig
 
-    # panels: one row per (R, method); columns as in Han et al.'s figures
+
+def panels_figure(panels: dict[str, Any]) -> Figure:
+    """First evaluation image, one row per (R, method): ground truth, zero-filled, clean and perturbed
+    reconstructions (grey, 0 to 1), then |perturbed - clean| and the posterior std on one colour
+    scale per row, with its colourbar (columns as in Han et al.'s figures)."""
     entries = [(R, m, p) for R, block in panels.items() for m, p in block["methods"].items() if m != "zero-filled"]
     if not entries:
         entries = [(R, m, p) for R, block in panels.items() for m, p in block["methods"].items()]
-    titles = ["ground truth", "zero-filled", "clean recon", "perturbed recon", "|perturbed - clean|", "posterior std (clean)"]
-    fig, axes = plt.subplots(len(entries), len(titles), figsize=(1.9 * len(titles), 2.0 * len(entries) + 0.4), squeeze=False)
+    fig = agg_figure(figsize=(2.0 * len(PANEL_TITLES) + 1.0, 2.0 * len(entries) + 0.5), layout="constrained")
+    axes = fig.subplots(len(entries), len(PANEL_TITLES), squeeze=False)
     for row, (R, method, p) in enumerate(entries):
         block = panels[R]
         diff, std = p.get("difference"), p["std"]
         vmax = max(float(diff.max()) if diff is not None else 0.0, float(std.max()), 1e-6)
         images = [(block["truth"], "gray", 1.0), (block["zero_filled"], "gray", 1.0), (p["clean"], "gray", 1.0),
                   (p.get("perturbed"), "gray", 1.0), (diff, "magma", vmax), (std if float(std.max()) > 0 else None, "magma", vmax)]
+        scale = None
         for col, (img, cmap, top) in enumerate(images):
             a = axes[row, col]
             a.set_xticks([])
             a.set_yticks([])
             if img is None:
-                a.text(0.5, 0.5, "deterministic" if col == 5 else "no attack", ha="center", va="center", fontsize=7, transform=a.transAxes)
+                a.text(0.5, 0.5, "deterministic" if col == 5 else "no attack", ha="center", va="center", fontsize=8, transform=a.transAxes)
             else:
-                a.imshow(torch.as_tensor(img).numpy(), cmap=cmap, vmin=0, vmax=top)
+                shown = a.imshow(torch.as_tensor(img).numpy(), cmap=cmap, vmin=0, vmax=top, interpolation="nearest")
+                scale = shown if cmap == "magma" else scale
             if row == 0:
-                a.set_title(titles[col], fontsize=7)
+                a.set_title(PANEL_TITLES[col], fontsize=8)
+        if scale is not None:
+            fig.colorbar(scale, ax=axes[row, 4:].tolist(), shrink=0.9, pad=0.02).ax.tick_params(labelsize=7)
         source = p.get("source")
-        axes[row, 0].set_ylabel(f"{method}\nR={R}, eps={block['eps']:g}" + (f"\n({source})" if source else ""), fontsize=7)
-    fig.suptitle("First evaluation image; difference and posterior std share one colour scale per row", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / PANELS, dpi=110)
-    plt.close(fig)
+        axes[row, 0].set_ylabel(f"{method}\nR={R}, eps={block['eps']:g}" + (f"\n({source})" if source else ""), fontsize=8)
+    fig.suptitle("First evaluation image; |perturbed - clean| and the posterior std share one colour scale per row (image units)", fontsize=9)
+    return fig
+
+
+def write_figures(report: dict[str, Any], panels: dict[str, Any], out: Path) -> None:
+    """psnr_vs_eps.png and panels.png into the report folder `out` (a staging folder)."""
+    (out / CURVES).write_bytes(figure_png(psnr_figure(report)))
+    (out / PANELS).write_bytes(figure_png(panels_figure(panels)))
 
 
 def transfer_table(transfer: list[dict]) -> list[str]:

@@ -42,9 +42,11 @@ from medgen.train.common import (
     cfg_get,
     check_finite,
     cpu_autocast,
+    end_training,
     infinite_batches,
     init_tracker,
     load_run_config,
+    log_preview,
     make_loader,
     prepare_run_dir,
     preserved_rng,
@@ -61,7 +63,7 @@ from medgen.train.losses import (
     reconstruction_loss,
     ssim_loss,
 )
-from medgen.train.preview import grid_png, mid_slices
+from medgen.train.preview import reconstruction_png
 
 log = logging.getLogger(__name__)
 
@@ -338,13 +340,10 @@ def validate(accelerator, model, loader, metrics: ReconstructionMetrics, max_bat
 
 
 def write_preview(path: Path, real: torch.Tensor, recon: torch.Tensor, n: int = 4) -> None:
-    """PNG: top row inputs, bottom row reconstructions (3D: mid slices along each axis)."""
+    """PNG: a row of inputs labelled "input", their reconstructions under them (3D: three planes each)."""
     from medgen.io import atomic_write_bytes
 
-    real, recon = real[:n].detach().float().cpu(), recon[:n].detach().float().cpu()
-    if real.ndim == 5:
-        real, recon = mid_slices(real), mid_slices(recon)
-    atomic_write_bytes(path, grid_png(torch.cat([real, recon]), ncol=real.shape[0]))
+    atomic_write_bytes(path, reconstruction_png(real[:n], recon[:n]))
 
 
 # ----------------------------------------------------------------------------- training
@@ -508,6 +507,7 @@ def _train(cfg, run_dir: Path, resume: str | None) -> Path:
         if accelerator.is_main_process and (step % int(tcfg.preview_every) == 0 or step == max_steps):
             with preserved_rng():
                 write_preview(run_dir / "samples" / f"recon_step_{step}.png", x, recon)
+            log_preview(accelerator, "samples/reconstruction", run_dir / "samples" / f"recon_step_{step}.png", step)
         if step % int(tcfg.checkpoint_every) == 0 or step == max_steps:
             ckpt.save(accelerator, step, {"max_steps": max_steps})
     bar.close()
@@ -518,7 +518,7 @@ def _train(cfg, run_dir: Path, resume: str | None) -> Path:
         save_inference_model(run.raw_model, run_dir / "model", config)
         log.info("autoencoder saved to %s", run_dir / "model")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_training(accelerator, run_dir)
     return run_dir
 
 

@@ -62,6 +62,7 @@ from medgen.models.serialization import (  # noqa: F401  (re-exported: part of t
     save_inference_model,
 )
 from medgen.progress import ProgressLog, progress  # noqa: F401  (ProgressLog: re-exported for older imports)
+from medgen.tracking import check_tracker, hyperparameters, init_kwargs, log_image, log_model_artifact, wandb_mode
 
 log = logging.getLogger(__name__)
 
@@ -81,21 +82,6 @@ def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def _wandb_mode() -> str:
-    """`online` only when the user is logged in (env key or ~/.netrc entry); else `offline`."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        if "api.wandb.ai" in netrc.read_text():
-            return "online"
-    except OSError:
-        pass
-    return "offline"
-
-
 def use_cpu(train_cfg: Any) -> bool:
     """`train.cpu`, or no CUDA device: then several processes form a gloo (MULTI_CPU) group."""
     return bool(cfg_get(train_cfg, "cpu", False)) or not torch.cuda.is_available()
@@ -112,12 +98,14 @@ def process_state(train_cfg: Any = None):
     return PartialState(cpu=use_cpu(train_cfg))
 
 
-def build_accelerator(train_cfg: Any, run_dir: str | os.PathLike | None = None, project: str = "medgen"):
+def build_accelerator(train_cfg: Any, run_dir: str | os.PathLike | None = None):
     """An `accelerate.Accelerator` configured from the `train:` config section.
 
     Keys: `mixed_precision` (no|fp16|bf16), `gradient_accumulation_steps`, `tracker`
-    (none|wandb), `seed`, `cpu` (force CPU). With `tracker: wandb` the run logs to wandb, in
-    offline mode unless a login is present (WANDB_API_KEY or ~/.netrc), into `run_dir/wandb`.
+    (none|wandb|tensorboard), `seed`, `cpu` (force CPU). A tracker logs through accelerate's
+    trackers (medgen.tracking): TensorBoard event files in `run_dir/tensorboard/`, wandb into
+    `run_dir/wandb` in offline mode unless a login is present (WANDB_API_KEY or ~/.netrc); a
+    tracker whose package is missing is a ConfigError here, before training.
     Seeds python/numpy/torch via `accelerate.utils.set_seed(seed)`.
     """
     from accelerate import Accelerator
@@ -127,9 +115,7 @@ def build_accelerator(train_cfg: Any, run_dir: str | os.PathLike | None = None, 
     mp = str(cfg_get(train_cfg, "mixed_precision", "no"))
     if mp not in ("no", "fp16", "bf16"):
         raise ConfigError(f"train.mixed_precision={mp!r}: use no, fp16 or bf16")
-    tracker = str(cfg_get(train_cfg, "tracker", "none"))
-    if tracker not in ("none", "wandb"):
-        raise ConfigError(f"train.tracker={tracker!r}: use none or wandb")
+    tracker = check_tracker(str(cfg_get(train_cfg, "tracker", "none")), "train.tracker")
     accum = int(cfg_get(train_cfg, "gradient_accumulation_steps", 1))
     if accum < 1:
         raise ConfigError(f"train.gradient_accumulation_steps={accum} must be >= 1")
@@ -138,39 +124,49 @@ def build_accelerator(train_cfg: Any, run_dir: str | os.PathLike | None = None, 
     # A second Accelerator in the same process (a notebook, a test, a resumed call) may ask for
     # another precision; reset the per-run state but keep the distributed process group.
     AcceleratorState._reset_state(reset_partial_state=False)
-    project_cfg = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)) if run_dir else None
+    project_cfg = (ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(Path(run_dir) / "tensorboard"))
+                   if run_dir else None)
     accelerator = Accelerator(
         mixed_precision=mp,
         # loops take exactly `accum` micro-batches per optimizer step (one `accumulate` block each);
         # no forced sync at epoch ends, so step counts stay exact across epochs and resumes
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accum, sync_with_dataloader=False),
-        log_with="wandb" if tracker == "wandb" else None,
+        log_with=None if tracker == "none" else tracker,
         project_config=project_cfg,
         cpu=use_cpu(train_cfg),
         step_scheduler_with_optimizer=False,
     )
     set_seed(int(cfg_get(train_cfg, "seed", 0)))
-    if tracker == "wandb":
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ConfigError("train.tracker=wandb needs the wandb package: pip install wandb") from None
-        accelerator.project_name = project
     return accelerator
 
 
 def init_tracker(accelerator, cfg: Any, run_dir: str | os.PathLike, project: str = "medgen") -> None:
-    """Start the configured tracker (no-op without one). wandb runs offline without a login."""
-    if not accelerator.log_with:
+    """Start the configured tracker (no-op without one) with the run's config as hyperparameters."""
+    tracker = str(cfg_get(cfg.train, "tracker", "none"))
+    if tracker == "none":
         return
-    mode = _wandb_mode()
-    accelerator.init_trackers(
-        project,
-        config=to_dict(cfg),
-        init_kwargs={"wandb": {"dir": str(run_dir), "mode": mode, "name": Path(run_dir).name}},
-    )
+    accelerator.init_trackers(project, config=hyperparameters(tracker, to_dict(cfg)),
+                              init_kwargs={tracker: init_kwargs(tracker, run_dir, Path(run_dir).name)})
     if accelerator.is_main_process:
-        log.info("wandb tracking in %s mode", mode)
+        log.info("%s tracking in %s%s", tracker, Path(run_dir) / tracker,
+                 f" ({wandb_mode()} mode)" if tracker == "wandb" else "")
+
+
+def log_preview(accelerator, tag: str, png: str | os.PathLike, step: int) -> None:
+    """A preview PNG of the run (`samples/...`) into the tracker at `step`; main process only."""
+    if accelerator.is_main_process:
+        for tracker in accelerator.trackers:
+            log_image(tracker.name, tracker.tracker, tag, png, step)
+
+
+def end_training(accelerator, run_dir: str | os.PathLike) -> None:
+    """After the final model is saved: with wandb, log it as a model artifact; then close the
+    trackers (accelerate's `end_training`)."""
+    if accelerator.is_main_process:
+        for tracker in accelerator.trackers:
+            if tracker.name == "wandb":
+                log_model_artifact(tracker.tracker, run_dir)
+    accelerator.end_training()
 
 
 # ----------------------------------------------------------------------------- run dir / config
@@ -377,7 +373,7 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.accelerator is not None and self.accelerator.log_with:
-            self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+            self.accelerator.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}, step=step)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

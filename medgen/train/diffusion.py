@@ -42,7 +42,7 @@ from medgen.diffusion.latents import LatentScaling, decode_latents
 from medgen.errors import ConfigError, RunError
 from medgen.io import atomic_write_bytes, atomic_write_json, sha256_file
 from medgen.models.unet import build_denoiser
-from medgen.train.preview import grid_png
+from medgen.train.preview import grid_png, sample_captions
 from medgen.train.schema import DiffusionConfig
 from medgen.train.common import (
     CheckpointManager,
@@ -53,9 +53,11 @@ from medgen.train.common import (
     check_finite,
     count_parameters,
     cpu_autocast,
+    end_training,
     infinite_batches,
     init_tracker,
     load_run_config,
+    log_preview,
     make_loader,
     prepare_run_dir,
     preserved_rng,
@@ -468,7 +470,7 @@ def train_diffusion(cfg, out: str | Path, resume: str | None = None) -> Path:
     if accelerator.is_main_process:
         _save_model(run_dir, raw, ema, schedule, info, step, cfg.sample)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_training(accelerator, run_dir)
     return run_dir
 
 
@@ -500,6 +502,7 @@ def _train_loop(t: _Training, cfg, run_dir: Path, ckpt: CheckpointManager, metri
             with preserved_rng():  # previews leave the training RNG untouched (resume stays identical)
                 write_preview(run_dir / "samples" / f"step_{step}.png", _inference_copy(t.raw, t.ema), schedule,
                               cfg.sample, t.num_classes, autoencoder, info, acc.device)
+            log_preview(acc, "samples/generated", run_dir / "samples" / f"step_{step}.png", step)
         if step % int(tcfg.checkpoint_every) == 0 or step == max_steps:
             ckpt.save(acc, step, {"max_steps": max_steps})
     bar.close()
@@ -511,7 +514,8 @@ def _train_loop(t: _Training, cfg, run_dir: Path, ckpt: CheckpointManager, metri
 
 @torch.no_grad()
 def write_preview(path: Path, net, schedule, sample_cfg, num_classes, autoencoder, info, device) -> None:
-    """Samples of `net` (labels cycling through the classes) as a PNG grid; 3D: three mid slices."""
+    """Samples of `net` (labels cycling through the classes, seeds 0..n-1) as a PNG grid captioned with
+    seed and label; 3D: three planes per volume."""
     net = net.to(device)
     n = int(sample_cfg.n_preview)
     labels = torch.arange(n) % num_classes if num_classes > 0 else None
@@ -523,7 +527,7 @@ def write_preview(path: Path, net, schedule, sample_cfg, num_classes, autoencode
                     eta=float(cfg_get(sample_cfg, "eta", 0.0)), null_label=net.null_label if num_classes > 0 else None,
                     clip_x0=scaling is None or scaling.clip_x0, device=device)
     x = decode_latents(autoencoder, z, scaling) if autoencoder is not None else z
-    atomic_write_bytes(path, grid_png(x.clamp(-1, 1)))
+    atomic_write_bytes(path, grid_png(x.clamp(-1, 1), captions=sample_captions(range(n), None if labels is None else labels.tolist())))
 
 
 def _save_model(run_dir: Path, raw, ema, schedule, info, step: int, sample_cfg) -> None:

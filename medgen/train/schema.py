@@ -38,7 +38,7 @@ class TrainConfig:
     grad_clip: float | None = setting(None, gt=0)  # max global gradient norm (each network separately); null: no clipping
     mixed_precision: str = setting("no", choices=("no", "fp16", "bf16"))
     gradient_accumulation_steps: int = setting(1, ge=1)  # micro-batches per optimizer step
-    tracker: str = setting("none", choices=("none", "wandb"))  # wandb runs offline without a login
+    tracker: str = setting("none", choices=("none", "wandb", "tensorboard"))  # metrics + previews (wandb: + the model) in RUN/<tracker>; wandb offline without a login
     seed: int = setting(0, ge=0)
     cpu: bool = False  # train on the CPU even when a GPU is present
     num_workers: int = setting(0, ge=0)  # DataLoader worker processes
