@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import re
 import shutil
@@ -228,6 +229,25 @@ def test_quick_demo_ends_with_a_release_and_a_summary(demo):
     summary = stdout[stdout.index("[demo] summary"):]
     assert re.search(r"audit verdict\s+pass", summary) and re.search(rf"release\s+{re.escape(str(release))}", summary)
     assert re.search(r"fd_pca\s+\d", summary) and "precision" in summary
+    # the demo model is class-conditional: a balanced labelled release, each file labelled as it was sampled
+    card = json.loads((release / "data_card.json").read_text())
+    rows = list(csv.DictReader(open(release / "manifest.csv")))
+    k = card["model"]["num_classes"]
+    assert k >= 2 and card["dataset"]["label"] == "all"
+    assert [int(r["label"]) for r in rows] == [(int(r["seed"]) - card["sampling"]["seed"]) % k for r in rows]
+    assert card["dataset"]["classes"] == {str(c): sum(int(r["label"]) == c for r in rows) for c in range(k)}
+    assert max(card["dataset"]["classes"].values()) - min(card["dataset"]["classes"].values()) <= 1
+    described = [part.split(" (", 1)[0] for part in card["dataset"]["manifest"].split(": ", 1)[1].split("; ")]
+    assert described == list(rows[0])  # the card describes the manifest's columns, in order
+    # the card: each metric beside real vs real, and the utility (train on synthetic vs on real, tested on held-out)
+    md = (release / "DATA_CARD.md").read_text()
+    rvr, utility = card["metrics"]["real_vs_real"], card["metrics"]["utility"]
+    assert "| metric | model | 95% interval |" in md and "| real vs real | 95% interval | ratio | better |" in md
+    assert re.search(r"\| fd_pca \| \d[\d.]* \| \[.*\] \|( \d[\d.]* \|)? \d[\d.]* \| \[.*\] \| \d[\d.]* \| lower \|", md)
+    assert f"| {rvr['ratio']['fd_pca']:.4g} | lower |" in md and f"with {rvr['n']['held_out']} held-out real images" in md
+    assert set(utility["settings"]) == {"tstr", "trtr"} and utility["test"]["n"] == card["training_data"]["n_holdout_images"]
+    assert re.search(r"\| synthetic \(TSTR\) \| \d+ \| \d\.\d{3} \[", md) and re.search(r"\| real \(TRTR\) \| \d+ \| \d\.\d{3} \[", md)
+    assert re.search(r"released \d+ samples: .*; utility: TSTR AUROC \d\.\d{3} \[.*\]; TRTR AUROC \d\.\d{3} \[", stdout)
     # the probe's line: the paired difference over 2 images with its interval, and a verdict
     assert re.search(r"probe projection R=8\s+PSNR [+-]\d\.\d\d dB at eps 0\.08 .*worst - random [+-]\d\.\d\d dB, "
                      r"95% CI \[.*\], n=2\): (transfers|no evidence of transfer)", summary), summary
@@ -384,6 +404,50 @@ def test_quality_floor_is_coverage_relative_to_held_out_patients(tmp_path):
     blobs = torch.stack([gaussian_blur(v, 3.0) for v in torch.randn((20, 1, 32, 32), generator=g)]).mul(4).clamp(-1, 1)
     poor = relative_coverage(train, holdout, blobs)
     assert poor["coverage"] < 0.1 and poor["ratio"] < ReleasePolicy().min_coverage, poor
+
+
+def test_labelled_rounds_keep_each_file_its_label(tmp_path):
+    """--label all across rounds: index g is sampled as class g mod K (what `medgen sample --label
+    all` gives sample g of one folder), the release takes each class's share although round 1
+    dropped every class-0 sample, and each released file (its content: its index) is moved with
+    its own seed and label."""
+    import types
+
+    from medgen.release.pipeline import ROUNDS, choose_released, index_labels, move_released_files
+    from medgen.sample.pipeline import cycled_labels, sample_name
+
+    k, n, seed, output = 3, 7, 100, types.SimpleNamespace(suffix=".png")
+    rounds = [{"indices": [0, 10]}, {"indices": [10, 16]}]
+    labels = [index_labels("all", k, a, b - a) for a, b in (r["indices"] for r in rounds)]
+    assert sum(labels, []) == cycled_labels(types.SimpleNamespace(num_classes=k), 16)
+    for r, (a, b) in enumerate(r["indices"] for r in rounds):
+        (tmp_path / ROUNDS / f"round_{r + 1}").mkdir(parents=True)
+        for g in range(a, b):
+            (tmp_path / ROUNDS / f"round_{r + 1}" / sample_name(g - a, output)).write_text(str(g))
+    kept = [g for g in range(16) if g not in (0, 3, 6)]  # round 1's class-0 samples were dropped
+    chosen = choose_released(kept, n, k)
+    assert chosen == [1, 2, 4, 5, 9, 12, 15]  # classes 0, 1, 2: 3, 2, 2 (as cycled_labels of 7 samples)
+    rows = list(csv.DictReader(io.StringIO(move_released_files(tmp_path, rounds, chosen, output, seed, {"label": ""},
+                                                               [g % k for g in chosen]))))
+    for j, row in enumerate(rows):
+        g = int((tmp_path / row["file"]).read_text())
+        assert row["file"] == f"synthetic_{j:05d}.png" and g == chosen[j]
+        assert int(row["seed"]) == seed + g and int(row["label"]) == sum(labels, [])[g]
+    assert choose_released(kept, n) == kept[:n]  # one label or none: the first n kept
+
+
+def test_label_all_needs_a_class_conditional_model(tiny_run, tmp_path, capsys, monkeypatch):
+    """--label all on an unconditional model: a clear error before the audit is fitted."""
+    import types
+
+    import medgen.privacy.calibration as calibration
+    import medgen.sample.pipeline as sample_pipeline
+
+    monkeypatch.setattr(calibration.CopyAudit, "fit", lambda *a, **k: pytest.fail("the audit was fitted"))
+    monkeypatch.setattr(sample_pipeline, "load_pipeline", lambda *a, **k: types.SimpleNamespace(num_classes=0))
+    code, _, err = run_cli(capsys, "release", "--run", tiny_run, "--n", "4", "--out", tmp_path / "rel", "--label", "all")
+    assert code == 2 and "this model is unconditional; --label all needs a class-conditional model" in err, err
+    assert not (tmp_path / "rel").exists()
 
 
 def test_bad_arguments_are_refused_before_any_work(tiny_run, tmp_path, capsys, monkeypatch):

@@ -32,7 +32,8 @@ SECTIONS = ["## Motivation", "## Composition", "### Quality", "### Privacy audit
 @pytest.fixture(scope="module")
 def card_parts():
     """build_card's inputs from a real audit of 40 honest 'samples' (smooth random images, the
-    same distribution as 30 training and 24 held-out images) and their real metrics."""
+    same distribution as 30 training and 24 held-out images) and their real metrics, beside real
+    vs real (the held-out images in the samples' place)."""
     import torch
 
     from medgen.metrics.report import evaluate
@@ -56,10 +57,37 @@ def card_parts():
         n=16, ext=".png", pipe=pipe, run=Path("/nonexistent/run"), settings={"sampler": "ddim", "steps": 10, "guidance": 0.0, "eta": 0.0},
         label=None, seed=0, bit_depth=8, policy=policy, first=result, combined=result,
         rounds=[{"round": 1, "indices": [0, 40], "seeds": [0, 39], "sampled": 40, "copies": 0, "not_anatomy": 0, "kept": 40}],
-        chosen=list(range(16)), metrics=evaluate(train, samples[:16], features="pca", bootstrap=20, seed=0, metrics=("fid", "prdc")),
+        chosen=list(range(16)), metrics=evaluate(train, samples[:16], holdout=holdout[:16], features="pca", bootstrap=20, seed=0,
+                                                 metrics=("fid", "prdc")),
         quality={"coverage": 0.5, "holdout_coverage": 0.6, "ratio": 0.83, "m": 16, "k": 5, "features": "pca"},
         split_info={"split_json_sha256": "cd" * 32, "holdout_splits": ["holdout"], "source": "the run's split.json"},
         n_train=30, n_holdout=24, n_train_subjects=30, n_holdout_subjects=24)
+
+
+@pytest.fixture(scope="module")
+def labelled_utility(tmp_path_factory):
+    """A real TSTR/TRTR result (`synthetic_utility`, a shortened recipe): 16x16 PNGs of two
+    classes (a bright or a dark disc on noise), 12 'released', 12 real training, 12 held-out."""
+    import numpy as np
+    from PIL import Image
+
+    from medgen.metrics.utility import UTILITY_RECIPE, synthetic_utility
+
+    root, rng = tmp_path_factory.mktemp("utility"), np.random.default_rng(0)
+    yy, xx = np.mgrid[:16, :16]
+    disc = (yy - 8) ** 2 + (xx - 8) ** 2 < 20
+    sets = {}
+    for name in ("synthetic", "train", "test"):
+        (root / name).mkdir()
+        rows = ["path,label"]
+        for i in range(12):
+            image = np.clip(rng.normal(128, 20, (16, 16)) + np.where(disc, 80 if i % 2 else -80, 0), 0, 255).astype(np.uint8)
+            Image.fromarray(image).save(root / name / f"{i}.png")
+            rows.append(f"{i}.png,{i % 2}")
+        (root / name / "manifest.csv").write_text("\n".join(rows) + "\n")
+        sets[name] = root / name / "manifest.csv"
+    return synthetic_utility(sets["synthetic"], sets["train"], sets["test"], device="cpu", seeds=[0], progress=False,
+                             recipe={**UTILITY_RECIPE, "steps": 15, "batch_size": 12, "bootstrap": 100})
 
 
 def front_matter(md: str) -> dict:
@@ -103,6 +131,49 @@ def test_a_complete_card_follows_the_standard(card_parts):
     assert card["audit"]["statement"][1:] in md and "- verdict: **pass**" in md
     assert f"torch {card['software']['torch']}" in md and "released indices 0 to 15" in md
     assert (card["dataset"]["shape"], card["dataset"]["channels"], card["dataset"]["spacing_mm"]) == ([32, 32], 1, [1.5, 1.5])
+
+
+def test_the_card_shows_real_vs_real_and_utility(card_parts, labelled_utility):
+    """The quality table puts each metric beside the held-out images' (real vs real) with the
+    ratio; the utility rows (TSTR against TRTR) follow; data_card.json carries both, paths withheld."""
+    from medgen.metrics.report import reference_cells
+    from medgen.release.card import build_card, card_markdown
+
+    report = {**card_parts["metrics"], "utility": labelled_utility}
+    card = build_card(**{**card_parts, "metrics": report, "label": "all", "labels": [i % 2 for i in range(16)]})
+    md = card_markdown(card)
+    assert "| metric | model | 95% interval | real vs real | 95% interval | ratio | better |" in md
+    for c in reference_cells(report["metrics"], report["reference"]):
+        assert f"| {c['metric']} | {c['value']} | {c['ci'] or '-'} | {c['reference']} | {c['reference_ci'] or '-'} | {c['ratio']} | {c['better']} |" in md
+    assert "16 held-out real images" in md and "what a model that samples new patients from the same population scores" in md
+    tstr, trtr = (labelled_utility["settings"][k]["auroc"] for k in ("tstr", "trtr"))
+    assert re.search(rf"\| synthetic \(TSTR\) \| 12 \| {tstr['value']:.3f} \[{tstr['ci95'][0]:.3f}, {tstr['ci95'][1]:.3f}\]", md)
+    assert re.search(rf"\| real \(TRTR\) \| 12 \| {trtr['value']:.3f} ", md) and "tested on 12 held-out real images" in md
+    assert "- instances: 16 synthetic 2D images, balanced over 2 classes: class 0: 8, class 1: 8" in md
+    assert front_matter(md)["task_categories"] == ["image-classification"] and raw_reprs(md) == []
+    saved = json.loads(json.dumps(card))["metrics"]
+    assert saved["real_vs_real"]["metrics"] == json.loads(json.dumps(report["reference"]["metrics"]))
+    assert saved["utility"]["settings"]["tstr"]["auroc"]["value"] == tstr["value"]
+    assert saved["utility"]["test"]["source"] == saved["utility"]["inputs"]["synthetic"]["source"] == "[withheld]"
+    assert card["dataset"]["classes"] == {"0": 8, "1": 8}
+
+
+def test_a_card_says_why_utility_and_real_vs_real_are_missing(card_parts):
+    """An unlabelled release: one line saying why there is no utility; no held-out images: why
+    there is no real-vs-real column."""
+    import torch
+
+    from medgen.metrics.report import evaluate
+    from medgen.release.card import build_card, card_markdown
+    from medgen.release.pipeline import release_utility
+
+    utility = release_utility(Path("unused"), None, [], [], data_cfg=None, read_cfg=None)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand((32, 1, 16, 16), generator=g) * 2 - 1
+    report = {**evaluate(x[:16], x[16:], features="pca", bootstrap=0, seed=0, metrics=("fid",)), "utility": utility}
+    md = card_markdown(build_card(**{**card_parts, "metrics": report}))
+    assert "Not measured: utility needs labels: release with --label all." in md
+    assert "Real vs real: skipped: no real-vs-real reference" in md and "| metric | value | 95% interval |" in md
 
 
 def test_a_card_without_the_stewards_fields_says_not_provided(card_parts):

@@ -234,13 +234,16 @@ def score_settings(probabilities: dict[str, list[np.ndarray]], labels: np.ndarra
 
 
 def synthetic_utility(synthetic, real_train, test, mixed: bool = False, data_cfg=None, device=None,
-                      recipe: dict = UTILITY_RECIPE, seeds: Sequence[int] | None = None, progress: bool = True) -> dict:
+                      recipe: dict = UTILITY_RECIPE, seeds: Sequence[int] | None = None, progress: bool = True,
+                      synthetic_cfg=None) -> dict:
     """TSTR against TRTR (and mixed) on the labelled `test` images: see the module docstring.
 
     `synthetic`, `real_train`, `test`: folders / manifest.csv paths, or lists of `medgen.data.Sample`.
     Returns a JSON-able dict; {"skipped": reason} when the synthetic set is unlabelled or of one
     class. Unlabelled or single-class real sets are a DataError naming the file. Real training
-    images that are also test images (same content) are left out of training.
+    images that are also test images (same content) are left out of training. `synthetic_cfg`:
+    how to read the synthetic files when not as the real ones (`data_cfg`): a release's files in
+    their own units (`medgen.sample.formats.SampleFormat.reading_config`).
     """
     start = time.perf_counter()
     syn = _samples(synthetic)
@@ -256,7 +259,7 @@ def synthetic_utility(synthetic, real_train, test, mixed: bool = False, data_cfg
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seeds = list(recipe["seeds"] if seeds is None else seeds)
     n = min(len(syn), len(real))
-    x_syn, y_syn = _read(_subset(syn, n, recipe["subset_seed"]), data_cfg)
+    x_syn, y_syn = _read(_subset(syn, n, recipe["subset_seed"]), data_cfg if synthetic_cfg is None else synthetic_cfg)
     x_real, y_real = _read(_subset(real, n, recipe["subset_seed"]), data_cfg)
     x_test, y_test = _read(held, data_cfg)
     if not x_syn.shape[1:] == x_real.shape[1:] == x_test.shape[1:]:

@@ -49,6 +49,15 @@ OUT_OF_SCOPE = [
 ]
 
 
+# What each column of manifest.csv holds (`medgen.release.pipeline.MANIFEST_FIELDS`, in its order on the card).
+MANIFEST_COLUMNS = {
+    "file": "the file's name", "sha256": "its checksum, a DICOM series folder's over its files' names and contents",
+    "seed": "the seed it was sampled with", "label": "the class it was sampled as (empty: unconditional)",
+    "sampler": "the sampler", "steps": "sampling steps", "guidance": "classifier-free guidance scale",
+    "checkpoint_sha256": "the model's checkpoint", "units": "the units of its values", "release_id": "this release's id",
+}
+
+
 # Keys whose string values name files or folders, whatever they look like: `data.path=StMary_2019`
 # has no separator, and a detector's recipe records the folder it was trained on.
 PATH_KEYS = {"path", "paths", "run", "train", "holdout", "data", "source", "out", "dir", "folder", "file", "files", "inputs", "weights"}
@@ -82,9 +91,18 @@ def _resolved_config(run: Path) -> dict[str, Any]:
 
 
 def _metrics_part(report: dict[str, Any]) -> dict[str, Any]:
+    """The eval report's metrics against the training images, beside real vs real (held-out
+    images in the samples' place: `real_vs_real`) and the utility (TSTR against TRTR), paths withheld."""
     recipe = {k: v for k, v in report["recipe"].items() if k != "inputs"}  # inputs name folders
     return {"reference": "the training images (preprocessed as in training)", "of": "the released samples",
-            "values": report["metrics"], "recipe": withhold_paths(recipe), "notes": report.get("notes", [])}
+            "values": report["metrics"], "recipe": withhold_paths(recipe), "notes": report.get("notes", []),
+            "real_vs_real": withhold_paths(report.get("reference")), "utility": withhold_paths(report.get("utility"))}
+
+
+def _manifest_description() -> str:
+    from medgen.release.pipeline import MANIFEST_FIELDS
+
+    return "manifest.csv, one row per file: " + "; ".join(f"{f} ({MANIFEST_COLUMNS[f]})" for f in MANIFEST_FIELDS)
 
 
 def _audit_part(first, combined, policy: dict, attempt: int, earlier: list[dict]) -> dict[str, Any]:
@@ -247,14 +265,13 @@ def build_card(*, n: int, ext: str, pipe, run: Path, settings: dict, label, seed
                first, combined, rounds: list[dict], chosen: Sequence[int], metrics: dict, split_info: dict, n_train: int,
                quality: dict | None = None,
                n_holdout: int, n_train_subjects: int, n_holdout_subjects: int, attempt: int = 1, earlier: list[dict] = (),
-               output: dict | None = None, card_fields: dict | None = None) -> dict[str, Any]:
+               output: dict | None = None, card_fields: dict | None = None, labels: Sequence[int] | None = None) -> dict[str, Any]:
     """The data card as a JSON-ready dict (see the module docstring for what it never holds).
 
+    `label`: None, one class, or "all" with `labels` each released file's class (the card counts them).
     `output`: how the files hold the images (format, units, intensity, value_range, release_id,
     markers; default: the PNG/NIfTI writing of `medgen sample`); `card_fields`: the steward's
     fields (`medgen.release.steward`), each "not provided" when left out."""
-    from medgen.release.pipeline import MANIFEST_FIELDS
-
     config = pipe.config
     latent = config.get("latent") or {}
     image_shape = list(config.get("image_shape") or pipe.sample_shape)  # (C, *S) of the released images
@@ -269,8 +286,8 @@ def build_card(*, n: int, ext: str, pipe, run: Path, settings: dict, label, seed
             "n": n, "format": FORMAT_NAMES.get(output["format"], output["format"]), "files": f"synthetic_00000{ext} ... synthetic_{n - 1:05d}{ext}",
             "naming": "position in the release; no link to any patient", "shape": image_shape[1:], "channels": image_shape[0],
             "spatial_dims": pipe.spatial_dims, "spacing_mm": pipe.spacing, "bit_depth": bit_depth if output["format"] == "png" else None,
-            "manifest": "manifest.csv: " + ", ".join(MANIFEST_FIELDS),
-            "label": label, "synthetic": True,
+            "manifest": _manifest_description(),
+            "label": label, "classes": _class_counts(labels), "synthetic": True,
         },
         "output": output,
         "preprocessing": _preprocessing(config.get("data") or {}, pipe.spatial_dims, image_shape, pipe.spacing),
@@ -297,6 +314,13 @@ def build_card(*, n: int, ext: str, pipe, run: Path, settings: dict, label, seed
     card["limitations"] = _limitations(card)
     card["metadata"] = _metadata(card)
     return card
+
+
+def _class_counts(labels: Sequence[int] | None) -> dict[str, int] | None:
+    """{class: number of released files} (None: every file has the same label or none)."""
+    if labels is None:
+        return None
+    return {str(c): sum(x == c for x in labels) for c in sorted(set(labels))}
 
 
 def _quality_lines(q: dict) -> list[str]:
@@ -393,7 +417,7 @@ def _composition(card: dict[str, Any]) -> list[str]:
     return [
         "## Composition", "",
         f"- instances: {d['n']} synthetic {d['spatial_dims']}D images, "
-        + ("unconditional (no class)" if s["label"] is None else f"all of class {s['label']}"),
+        + _classes_text(d, s),
         f"- modality: {_steward(card, 'modality')}",
         f"- anatomy: {_steward(card, 'anatomy')}",
         f"- each image: {image}",
@@ -401,22 +425,82 @@ def _composition(card: dict[str, Any]) -> list[str]:
         f"- values: {o['intensity'].rstrip('.')}; units {o['units']}; range {value_range}",
         "- marked as synthetic by: " + "; ".join(m.rstrip(".") for m in o.get("markers") or ["the file name"])
         + (f"; release id `{o['release_id']}`" if o.get("release_id") else ""),
-        f"- {d['manifest']}; `grid.png` (a preview), `data_card.json` (this card, machine-readable)",
+        f"- {d['manifest']}", "- also: `grid.png` (a preview), `data_card.json` (this card, machine-readable)",
         "- patients: none; every image is generated, no file corresponds to a patient (see the privacy audit)", "",
         *_quality_section(card), *_audit_section(card),
     ]
 
 
+def _classes_text(d: dict, s: dict) -> str:
+    if s["label"] is None:
+        return "unconditional (no class)"
+    if d.get("classes"):
+        return (f"balanced over {len(d['classes'])} classes: " + ", ".join(f"class {c}: {k}" for c, k in d["classes"].items())
+                + " (each file's class in manifest.csv)")
+    return f"all of class {s['label']}"
+
+
 def _quality_section(card: dict[str, Any]) -> list[str]:
-    recipe = card["metrics"]["recipe"]
+    m = card["metrics"]
+    recipe = m["recipe"]
     return [
         "### Quality (against the training images)", "",
-        "| metric | value | 95% interval |", "|---|---|---|", *_metric_rows(card["metrics"]["values"]), "",
+        *_metric_table(m["values"], m.get("real_vs_real")), "",
         f"Features: {(recipe.get('features') or {}).get('extractor', '-')}; {recipe.get('n_real')} real vs {recipe.get('n_fake')} "
         f"synthetic images; intervals: " + ("; ".join(f"{k}: {v}" for k, v in recipe["intervals"].items()) if recipe.get("intervals") else "none")
         + ".", "",
+        *_real_vs_real_lines(m.get("real_vs_real")),
         *_quality_lines(card.get("quality_floor") or {}),
+        *_utility_lines(m.get("utility")),
     ]
+
+
+def _metric_table(values: dict, reference: dict | None) -> list[str]:
+    """The metrics, beside real vs real when there is a reference (`reference_cells`)."""
+    from medgen.metrics.report import reference_cells
+
+    if not reference or "metrics" not in reference:
+        return ["| metric | value | 95% interval |", "|---|---|---|", *_metric_rows(values)]
+    cells = reference_cells(values, reference)
+    matched = "matched" in cells[0] if cells else False
+    head = ["metric", "model", "95% interval", *([f"model, {reference['n']['held_out']} images"] if matched else []),
+            "real vs real", "95% interval", "ratio", "better"]
+    rows = [[c["metric"], c["value"], c["ci"] or "-", *([c["matched"]] if matched else []), c["reference"], c["reference_ci"] or "-",
+             c["ratio"], c["better"]] for c in cells]
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _real_vs_real_lines(reference: dict | None) -> list[str]:
+    if not reference:
+        return []
+    if "skipped" in reference:
+        return [f"Real vs real: skipped: {reference['skipped']}.", ""]
+    n = reference["n"]
+    return [f"Real vs real: the same metrics with {n['held_out']} held-out real images (patients the model never saw) in the "
+            f"{n['synthetic']} synthetic images' place, against the same {n['real']} real training images: what a model that samples "
+            "new patients from the same population scores at these set sizes. The model is as close to the real images as new "
+            "patients are where its interval meets the real-vs-real one; ratio = model / real vs real (Fréchet distances and KID), "
+            "about 1 for a perfect model"
+            + (f", with the model on {n['held_out']} of its images so that both sides have the same sizes" if "model_matched" in reference else "")
+            + ".", ""]
+
+
+def _utility_lines(utility: dict | None) -> list[str]:
+    """Train on synthetic, test on real (TSTR) against train on real (TRTR), or why it was not measured."""
+    from medgen.metrics.utility import utility_rows
+
+    if not utility:
+        return []
+    if "skipped" in utility:
+        return ["### Utility (train on synthetic, test on real)", "", f"Not measured: {utility['skipped']}.", ""]
+    t, r = utility["test"], utility["recipe"]
+    return ["### Utility (train on synthetic, test on real)", "", *utility_rows(utility), "",
+            f"A classifier ({r['network']}, {r['steps']} steps, mean of {len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''}) "
+            "trained on the released images and "
+            f"their labels (TSTR), and one trained on as many real training images (TRTR), both tested on {t['n']} held-out real "
+            f"images (classes " + ", ".join(f"{k}: {v}" for k, v in t["classes"].items()) + "). The released set is as useful as "
+            "the real images for this task where its row matches the real one (the difference's interval holds 0); intervals: "
+            f"class-stratified bootstrap over the test images ({r['bootstrap']} resamples).", ""]
 
 
 def _audit_section(card: dict[str, Any]) -> list[str]:
@@ -456,7 +540,8 @@ def _generation(card: dict[str, Any]) -> list[str]:
         + (f", autoencoder sha256 `{m['autoencoder_sha256']}`, latents {_shape(m['latent_shape'])}" if m.get("autoencoder_sha256") else "")
         + "); resolved config in `data_card.json` under model.resolved_config (paths withheld)",
         f"- sampling: {s['sampler']}, {s['steps']} steps, guidance {_text(s['guidance'])}, eta {_text(s['eta'])}, "
-        + ("unconditional" if s["label"] is None else f"class {s['label']}"),
+        + ("unconditional" if s["label"] is None else "labels cycled over the model's classes (sample index i gets class "
+                                                      "i mod K)" if s["label"] == "all" else f"class {s['label']}"),
         f"- seeds: sample index i uses seed {s['seed']} + i, with its own generator; released indices "
         f"{_index_ranges(s['indices_released'])}; each file's seed in manifest.csv", "",
         "### Rounds", "",

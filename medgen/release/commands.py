@@ -9,12 +9,13 @@ inconclusive), 2 an error a user can fix (bad input, training data that does not
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from medgen.cli import ISSUES_URL
 from medgen.errors import ReleaseRefused, RunError
 from medgen.release.steward import CARD_FIELDS
-from medgen.sample.commands import add_output_options
+from medgen.sample.commands import _label as class_or_all, add_output_options
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp", "euler")  # = medgen.diffusion.sampling.SAMPLERS (no torch import to parse)
 DEFAULT_DETECTORS = "auto"  # ssl,pixel-rank; pixel-rank,latent for a latent run (medgen.privacy.calibration.default_detectors)
@@ -26,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Sample N images from a diffusion run, audit them for copies of training patients, drop flagged samples and "
                     "sample more (bounded rounds, all judged against the same calibrated audit; a pass means that at confidence "
                     "1 - alpha at most max_copy_rate of the model's outputs are copies), evaluate the set against the "
-                    "training images, and write RELEASE_DIR: the files under neutral names, manifest.csv (file, sha256, seed, label, ...), "
+                    "training images, and write RELEASE_DIR: the files under neutral names, manifest.csv (file, sha256, seed, label, sampler, "
+                    "steps, guidance, checkpoint_sha256, units, release_id), "
                     "grid.png, DATA_CARD.md and data_card.json. Fails closed: no folder appears when the audit fails, is inconclusive "
                     "or cannot run, when --train is not the run's training data, or when anything would name the real data. "
                     "Exit codes: 0 released, 1 refused (fail), 3 refused (inconclusive), 2 error.",
@@ -51,7 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="default: the run's own")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; default: the run's own")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta; default: the run's own")
-    p.add_argument("--label", type=int, default=None, help="class to generate (conditional models); default: unconditional")
+    p.add_argument("--label", type=class_or_all, default=None,
+                   help="class to generate (conditional models), or `all`: a balanced labelled release (sample index i gets class "
+                        "i mod K; each file's label in manifest.csv) whose data card shows its utility (train on synthetic, test on "
+                        "real, against train on real); default: unconditional")
     p.add_argument("--seed", type=int, default=0, help="sample index i uses seed+i (indices continue across rounds)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="PNG bit depth for 2D samples")
@@ -92,7 +97,17 @@ def summary_line(card: dict) -> str:
     return (f"released {card['dataset']['n']} samples: audit {a['verdict']} (at {100 * b['confidence']:.4g}% confidence at most "
             f"{b['upper_pct']:.2f}% of the model's outputs are copies, policy {100 * a['policy']['max_copy_rate']:.4g}%; "
             f"{a['all_samples']['n_copies']} of {a['all_samples']['n_synthetic']} samples above tau), {card['dropped']['copies']} "
-            f"flagged and {card['dropped']['not_anatomy']} non-anatomical samples dropped in {len(card['rounds'])} round(s)")
+            f"flagged and {card['dropped']['not_anatomy']} non-anatomical samples dropped in {len(card['rounds'])} round(s)"
+            + _utility_clause(card["metrics"].get("utility")))
+
+
+def _utility_clause(utility: dict | None) -> str:
+    """'; utility: TSTR AUROC 0.810 [...]; TRTR AUROC 0.880 [...] (n_test=...)' when the release was labelled."""
+    if not utility or "skipped" in utility:
+        return ""
+    from medgen.metrics.utility import utility_summary
+
+    return f"; utility: {utility_summary(utility)}"
 
 
 # ----------------------------------------------------------------------------- demo
@@ -123,7 +138,9 @@ def demo_stage(ctx) -> None:
     """Release the demo's samples: same run, same split (held-out + validation subjects) and the
     SSL detector the audit stage trained, so the release is judged by the audit the demo showed.
     A refusal is a result: ctx.state["release_refused"] says why. The card's steward fields are
-    the demo's own (DEMO_CARD), written to card.yaml beside the release as an example.
+    the demo's own (DEMO_CARD), written to card.yaml beside the release as an example. A
+    class-conditional model releases a balanced labelled set (`--label all`), so the card shows
+    its utility beside real vs real.
     """
     from medgen.io import atomic_write_text
     from medgen.release.pipeline import make_release
@@ -142,7 +159,8 @@ def demo_stage(ctx) -> None:
     atomic_write_text(card_file, card_yaml(DEMO_CARD, "What the data steward says on the demo's data card: medgen release ... "
                                                       "--card card.yaml\n(--card-field key=value overrides a field). Write your own for your data."))
     try:
-        card = make_release(run, out, n, holdout_splits=("holdout", "val"), detector=detector, bootstrap=50 if ctx.quick else 200,
+        label = "all" if json.loads((Path(run) / "model" / "config.json").read_text()).get("num_classes") else None
+        card = make_release(run, out, n, holdout_splits=("holdout", "val"), detector=detector, bootstrap=50 if ctx.quick else 200, label=label,
                             overwrite=True, card_fields=load_card_fields(card_file), echo=lambda m: print(f"  {m}"))
     except ReleaseRefused as e:
         ctx.state["release_refused"] = e.summary

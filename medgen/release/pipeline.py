@@ -17,7 +17,12 @@ The steps (issue 14):
    generated) are judged together once more: it must pass too.
 4. Evaluate the released set against the training images (`medgen eval` metrics), write the
    files under neutral names, `manifest.csv`, `grid.png`, `DATA_CARD.md`, `data_card.json`,
-   check that nothing of the real data is in them, and rename the folder into place.
+   check that nothing of the real data is in them, and rename the folder into place. With
+   `label="all"` (a class-conditional model) sample index g gets class g mod K in every round
+   (`medgen sample --label all`, continued across rounds), the release takes each class's share
+   of N (`choose_released`), and its utility is measured: a classifier trained on the released
+   images and labels against one trained on the real training images, both tested on the held-out
+   images (`release_utility`, `medgen.metrics.utility`).
 
 The audit scores the files as written (PNG, NIfTI or DICOM read back through the run's data config
 with the intensity mapping of the files' units, `SampleFormat.reading_config`), so what is audited
@@ -199,6 +204,55 @@ def relative_coverage(train: torch.Tensor, holdout: torch.Tensor, released: torc
             "m": m, "k": K_DC, "features": ex.recipe.get("extractor")}
 
 
+# ----------------------------------------------------------------------------- labels
+
+
+def index_labels(label: int | str | None, num_classes: int, start: int, size: int) -> int | list[int] | None:
+    """The labels of sample indices start .. start + size - 1 as `write_samples` takes them:
+    `label` for all, or with "all" index g's class g mod K (`cycled_labels`, continued across rounds)."""
+    return [(start + i) % num_classes for i in range(size)] if label == "all" else label
+
+
+def class_quota(n: int, num_classes: int) -> list[int]:
+    """Each class's share of n balanced samples, as `cycled_labels` of n samples makes them."""
+    return [n // num_classes + (c < n % num_classes) for c in range(num_classes)]
+
+
+def choose_released(kept: Sequence[int], n: int, num_classes: int = 0) -> list[int]:
+    """The released global indices, in sampling order: the first n kept ones, or with classes
+    (index g has class g mod K) the first of each class up to its `class_quota` share, so that
+    dropped samples do not unbalance the release."""
+    if not num_classes:
+        return list(kept[:n])
+    left, chosen = class_quota(n, num_classes), []
+    for g in kept:
+        if left[g % num_classes]:
+            left[g % num_classes] -= 1
+            chosen.append(g)
+    return chosen
+
+
+def release_utility(released: Path, label, train_samples: Sequence, holdout_samples: Sequence, *, data_cfg, read_cfg,
+                    device=None) -> dict[str, Any]:
+    """TSTR against TRTR (`medgen.metrics.utility.synthetic_utility`): train on the released
+    files and their labels (`released`: the release's manifest.csv), and on the real training
+    images; test both on the held-out images. {"skipped": why} when the release or the real
+    images are unlabelled or of one class."""
+    from medgen.data import scan_dataset
+    from medgen.metrics.utility import synthetic_utility
+
+    if label is None:
+        return {"skipped": "utility needs labels: release with --label all"}
+    if label != "all":
+        return {"skipped": f"utility needs two classes or more, but every released image has label {label}: release with --label all"}
+    for what, samples in (("training", train_samples), ("held-out", holdout_samples)):
+        if any(s.label is None for s in samples) or len({s.label for s in samples}) < 2:
+            return {"skipped": f"utility needs labelled real images of two classes or more, and the {what} images are not "
+                               f"(a label column in the dataset's manifest.csv)"}
+    return synthetic_utility(scan_dataset(released), list(train_samples), list(holdout_samples), data_cfg=data_cfg,
+                             synthetic_cfg=read_cfg, device=device, progress=False)
+
+
 # ----------------------------------------------------------------------------- processes
 
 
@@ -225,11 +279,12 @@ def _on_main(processes, fn: Callable[[], Any]) -> Any:
 # ----------------------------------------------------------------------------- the release
 
 
-def move_released_files(tmp: Path, rounds: Sequence[dict], chosen: Sequence[int], output, seed: int, row: dict[str, Any]) -> str:
+def move_released_files(tmp: Path, rounds: Sequence[dict], chosen: Sequence[int], output, seed: int, row: dict[str, Any],
+                        labels: Sequence[int] | None = None) -> str:
     """Move the chosen samples (global indices, in release order) from the round folders in `tmp`
     to `FILE_STEM_NNNNN` + the format's suffix (a 3D DICOM series stays a folder); returns
     manifest.csv's text: each file's sha256 (a folder's over its files' names and contents), its
-    seed (`seed` + index) and `row`'s columns."""
+    seed (`seed` + index), its label (`labels`, one per chosen sample, over `row`'s) and `row`'s columns."""
     from medgen.data import content_sha256
     from medgen.sample.pipeline import sample_name
 
@@ -241,7 +296,8 @@ def move_released_files(tmp: Path, rounds: Sequence[dict], chosen: Sequence[int]
         r = next(k for k, (a, b) in enumerate(bounds) if a <= g < b)
         name = f"{FILE_STEM}_{j:05d}{output.suffix}"
         os.replace(tmp / ROUNDS / f"round_{r + 1}" / sample_name(g - bounds[r][0], output), tmp / name)
-        w.writerow({**row, "file": name, "sha256": content_sha256(tmp / name), "seed": seed + g})
+        w.writerow({**row, "file": name, "sha256": content_sha256(tmp / name), "seed": seed + g,
+                    **({"label": labels[j]} if labels is not None else {})})
     return buf.getvalue()
 
 
@@ -269,7 +325,7 @@ def make_release(
     steps: int | None = None,
     guidance: float | None = None,
     eta: float | None = None,
-    label: int | None = None,
+    label: int | str | None = None,
     seed: int = 0,
     batch_size: int = 16,
     bit_depth: int = 8,
@@ -286,6 +342,9 @@ def make_release(
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any] | None:
     """Release `n` synthetic samples of diffusion run `run` into `out`, or refuse.
+
+    `label`: None (unconditional), one class for all, or "all": a balanced labelled release (sample
+    index g gets class g mod K; each file's label in the manifest) whose card shows its utility.
 
     Returns the data card (dict; None on processes other than the main one). Raises
     `ReleaseRefused` (exit 1 fail, 3 inconclusive) when the audit does not pass or the release
@@ -306,7 +365,7 @@ def make_release(
     from medgen.privacy.families import RoundTrip
     from medgen.release.steward import check_card_fields, missing_fields
     from medgen.sample.formats import new_release_id, sample_format
-    from medgen.sample.pipeline import load_pipeline, write_samples
+    from medgen.sample.pipeline import cycled_labels, load_pipeline, write_samples
     from medgen.sample.shard import ProcessGroup
 
     from medgen.config import check_counts
@@ -332,7 +391,11 @@ def make_release(
             f"(pass --card card.yaml or --card-field key=value)")
     train_s, hold_s, data_cfg, split_info = training_sets(run, train, holdout, holdout_splits=holdout_splits, data=data)
     pipe = load_pipeline(run, processes.device or device)
-    pipe.check_label(label)  # a label the model does not know: refused now, not after the audit is fitted
+    if label == "all":
+        cycled_labels(pipe, 1)  # an unconditional model: refused now, not after the audit is fitted
+    else:
+        pipe.check_label(label)  # a label the model does not know: likewise
+    classes = pipe.num_classes if label == "all" else 0  # balanced over these classes (0: one label or none)
     settings = pipe.sampling_settings(sampler, steps, guidance, eta)  # as the rounds resolve them (for the card)
     output = sample_format(pipe, fmt, units, processes.broadcast(new_release_id()), bit_depth=bit_depth)  # one id per attempt
     read_cfg = output.reading_config(data_cfg)  # the files as written, back to the model's [-1, 1]
@@ -386,9 +449,13 @@ def make_release(
         kept, made = sum(int(k.sum()) for k in main["keep"]), sum(len(k) for k in main["keep"])
         say(f"release: round {r}: {len(files)} sampled, {int(copies.sum())} copies and {int((~anatomical).sum())} not anatomy dropped, "
             f"{kept} kept ({n} to release)")
-        missing = n - kept
+        chosen = choose_released(torch.cat(main["keep"]).nonzero().flatten().tolist(), n, classes)
+        missing = n - len(chosen)
         if missing <= 0 or r == policy.max_rounds:
             return 0
+        if classes:  # the next round cycles over all classes: enough of it for the class that lacks most
+            have = [sum(g % classes == c for g in chosen) for c in range(classes)]
+            missing = classes * max(q - h for q, h in zip(class_quota(n, classes), have))
         keep_rate = max(kept / made, 0.1)
         return min(2 * n, math.ceil(1.25 * missing / keep_rate))  # over-sample by the observed drop rate
 
@@ -401,15 +468,16 @@ def make_release(
 
         rounds = main["rounds"]
         keep, sampled = torch.cat(main["keep"]), len(main["files"])
-        if int(keep.sum()) < n:
+        chosen = choose_released(keep.nonzero().flatten().tolist(), n, classes)  # global indices, in sampling order
+        if len(chosen) < n:
             raise ReleaseRefused(f"release refused (nothing written): after {len(rounds)} round(s) (policy max_rounds={policy.max_rounds}) "
-                                 f"only {int(keep.sum())} of {n} samples are neither copies nor non-anatomical "
+                                 f"only {len(chosen)} of {n} samples" + (f" ({n} balanced over {classes} classes)" if classes else "")
+                                 + " are neither copies nor non-anatomical "
                                  f"({sum(r['copies'] for r in rounds)} copies, {sum(r['not_anatomy'] for r in rounds)} not anatomy "
                                  f"among {sampled} sampled); raise max_rounds or train the model further", "fail")
         combined = judge(main["audit"], ScoredSet.cat(main["scored"]), device=device, **judging)
         if combined.verdict != "pass":
             raise _refuse(f"audit of all {sampled} samples of {len(rounds)} round(s)", combined)
-        chosen = keep.nonzero().flatten()[:n].tolist()  # global indices, in sampling order
         x_rel, _ = load_images([main["files"][g] for g in chosen], read_cfg)  # the N released files, nothing more
         quality = relative_coverage(main["x_t"], main["x_h"], x_rel, features=features, seed=seed, device=device)
         if policy.min_coverage and (quality["ratio"] is None or quality["ratio"] < policy.min_coverage):
@@ -423,19 +491,27 @@ def make_release(
             raise ReleaseRefused("release refused (nothing written): a released image is identical to a real one", "fail")
 
         ext = output.suffix  # "" for 3D DICOM: a series folder per sample
-        row = {"label": "" if label is None else int(label), "sampler": settings["sampler"], "steps": settings["steps"],
+        row = {"label": "" if label is None or classes else int(label), "sampler": settings["sampler"], "steps": settings["steps"],
                "guidance": settings["guidance"], "checkpoint_sha256": pipe.checkpoint_sha256 or "", "units": output.units,
                "release_id": output.release_id}
-        atomic_write_text(tmp / "manifest.csv", move_released_files(tmp, rounds, chosen, output, seed, row))
+        labels = [g % classes for g in chosen] if classes else None  # each file's label: its index's, as it was sampled
+        atomic_write_text(tmp / "manifest.csv", move_released_files(tmp, rounds, chosen, output, seed, row, labels))
         shown = 64 if pipe.spatial_dims == 2 else 8
-        atomic_write_bytes(tmp / "grid.png", grid_png(x_rel[:shown], captions=sample_captions([seed + g for g in chosen[:shown]], label)))
+        atomic_write_bytes(tmp / "grid.png", grid_png(x_rel[:shown], captions=sample_captions(
+            [seed + g for g in chosen[:shown]], labels[:shown] if labels else label)))
         shutil.rmtree(tmp / ROUNDS)
+
+        if label == "all":
+            say("release: utility: a classifier trained on the released images and labels, and one on the training images, "
+                "both tested on the held-out images")
+        utility = release_utility(tmp / "manifest.csv", label, main["s_t"], main["s_h"], data_cfg=data_cfg, read_cfg=read_cfg,
+                                  device=device)
 
         say("release: evaluating the released set against the training images, beside the held-out images (real vs real)")
         metrics = evaluate(main["x_t"], x_rel, holdout=main["x_h"], features=features, bootstrap=bootstrap, seed=seed, device=device,
-                           slice_step=2 if pipe.spatial_dims == 3 else 1)
+                           slice_step=2 if pipe.spatial_dims == 3 else 1, utility=utility)
         card = build_card(
-            n=n, ext=ext, pipe=pipe, run=Path(run), settings=settings, label=label, seed=seed, bit_depth=bit_depth,
+            n=n, ext=ext, pipe=pipe, run=Path(run), settings=settings, label=label, labels=labels, seed=seed, bit_depth=bit_depth,
             policy=asdict(policy), first=main["first"], combined=combined, rounds=rounds, chosen=chosen, attempt=attempt, earlier=earlier,
             metrics=metrics, quality=quality, split_info=split_info, n_train=len(main["x_t"]), n_holdout=len(main["x_h"]),
             n_train_subjects=len({s.subject_id for s in main["s_t"]}), n_holdout_subjects=len({s.subject_id for s in main["s_h"]}),
@@ -456,8 +532,9 @@ def make_release(
                     f"the copy share under {100 * policy.max_copy_rate:.4g}%) and releases {n} of them")
             for r in range(1, policy.max_rounds + 1):
                 folder = write_samples(pipe, tmp / ROUNDS / f"round_{r}", size, sampler=sampler, steps=steps, guidance=guidance, eta=eta,
-                                       seed=seed + start, label=label, batch_size=batch_size, bit_depth=bit_depth, processes=processes,
-                                       fmt=output.format, units=units, release_id=output.release_id)
+                                       seed=seed + start, label=index_labels(label, classes, start, size), batch_size=batch_size,
+                                       bit_depth=bit_depth, processes=processes, fmt=output.format, units=units,
+                                       release_id=output.release_id)
                 start, size = start + size, _on_main(processes, lambda r=r, folder=folder, start=start: judge_round(r, folder, start))
                 if not size:
                     break
