@@ -162,3 +162,48 @@ def test_panels_figure_colourbars_on_difference_and_std():
     assert len(colourbars) == 2  # one per row, beside the difference and std maps
     assert [round(cb.get_ylim()[1], 4) for cb in colourbars] == [round(float((img * 0.2).max()), 4), round(float((img * 0.1).max()), 4)]
     assert len([ax for ax in fig.axes if ax.get_label() != "<colorbar>"]) == 2 * 6
+
+
+def test_eval_samples_figure_three_planes_per_volume_in_labelled_rows():
+    from medgen.metrics.report import SHOWN, samples_figure
+
+    real = torch.rand(6, 1, 12, 16, 10) * 2 - 1
+    fig = samples_figure(real, real[:5].flip(2))
+    n = SHOWN[3]  # 4 of the 5 synthetic volumes
+    axes = _image_axes(fig)
+    assert len(axes) == 2 * n * 3  # (real, synthetic) x volumes x planes
+    for ax in axes:
+        left, top, right, bottom = _pixel_box(fig, ax)
+        assert max(right - left, bottom - top) >= MIN_PX[3]
+    texts = [t.get_text() for t in fig.texts]
+    assert texts.count("axial") == n and {"real", "synthetic"} <= set(texts)
+    # first row real, second synthetic, each volume's first tile its axial plane, radiologically oriented
+    for ax, volume in ((axes[0], real[0]), (axes[3 * n], real[0].flip(1))):
+        drawn, plane = ax.get_images()[0].get_array(), radiological_planes(((volume[0] + 1) / 2).numpy())[0]
+        f = drawn.shape[0] // plane.shape[0]
+        np.testing.assert_allclose(drawn[::f, ::f], plane, atol=1e-6)
+
+
+def test_audit_top_pairs_labels_clear_of_every_image():
+    from medgen.privacy.calibration import Scores
+    from medgen.privacy.report import top_pairs_figure
+
+    g = torch.Generator().manual_seed(0)
+    train, synthetic = torch.rand(6, 1, 24, 24, generator=g) * 2 - 1, torch.rand(5, 1, 24, 24, generator=g) * 2 - 1
+    names = [f"sub-{i:04d}_ses-01_run-01_T1w_long_name.png" for i in range(6)]
+    similarity = torch.rand(5, 2, generator=g)
+    sc = Scores(["pixel", "ssl"], similarity, torch.randint(6, (5, 2), generator=g), similarity - 0.5, [""] * 5)
+    examples = [(train[i], i, "elastic", 0.99) for i in range(3)]
+    fig = top_pairs_figure(sc, examples, "INCONCLUSIVE: a headline", train, synthetic, names, names[:5], top_k=4)
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)  # constrained layout places the axes
+    images = [ax.get_window_extent(renderer) for ax in _image_axes(fig)]
+    assert len(images) == 2 * 4 + 2 * 3  # (sample, nearest train) x 4, (control copy, its source) x 3
+    labels = [t for ax in fig.axes for t in (ax.title, ax.xaxis.label, ax.yaxis.label) if t.get_text()] + fig.texts
+    assert sum(ax.get_title().endswith("_long_name.png") for ax in fig.axes) == 4 + 4 + 3  # file names (shortened) as titles
+    assert {"synthetic", "nearest train", "control copy", "its source"} <= {t.get_text() for t in labels}
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    for t, box in zip(labels, boxes):
+        assert not any(box.overlaps(image) for image in images), t.get_text()
+        assert not any(box.overlaps(other) for other in boxes if other is not box), t.get_text()
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1, t.get_text()  # not cut off

@@ -24,23 +24,28 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from medgen.data import ImageSet
 from medgen.errors import DataError
+from medgen.figures import figure_png
 from medgen.io import atomic_dir, atomic_write_json, atomic_write_text
 from medgen.metrics import features as F
 from medgen.metrics.bootstrap import (HALF_SAMPLE_METHOD, bootstrap_mean, fd_infinite_n, half_sample_interval, half_sample_two_sample,
                                       half_samples)
 from medgen.metrics.fid import frechet_distance
 from medgen.metrics.kid import kernel_inception_distance, kid_bootstrap
-from medgen.metrics.msssim import msssim_diversity
+from medgen.metrics.msssim import msssim_diversity, random_pairs
 from medgen.metrics.prdc import prdc_indicators
 from medgen.metrics.utility import utility_markdown, utility_summary
+from medgen.train.preview import grid_figure
 from medgen.versions import software_versions
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +131,37 @@ def _features(ex: F.FeatureExtractor, images: ImageSet, mode: str, use_cache: bo
     feats, hit = F.cached_features(key, lambda: {"features": compute()}, use_cache)
     log.info("features %s (%s): %s", ex.recipe.get("extractor"), mode, "cache hit" if hit else "computed")
     return feats["features"]
+
+
+# ----------------------------------------------------------------------------- MS-SSIM inputs
+HELD_BYTES = 1 << 30  # the most image memory MS-SSIM diversity holds to read each image of its pairs once
+
+
+class _HeldImages:
+    """The images of a set that MS-SSIM's pairs use, each read once and held: what
+    `pairwise_msssim` asks of a set (len, shape (C, *S), take). Few images in many pairs (44
+    images, 500 pairs) were otherwise read once per pair they are in."""
+
+    def __init__(self, images: ImageSet, used: Sequence[int]):
+        self.shape, self._n = images.shape, len(images)
+        self._row = {int(i): r for r, i in enumerate(used)}
+        self._held = images.take(used)  # (len(used), C, *S)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def take(self, indices: Sequence[int]) -> torch.Tensor:
+        return self._held[[self._row[int(i)] for i in indices]]
+
+
+def _held_for_pairs(images: ImageSet, n_pairs: int, seed: int) -> ImageSet | _HeldImages:
+    """The set for `msssim_diversity(images, n_pairs, seed)` with the images of its pairs (the same
+    `random_pairs`) read once, when they fit in HELD_BYTES; else the set itself (in memory, or read
+    pair batch by pair batch: with that many images each is in about one pair, so little is read twice)."""
+    used = random_pairs(len(images), n_pairs, seed).unique().tolist()
+    if images.memory is not None or len(used) * math.prod(images.shape) * 4 > HELD_BYTES:  # float32
+        return images
+    return _HeldImages(images, used)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -373,7 +409,7 @@ def evaluate(
                              "subset_size": tables["metrics"][keys["kid"]]["subset_size"]}
     if "msssim" in metrics:
         def diversity(x: ImageSet) -> dict:
-            d = msssim_diversity(x, n_pairs=msssim_pairs, seed=seed, device=device)
+            d = msssim_diversity(_held_for_pairs(x, msssim_pairs, seed), n_pairs=msssim_pairs, seed=seed, device=device)
             recipe["msssim"] = {**d["settings"], "pairs": "random distinct pairs within a set"}
             ci = bootstrap_mean(d["per_pair"], bootstrap, seed) if bootstrap else None
             return _value(d["msssim"], ci, pairs=int(d["per_pair"].numel()))
@@ -396,7 +432,7 @@ def evaluate(
     report = {"metrics": tables["metrics"], "reference": reference, "recipe": recipe, "versions": software_versions(*PACKAGES),
               "notes": notes, "seconds": round(time.perf_counter() - start, 2), **({"utility": utility} if utility else {})}
     if out is not None:
-        shown = range(min(SHOWN, len(real_set), len(fake_set)))  # samples.png: the first few of each set
+        shown = range(min(SHOWN[dims], len(real_set), len(fake_set)))  # samples.png: the first few of each set
         write_report(report, real_set.take(shown), fake_set.take(shown), Path(out), overwrite)
     return report
 
@@ -639,35 +675,21 @@ def metrics_figure(report: dict):
     return fig
 
 
-SHOWN = 8  # real and synthetic images side by side in samples.png
+SHOWN = {2: 8, 3: 4}  # real and synthetic images (volumes, three planes each) side by side in samples.png, by spatial dims
 
 
-def _display(x: torch.Tensor) -> np.ndarray:
-    """(C, *S) in [-1, 1] -> 2D array for display (first channel, middle slice of volumes)."""
-    img = x[0]
-    while img.ndim > 2:
-        img = img[img.shape[0] // 2]
-    return ((img.float().numpy() + 1) / 2).clip(0, 1)
+def samples_figure(real: torch.Tensor, fake: torch.Tensor) -> "Figure":
+    """samples.png: the first real images (N, C, *S) in [-1, 1] in a row labelled "real", as many
+    synthetic ones under them; volumes as their three radiological mid-planes
+    (`medgen.train.preview.grid_figure`, drawn as the training previews are)."""
+    n = min(SHOWN[real.ndim - 2], len(real), len(fake))
+    return grid_figure(torch.cat([real[:n], fake[:n]]), ncol=n, row_labels=["real", "synthetic"])
 
 
 def write_figures(report: dict, real: torch.Tensor, fake: torch.Tensor, folder: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if report["metrics"]:
         metrics_figure(report).savefig(folder / "metrics.png", dpi=110)
-    n = min(SHOWN, real.shape[0], fake.shape[0])
-    fig, axes = plt.subplots(2, n, figsize=(1.4 * n, 3.0), squeeze=False)
-    for row, (name, x) in enumerate((("real", real), ("synthetic", fake))):
-        for i in range(n):
-            axes[row, i].imshow(_display(x[i]), cmap="gray", vmin=0, vmax=1)
-            axes[row, i].axis("off")
-        axes[row, 0].set_title(name, fontsize=8, loc="left")
-    fig.tight_layout()
-    fig.savefig(folder / "samples.png", dpi=110)
-    plt.close(fig)
+    (folder / "samples.png").write_bytes(figure_png(samples_figure(real, fake)))
 
 
 def write_report(report: dict, real: torch.Tensor, fake: torch.Tensor, out: Path, overwrite: bool = False) -> Path:

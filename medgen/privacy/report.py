@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
+from medgen.figures import agg_figure, figure_png
 from medgen.io import atomic_write_text
+from medgen.privacy.calibration import Scores
 from medgen.privacy.verdict import AuditResult
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 HISTOGRAM = "similarity_histogram.png"
 TOP_PAIRS = "top_pairs.png"
@@ -77,26 +83,34 @@ def write_figures(result: AuditResult, train: torch.Tensor, synthetic: torch.Ten
     fig.savefig(out / HISTOGRAM, dpi=110)
     plt.close(fig)
 
-    # Top: the samples closest to a copy (largest margin above a detector's tau) with their
-    # nearest training image, marked "above tau" (a flag, not a confirmed copy). Bottom: copies the
-    # positive control made and the detectors caught, with their source: what a found copy looks like.
+    examples = control.examples(min(top_k, len(sc))) if control is not None else []
+    (out / TOP_PAIRS).write_bytes(figure_png(top_pairs_figure(sc, examples, _headline(rep), train, synthetic, train_names, synth_names, top_k)))
+    return {"histogram": HISTOGRAM, "top_pairs": TOP_PAIRS, "title": _headline(rep), "histogram_series": series,
+            "pairs": {"closest_samples": min(top_k, len(sc)), "control_examples": len(examples)}}
+
+
+def top_pairs_figure(sc: Scores, examples: Sequence[tuple[torch.Tensor, int, str, float]], headline: str, train: torch.Tensor,
+                     synthetic: torch.Tensor, train_names: Sequence[str], synth_names: Sequence[str], top_k: int = 8) -> "Figure":
+    """top_pairs.png. Top: the samples closest to a copy (largest margin above a detector's tau)
+    over their nearest training image, marked "above tau" (a flag, not a confirmed copy). Bottom:
+    copies the positive control made and the detectors caught (`examples`: image, source index,
+    family, similarity) over their source: what a found copy looks like. Each image's file name
+    is in its title, above it, so no label reaches into the row below."""
     n = min(top_k, len(sc))
     order = torch.argsort(sc.margin.max(1).values, descending=True)[:n].tolist()
-    examples = control.examples(n) if control is not None else []
     cols = max(n, len(examples), 1)
     rows = 4 if examples else 2
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.15 * rows), squeeze=False)
+    fig = agg_figure(figsize=(1.9 * cols, 2.3 * rows + 0.5), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
 
-    def panel(ax, img, name, title=None, color="black"):
+    def panel(ax, img, name, score=None, color="black"):
         ax.axis("on")
         ax.imshow(_display(img), cmap="gray", vmin=0, vmax=1)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_xlabel(_short(name, 22), fontsize=6)
-        if title:
-            ax.set_title(title, fontsize=7, color=color)
+        ax.set_title(_short(name, 22) if score is None else f"{score}\n{_short(name, 22)}", fontsize=6.5, color=color)
 
     for col, i in enumerate(order):
         above = bool(sc.is_copy[i])
@@ -112,13 +126,10 @@ def write_figures(result: AuditResult, train: torch.Tensor, synthetic: torch.Ten
     if examples:
         axes[2, 0].set_ylabel("control copy", fontsize=8)
         axes[3, 0].set_ylabel("its source", fontsize=8)
-    fig.suptitle(f"Rows 1-2: the {n} samples closest to tau and their nearest training image ('above tau' is a flag, not a proven copy). "
-                 + ("Rows 3-4: copies the positive control made and the detectors caught." if examples else "") + f"\n{_headline(rep)}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / TOP_PAIRS, dpi=110)
-    plt.close(fig)
-    return {"histogram": HISTOGRAM, "top_pairs": TOP_PAIRS, "title": _headline(rep), "histogram_series": series,
-            "pairs": {"closest_samples": len(order), "control_examples": len(examples)}}
+    lines = [f"Rows 1-2: the {n} samples closest to tau and their nearest training image ('above tau' is a flag, not a proven copy).",
+             *(["Rows 3-4: copies the positive control made and the detectors caught."] if examples else []), headline]
+    fig.suptitle("\n".join(textwrap.fill(line, 30 * cols) for line in lines), fontsize=8)  # ~30 characters of 8 pt per column
+    return fig
 
 
 VERDICT_TEXT = {
