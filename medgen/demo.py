@@ -195,15 +195,7 @@ def _change(drop: float) -> str:
 def summary_table(ctx: DemoContext) -> str:
     """What the demo found: the metrics, the audit verdict, the release or why it was refused, and
     whether the probe's worst-case perturbation transfers to the diffusion reconstructions."""
-    rows: list[tuple[str, str]] = []
-    try:
-        report = json.loads((Path(ctx.state["eval_report"]) / "report.json").read_text())
-    except (KeyError, OSError, ValueError):
-        report = None
-    if report is not None:
-        from medgen.metrics.report import summary_rows
-
-        rows += summary_rows(report)  # each metric beside real vs real, when the eval had held-out images
+    rows: list[tuple[str, str]] = [tuple(r) for r in ctx.state.get("eval_summary", [])]  # the eval stage's rows
     try:
         audit = json.loads(Path(ctx.state["audit_report"]).read_text())
         b = audit.get("bound") or {}

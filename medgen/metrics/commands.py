@@ -157,5 +157,8 @@ def demo_stage(ctx) -> None:
     if utility is not None:  # TSTR and TRTR AUROC, or why utility was skipped (demo.json)
         ctx.state["utility"] = utility_summary(utility)
     ctx.state["eval_ratio"] = report["reference"].get("ratio")  # model / real vs real per FD and KID (demo.json)
+    from medgen.metrics.report import summary_rows
+
+    ctx.state["eval_summary"] = summary_rows(report)  # the demo's closing table: each metric beside real vs real
     _print_summary(report)
     print(f"  report: {ctx.out / 'eval' / 'report.md'}")

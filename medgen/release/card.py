@@ -49,13 +49,14 @@ OUT_OF_SCOPE = [
 ]
 
 
-# What each column of manifest.csv holds (`medgen.release.pipeline.MANIFEST_FIELDS`, in its order on the card).
+# What each column of a release's manifest.csv holds, in the file's column order (MANIFEST_FIELDS).
 MANIFEST_COLUMNS = {
     "file": "the file's name", "sha256": "its checksum, a DICOM series folder's over its files' names and contents",
     "seed": "the seed it was sampled with", "label": "the class it was sampled as (empty: unconditional)",
     "sampler": "the sampler", "steps": "sampling steps", "guidance": "classifier-free guidance scale",
     "checkpoint_sha256": "the model's checkpoint", "units": "the units of its values", "release_id": "this release's id",
 }
+MANIFEST_FIELDS = tuple(MANIFEST_COLUMNS)  # the columns `make_release` writes
 
 
 # Keys whose string values name files or folders, whatever they look like: `data.path=StMary_2019`
@@ -100,8 +101,6 @@ def _metrics_part(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _manifest_description() -> str:
-    from medgen.release.pipeline import MANIFEST_FIELDS
-
     return "manifest.csv, one row per file: " + "; ".join(f"{f} ({MANIFEST_COLUMNS[f]})" for f in MANIFEST_FIELDS)
 
 

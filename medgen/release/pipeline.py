@@ -46,10 +46,10 @@ import torch
 
 from medgen.errors import ConfigError, MedgenError, ReleaseRefused, RunError
 from medgen.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_new_output, sha256_file
+from medgen.release.card import MANIFEST_FIELDS
 
 ROUNDS = ".rounds"  # staging folder of the sampling rounds inside the temp release folder
 SCORE_BATCH = 64  # samples read and scored at a time: the audit holds scores, not the sampled set
-MANIFEST_FIELDS = ("file", "sha256", "seed", "label", "sampler", "steps", "guidance", "checkpoint_sha256", "units", "release_id")
 FILE_STEM = "synthetic"  # released files: synthetic_00000.png, ... (neutral: position in the release)
 
 
