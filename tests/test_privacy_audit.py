@@ -350,9 +350,11 @@ def test_3d_latent_copies_new_subjects_and_noise(tmp_path_factory, tmp_path):
 
 @pytest.mark.slow
 def test_a_pixel_prior_that_memorized_its_training_subjects_fails(tmp_path, capsys):
-    """A model that really copies: the demo's pixel prior over-trained on 8 subjects (1500 steps,
-    batch 8; its samples' best training correlation 0.97-0.997 against 0.95 for held-out
-    patients) is audited through `medgen audit --run` like any run: fail, exit 1."""
+    """A model that really copies: the demo's pixel prior over-trained on 8 subjects (1000 steps,
+    batch 8) is audited through `medgen audit --run` like any run: fail, exit 1, with most
+    training subjects reproduced. (Measured: at 1000 steps 47 of its 100 samples are copies, bound
+    67%, all 8 subjects reproduced; at 800 steps 22, bound 37%; at 1500 steps, a third more time,
+    50 or more.)"""
     from medgen.cli import main
     from medgen.config import load_config
     from medgen.data.cohort import synth_brain
@@ -363,11 +365,11 @@ def test_a_pixel_prior_that_memorized_its_training_subjects_fails(tmp_path, caps
     cohort = synth_brain(tmp_path / "cohort", n=40, dims=2, size=32, seed=5)
     cfg = load_config(demo_config("demo_diffusion_2d_pixel.yaml"), [
         f"data.path={cohort}", "data.split.val=0.0", "data.split.holdout=0.8", "model.conditional=false", "train.tracker=none",
-        "train.max_steps=1500", "train.batch_size=8", "train.checkpoint_every=1500", "train.preview_every=1500"], DEFAULTS)
+        "train.max_steps=1000", "train.batch_size=8", "train.checkpoint_every=1000", "train.preview_every=1000"], DEFAULTS)
     run = train_diffusion(cfg, tmp_path / "run")
     samples = write_samples(load_pipeline(run, "cpu"), tmp_path / "samples", 100)
     code = main(["audit", "--run", str(run), "--synthetic", str(samples), "--out", str(tmp_path / "audit")])
     report = json.loads((tmp_path / "audit" / "report.json").read_text())
     assert report["n_train"] == 8 and report["n_holdout"] == 32
-    assert code == 1 and report["verdict"] == "fail" and report["n_copies"] >= 50, (report["verdict"], report["n_copies"], report["reasons"])
-    assert report["bound"]["upper_pct"] > 50 and report["n_mem_pct"] >= 75  # most training subjects are reproduced
+    assert code == 1 and report["verdict"] == "fail" and report["n_copies"] >= 15, (report["verdict"], report["n_copies"], report["reasons"])
+    assert report["bound"]["upper_pct"] > 25 and report["n_mem_pct"] >= 75  # most training subjects are reproduced
