@@ -15,7 +15,7 @@ from pathlib import Path
 from medgen.cli import ISSUES_URL
 from medgen.errors import ReleaseRefused, RunError
 from medgen.release.steward import CARD_FIELDS
-from medgen.sample.commands import _label as class_or_all, add_output_options
+from medgen.sample.commands import add_output_options, class_or_all
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp", "euler")  # = medgen.diffusion.sampling.SAMPLERS (no torch import to parse)
 DEFAULT_DETECTORS = "auto"  # ssl,pixel-rank; pixel-rank,latent for a latent run (medgen.privacy.calibration.default_detectors)

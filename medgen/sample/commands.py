@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=None, help="default: the run's own (sample.steps; null there: 25)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (1: none); default: the run's own (sample.guidance)")
-    p.add_argument("--label", type=_label, default=None,
+    p.add_argument("--label", type=class_or_all, default=None,
                    help="class to generate (conditional models), or `all`: sample i gets class i mod K, a balanced "
                         "labelled set for `medgen eval --utility`; the manifest records each; default: unconditional")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed+i (same samples whatever the batch size)")
@@ -49,7 +49,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=_sample_cmd)
 
 
-def _label(value: str) -> int | str:
+def class_or_all(value: str) -> int | str:
+    """`--label` of `medgen sample` and `medgen release`: a class number or `all`."""
     if value == "all":
         return value
     try:
