@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medgen.errors import ConfigError
-from medgen.release.card import OUT_OF_SCOPE, WITHHELD, withhold_paths
+from medgen.release.card import OUT_OF_SCOPE, WITHHELD, shape_text, withhold_paths
 
 DEFAULT_LICENSE = "other"
 TAGS = ["medical-imaging", "diffusion", "synthetic-data", "medgen"]
@@ -67,10 +67,6 @@ def _front_matter(manifest: dict[str, Any], license: str) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 
-def _shape(shape) -> str:
-    return " x ".join(str(int(s)) for s in shape)
-
-
 def _audit_sentence(r: dict[str, Any]) -> str:
     what = f"release attempt {r['attempt']}" if r.get("kind") == "release" else "audit"
     if not r.get("verdict"):
@@ -118,7 +114,7 @@ def model_card(manifest: dict[str, Any], config: dict[str, Any], license: str) -
     """README.md of the export folder."""
     t, m = manifest["training_data"], manifest["model"]
     dims, latent = manifest["spatial_dims"], manifest["mode"] == "latent"
-    image = f"{_shape(t['image_shape'][1:])} ({t['image_shape'][0]} channel{'s' * (t['image_shape'][0] != 1)})"
+    image = f"{shape_text(t['image_shape'][1:])} ({t['image_shape'][0]} channel{'s' * (t['image_shape'][0] != 1)})"
     spacing = (f", {'pixel' if dims == 2 else 'voxel'} size {' x '.join(f'{v:g}' for v in t['spacing_mm'])} mm"
                if t["spacing_mm"] else "")
     classes = (f"class-conditional on {t['num_classes']} labels (0..{t['num_classes'] - 1}; label {t['num_classes']} is the "
@@ -141,7 +137,7 @@ def model_card(manifest: dict[str, Any], config: dict[str, Any], license: str) -
     ]
     if latent:
         ls = m["latent_scaling"]
-        lines.append(f"- latent space {_shape(manifest['sample_shape'])}: the denoiser generates latents that the autoencoder "
+        lines.append(f"- latent space {shape_text(manifest['sample_shape'])}: the denoiser generates latents that the autoencoder "
                      f"(`autoencoder/`, sha256 `{m['autoencoder_sha256']}`) decodes; {ls.get('source', 'quantized')} latents, "
                      f"scaling {ls['scaling']} (scale factor {ls['scale_factor']:.4g}, shift {ls.get('shift', 0.0):.4g})")
     lines += [
